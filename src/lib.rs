@@ -1,0 +1,2 @@
+//! ringpeer: a proxy-peering data plane.
+pub mod wire;
