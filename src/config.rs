@@ -1,0 +1,204 @@
+//! Configuration files (TOML, serde): proxy and agent.
+//!
+//! Invariants: unknown keys are errors (a typo never silently falls back to a
+//! default); every value is validated at load, so a running process never
+//! meets a bad value; errors name the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::transport::h2conf::H2Tuning;
+use crate::transport::identity::valid_name;
+use crate::transport::tls::TlsFiles;
+
+/// `[backend]`: where routes live.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `memory` (embedded, one process) or `redis`.
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0` (with `kind = "redis"`).
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// Route backend kind.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// In-process store.
+    #[default]
+    Memory,
+    /// Redis.
+    Redis,
+}
+
+/// A proxy's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Cluster name (the SPIFFE trust domain).
+    pub cluster: String,
+    /// This proxy's id; must match the name in its certificate.
+    pub id: String,
+    /// Number of shards (executors); default: available cores.
+    #[serde(default)]
+    pub shards: Option<usize>,
+    /// Client edge listen address.
+    pub client_addr: String,
+    /// Agent tunnel listen address.
+    pub tunnel_addr: String,
+    /// Peer link listen address.
+    #[serde(default = "default_peer_addr")]
+    pub peer_addr: String,
+    /// Pin shard i to CPU i (mod cores).
+    #[serde(default = "yes")]
+    pub pin_cpus: bool,
+    /// Deadline for a dial to be established, ms.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout_ms: u64,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// Route backend.
+    #[serde(default)]
+    pub backend: BackendConfig,
+    /// HTTP/2 tuning.
+    #[serde(default)]
+    pub h2: H2Tuning,
+}
+
+fn default_peer_addr() -> String {
+    "0.0.0.0:3021".into()
+}
+fn default_dial_timeout() -> u64 {
+    10_000
+}
+fn yes() -> bool {
+    true
+}
+
+/// An agent's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Cluster name.
+    pub cluster: String,
+    /// Agent id; must match the name in its certificate.
+    pub id: String,
+    /// Proxy tunnel addresses (`host:port`).
+    pub proxies: Vec<String>,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// Services: name = "host:port".
+    pub services: BTreeMap<String, String>,
+    /// Target connect deadline, ms.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// HTTP/2 tuning.
+    #[serde(default)]
+    pub h2: H2Tuning,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> anyhow::Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        anyhow::anyhow!("config {}: {}", path.display(), msg.trim())
+    })
+}
+
+fn check_name(path: &Path, key: &str, v: &str) -> anyhow::Result<()> {
+    if !valid_name(v) {
+        bail!("config {}: {key} = {v:?} is not a valid name (letters, digits, '-', '_', '.')", path.display());
+    }
+    Ok(())
+}
+
+impl ProxyConfig {
+    /// Loads and validates a proxy config.
+    pub fn load(path: &Path) -> anyhow::Result<ProxyConfig> {
+        let c: ProxyConfig = parse(path, &read(path)?)?;
+        c.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Validates values.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_name(Path::new(""), "cluster", &self.cluster)?;
+        check_name(Path::new(""), "id", &self.id)?;
+        if self.shards == Some(0) {
+            bail!("shards must be at least 1");
+        }
+        if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
+            bail!("backend.kind = \"redis\" needs backend.url");
+        }
+        self.h2.validate().map_err(anyhow::Error::msg)
+    }
+
+    /// Shard count: configured, or available cores.
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+}
+
+impl AgentConfig {
+    /// Loads and validates an agent config.
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let c: AgentConfig = parse(path, &read(path)?)?;
+        c.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Validates values.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_name(Path::new(""), "cluster", &self.cluster)?;
+        check_name(Path::new(""), "id", &self.id)?;
+        if self.proxies.is_empty() {
+            bail!("proxies must list at least one proxy tunnel address");
+        }
+        if self.services.is_empty() {
+            bail!("[services] must define at least one service");
+        }
+        for (name, addr) in &self.services {
+            if !valid_name(name) {
+                bail!("service name {name:?} is not a valid name");
+            }
+            if !addr.contains(':') {
+                bail!("service {name} = {addr:?} is not host:port");
+            }
+        }
+        self.h2.validate().map_err(anyhow::Error::msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        let base = "cluster='c'\nid='proxy-a'\nclient_addr='127.0.0.1:0'\ntunnel_addr='127.0.0.1:0'\n[tls]\nca='a'\ncert='b'\nkey='c'\n";
+        std::fs::write(&p, base).unwrap();
+        let c = ProxyConfig::load(&p).unwrap();
+        assert_eq!(c.peer_addr, "0.0.0.0:3021");
+        std::fs::write(&p, format!("shardz=2\n{base}")).unwrap();
+        let e = ProxyConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `shardz`"), "{e}");
+        std::fs::write(&p, format!("{base}[h2]\nmax_frame_size=10\n")).unwrap();
+        let e = ProxyConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("max_frame_size"), "{e}");
+    }
+}

@@ -1,0 +1,144 @@
+//! Client side: connect to a proxy's client edge (mTLS, role `client`),
+//! open dials, and splice them to stdio (`ringpeer dial`) or to local TCP
+//! connections multiplexed over one HTTP/2 connection (`ringpeer forward`).
+//!
+//! Invariants: one HTTP/2 connection carries every stream of a client; it is
+//! re-established when it dies; a dial that fails prints the proxy's status.
+
+pub mod stdio;
+
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use glommio::net::TcpStream;
+use h2::client::SendRequest;
+
+use crate::relay::handshake::{open_dial, Opened};
+use crate::relay::splice::{splice, split_tcp, Side};
+use crate::runtime::Shutdown;
+use crate::transport::h2conf::{drive_client, H2Tuning};
+use crate::transport::identity::Role;
+use crate::transport::tls::{TlsFiles, TlsMaterial};
+use crate::transport::{connect_tls, TransportError};
+use crate::wire::codec::encode_msg;
+use crate::wire::paths;
+use crate::wire::status::{Code, Status};
+use crate::wire::DialTarget;
+
+/// Loads a client identity (`client.pem` by default) from a certs directory.
+pub fn client_tls(dir: &Path, name: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let m = TlsMaterial::load_any_cluster(&TlsFiles::in_dir(dir, name), Role::Client)?;
+    Ok(m.client_config(Role::Proxy, None)?)
+}
+
+/// A client connection to a proxy.
+#[derive(Clone)]
+pub struct Client {
+    send: SendRequest<Bytes>,
+    proxy: String,
+}
+
+impl Client {
+    /// Connects to the proxy's client edge at `addr`; the connection is
+    /// driven by a task on the current executor.
+    pub async fn connect(addr: &str, tls: &Arc<rustls::ClientConfig>, h2: &H2Tuning) -> Result<Client, TransportError> {
+        let (stream, peer) = connect_tls(tls, addr, h2.handshake_timeout()).await?;
+        let (send, conn) = crate::runtime::timeout(h2.handshake_timeout(), h2.client().handshake::<_, Bytes>(stream))
+            .await
+            .map_err(|_| TransportError::Timeout { addr: addr.to_string() })?
+            .map_err(|source| TransportError::H2 { addr: addr.to_string(), source })?;
+        let h2 = h2.clone();
+        glommio::spawn_local(async move { drive_client(conn, &h2).await }).detach();
+        Ok(Client { send, proxy: peer.name })
+    }
+
+    /// The proxy's id (from its certificate).
+    pub fn proxy(&self) -> &str {
+        &self.proxy
+    }
+
+    /// Opens a dial and waits until it is established.
+    pub async fn dial(&self, target: &DialTarget, deadline: Duration) -> Result<Opened, Status> {
+        let mut send = self.send.clone();
+        open_dial(&mut send, &self.proxy, paths::PROXY_DIAL, encode_msg(&target.to_frame()), deadline).await
+    }
+
+    /// Dials and splices the dial to a TCP connection until the call ends.
+    pub async fn dial_tcp(&self, target: &DialTarget, tcp: TcpStream, deadline: Duration) -> Result<Status, Status> {
+        let o = self.dial(target, deadline).await?;
+        let (inp, out) = split_tcp(tcp).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+        splice(inp, out, o.tx, o.rx, o.dec, Side::Client).await
+    }
+
+    /// Whether the connection can still open streams.
+    pub fn is_alive(&self) -> bool {
+        let mut send = self.send.clone();
+        futures_lite::future::block_on(futures_lite::future::poll_once(std::future::poll_fn(|cx| send.poll_ready(cx))))
+        .is_none_or(|r| r.is_ok())
+    }
+}
+
+/// Options of `ringpeer forward`.
+pub struct ForwardOpts {
+    /// Local listen address.
+    pub listen: String,
+    /// What every connection dials.
+    pub target: DialTarget,
+    /// Proxy client edge address.
+    pub proxy: String,
+    /// Client TLS config.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Dial deadline.
+    pub deadline: Duration,
+}
+
+/// Runs `ringpeer forward` until `shutdown`: every local connection becomes
+/// a stream on one shared HTTP/2 connection to the proxy.
+pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
+    let addr = crate::runtime::listeners::parse_addr(&opts.listen, "--listen")?;
+    let l = crate::runtime::listeners::bind_group(addr, 1, "--listen")?.pop().expect("one listener");
+    eprintln!("ringpeer: forwarding {} -> {} via {}", l.local_addr()?, opts.target, opts.proxy);
+    crate::runtime::block_on("forward", move || async move {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: a bound, listening socket we own.
+        let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
+        let h2 = H2Tuning::default();
+        let opts = Rc::new(opts);
+        let client: Rc<std::cell::RefCell<Option<Client>>> = Rc::default();
+        loop {
+            let tcp = futures_lite::future::or(async { Some(l.accept().await) }, async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+            let Some(tcp) = tcp else { return };
+            let Ok(tcp) = tcp else { continue };
+            let cur = client.borrow().as_ref().filter(|c| c.is_alive()).cloned();
+            let c = match cur {
+                Some(c) => c,
+                None => match Client::connect(&opts.proxy, &opts.tls, &h2).await {
+                    Ok(c) => {
+                        *client.borrow_mut() = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        eprintln!("ringpeer: {e}");
+                        continue;
+                    }
+                },
+            };
+            let opts = opts.clone();
+            glommio::spawn_local(async move {
+                match c.dial_tcp(&opts.target, tcp, opts.deadline).await {
+                    Ok(s) if s.is_ok() => {}
+                    Ok(s) | Err(s) => eprintln!("ringpeer: dial {}: {s}", opts.target),
+                }
+            })
+            .detach();
+        }
+    })?;
+    Ok(())
+}

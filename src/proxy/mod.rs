@@ -1,0 +1,146 @@
+//! The proxy process: binds listeners, starts the control thread and one
+//! shard per core, and runs until shutdown.
+//!
+//! Invariants: everything that can fail because of the operator (bad
+//! certificate, port in use, bad config) fails in [`Listeners::bind`] or
+//! before the first shard starts, with one clear error; `run` returns only
+//! after every shard has stopped.
+
+pub mod shard;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ProxyConfig;
+use crate::control::Control;
+use crate::runtime::listeners::{bind_group, parse_addr, BindError};
+use crate::runtime::mailbox::mailbox;
+use crate::runtime::{spawn_executor, Shutdown};
+use crate::telemetry::Metrics;
+use crate::transport::identity::Role;
+use crate::transport::tls::TlsMaterial;
+use shard::{ProxyShared, Shard};
+
+/// The listening sockets of a proxy, one per shard and role. A `None` leaves
+/// that shard without that listener (tests use this to place connections).
+pub struct Listeners {
+    /// Client edge listeners by shard.
+    pub client: Vec<Option<TcpListener>>,
+    /// Agent tunnel listeners by shard.
+    pub tunnel: Vec<Option<TcpListener>>,
+}
+
+impl Listeners {
+    /// Binds `SO_REUSEPORT` listeners for every shard of `cfg`.
+    pub fn bind(cfg: &ProxyConfig) -> Result<Listeners, BindError> {
+        let n = cfg.shard_count();
+        let client = bind_group(parse_addr(&cfg.client_addr, "client_addr")?, n, "client_addr")?;
+        let tunnel = bind_group(parse_addr(&cfg.tunnel_addr, "tunnel_addr")?, n, "tunnel_addr")?;
+        Ok(Listeners { client: client.into_iter().map(Some).collect(), tunnel: tunnel.into_iter().map(Some).collect() })
+    }
+
+    fn addr(v: &[Option<TcpListener>]) -> SocketAddr {
+        v.iter().flatten().next().and_then(|l| l.local_addr().ok()).expect("at least one listener")
+    }
+
+    /// The bound client edge address.
+    pub fn client_addr(&self) -> SocketAddr {
+        Self::addr(&self.client)
+    }
+
+    /// The bound tunnel address.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        Self::addr(&self.tunnel)
+    }
+}
+
+fn to_glommio(l: TcpListener) -> glommio::net::TcpListener {
+    // SAFETY: the descriptor is a bound, listening TCP socket we own.
+    unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) }
+}
+
+/// Runs a proxy until `shutdown` fires. `metrics` receives the counters.
+pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
+    run_with_metrics(cfg, listeners, shutdown, None)
+}
+
+/// [`run`], exposing the shards' counters to the caller.
+pub fn run_with_metrics(
+    cfg: ProxyConfig,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    metrics: Option<Metrics>,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Proxy)?;
+    if tls.id.name != cfg.id {
+        bail!("certificate {} is for proxy {:?}, but the config's id is {:?}", cfg.tls.cert.display(), tls.id.name, cfg.id);
+    }
+    let n = listeners.client.len().max(listeners.tunnel.len());
+    if n == 0 {
+        bail!("no listeners");
+    }
+    let tunnel_addr = listeners.tunnel_addr().to_string();
+    let shared = Arc::new(ProxyShared {
+        id: cfg.id.clone(),
+        h2: cfg.h2.clone(),
+        dial_timeout: Duration::from_millis(cfg.dial_timeout_ms),
+        client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
+        tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
+        tunnel_addr,
+    });
+    let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
+    let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox()).unzip();
+    let control = Control::spawn(cfg.id.clone(), boxes.clone())?;
+    let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let mut client = listeners.client;
+    let mut tunnel = listeners.tunnel;
+    client.resize_with(n, || None);
+    tunnel.resize_with(n, || None);
+    let mut handles = Vec::with_capacity(n);
+    for (i, ((inbox, cl), tl)) in inboxes.into_iter().zip(client).zip(tunnel).enumerate() {
+        let (shared, stats, boxes, events, sd) =
+            (shared.clone(), metrics.shards[i].clone(), boxes.clone(), control.events.clone(), shutdown.clone());
+        let cpu = cfg.pin_cpus.then_some(i % cpus);
+        let h = spawn_executor(&format!("{}-shard{i}", cfg.id), cpu, move || async move {
+            let shard = Rc::new(Shard::new(i as u32, shared, stats, boxes, events, sd.clone()));
+            glommio::spawn_local(shard.clone().run_inbox(inbox)).detach();
+            let mut tasks = Vec::new();
+            if let Some(l) = cl {
+                tasks.push(glommio::spawn_local(crate::ingress::accept_loop(shard.clone(), to_glommio(l))));
+            }
+            if let Some(l) = tl {
+                tasks.push(glommio::spawn_local(crate::tunnel::accept::accept_loop(shard.clone(), to_glommio(l))));
+            }
+            sd.wait().await;
+            for t in tasks {
+                t.await;
+            }
+            // Let open streams finish (their connections got GOAWAY).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while shard.stats.active_streams.get() > 0 && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .context("cannot start shard")?;
+        handles.push(h);
+    }
+    tracing::info!(proxy = %cfg.id, shards = n, "proxy running");
+    let mut failed = None;
+    for h in handles {
+        if let Err(e) = h.join() {
+            failed = Some(e.to_string());
+        }
+    }
+    control.stop();
+    if let Some(e) = failed {
+        bail!("a shard failed: {e}");
+    }
+    Ok(())
+}

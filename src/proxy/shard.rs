@@ -1,0 +1,202 @@
+//! A proxy shard's state: its agent tunnels, its route snapshot, and the
+//! mailboxes of its sibling shards.
+//!
+//! Invariants: everything here is owned by one executor thread (`Rc`,
+//! `RefCell`, never borrowed across an await); other threads reach a shard
+//! only through its mailbox ([`ShardMsg`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam::channel::Sender;
+use h2::client::SendRequest;
+use tokio_rustls::TlsAcceptor;
+
+use crate::control::ControlEvent;
+use crate::route::RouteTable;
+use crate::runtime::mailbox::{Inbox, Mailbox};
+use crate::runtime::pipe::{PipeRx, PipeTx};
+use crate::runtime::Shutdown;
+use crate::telemetry::ShardStats;
+use crate::transport::h2conf::H2Tuning;
+use crate::wire::DialTarget;
+
+/// Work posted to a shard by another thread.
+pub enum ShardMsg {
+    /// A new route snapshot from the control thread.
+    Routes(Arc<RouteTable>),
+    /// A dial that entered on another shard for a tunnel held here.
+    Dial(Box<CrossDial>),
+}
+
+/// A dial crossing shards: the entry shard keeps the client stream, this
+/// shard opens the agent stream; bytes move through the two pipes.
+pub struct CrossDial {
+    /// What to dial.
+    pub target: DialTarget,
+    /// Client → agent bytes (verbatim DATA payloads, then End).
+    pub up: PipeRx,
+    /// Agent → client: first the held establishment bytes or an End with
+    /// the error status, then verbatim DATA payloads, then End.
+    pub down: PipeTx,
+}
+
+/// A live tunnel to an agent on this shard.
+#[derive(Clone)]
+pub struct TunnelRef {
+    /// Connection id (unique within the proxy).
+    pub conn: u64,
+    /// Handle to open streams on the tunnel (we are its HTTP/2 client).
+    pub send: SendRequest<Bytes>,
+    /// Services the agent announced.
+    pub services: Arc<[String]>,
+}
+
+/// Where a dial for an agent should go, from this shard's view.
+pub enum Route {
+    /// A tunnel on this shard.
+    Local(TunnelRef),
+    /// A tunnel on another shard of this proxy.
+    Shard(u32),
+    /// No route.
+    None,
+}
+
+/// Static settings shared by every shard of a proxy.
+pub struct ProxyShared {
+    /// Proxy id.
+    pub id: String,
+    /// HTTP/2 tuning.
+    pub h2: H2Tuning,
+    /// Dial establishment deadline.
+    pub dial_timeout: Duration,
+    /// TLS acceptor for the client edge (clients only).
+    pub client_tls: TlsAcceptor,
+    /// TLS acceptor for agent tunnels (agents only).
+    pub tunnel_tls: TlsAcceptor,
+    /// Tunnel address announced to agents.
+    pub tunnel_addr: String,
+}
+
+/// One shard.
+pub struct Shard {
+    /// Shard index.
+    pub index: u32,
+    /// Proxy-wide settings.
+    pub shared: Arc<ProxyShared>,
+    /// Counters of this shard.
+    pub stats: Arc<ShardStats>,
+    /// Every shard's mailbox, by index.
+    pub mailboxes: Vec<Mailbox<ShardMsg>>,
+    /// Control thread events.
+    pub control: Sender<ControlEvent>,
+    /// Shutdown signal.
+    pub shutdown: Shutdown,
+    tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
+    routes: RefCell<Arc<RouteTable>>,
+    next_conn: Cell<u64>,
+}
+
+impl Shard {
+    /// A shard with no tunnels and an empty route table.
+    pub fn new(
+        index: u32,
+        shared: Arc<ProxyShared>,
+        stats: Arc<ShardStats>,
+        mailboxes: Vec<Mailbox<ShardMsg>>,
+        control: Sender<ControlEvent>,
+        shutdown: Shutdown,
+    ) -> Shard {
+        Shard {
+            index,
+            shared,
+            stats,
+            mailboxes,
+            control,
+            shutdown,
+            tunnels: RefCell::default(),
+            routes: RefCell::default(),
+            next_conn: Cell::new(0),
+        }
+    }
+
+    /// A connection id unique within the proxy (shard index in the top bits).
+    pub fn next_conn_id(&self) -> u64 {
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        (u64::from(self.index) << 48) | n
+    }
+
+    /// Registers a tunnel and tells the control thread.
+    pub fn add_tunnel(&self, agent: &str, t: TunnelRef) {
+        let ev = ControlEvent::TunnelUp {
+            agent: agent.to_string(),
+            shard: self.index,
+            conn: t.conn,
+            services: t.services.clone(),
+        };
+        self.tunnels.borrow_mut().entry(agent.to_string()).or_default().insert(0, t);
+        self.stats.tunnels.add(1);
+        let _ = self.control.send(ev);
+    }
+
+    /// Removes a tunnel and tells the control thread.
+    pub fn remove_tunnel(&self, agent: &str, conn: u64) {
+        let mut map = self.tunnels.borrow_mut();
+        if let Some(v) = map.get_mut(agent) {
+            let before = v.len();
+            v.retain(|t| t.conn != conn);
+            if v.len() < before {
+                self.stats.tunnels.add(-1);
+            }
+            if v.is_empty() {
+                map.remove(agent);
+            }
+        }
+        drop(map);
+        let _ = self.control.send(ControlEvent::TunnelDown { agent: agent.to_string(), conn });
+    }
+
+    /// The newest usable tunnel to `agent` on this shard.
+    pub fn local_tunnel(&self, agent: &str) -> Option<TunnelRef> {
+        self.tunnels.borrow().get(agent).and_then(|v| v.first().cloned())
+    }
+
+    /// Routes a dial for `agent`: own tunnel first, then a sibling shard.
+    pub fn route(&self, agent: &str) -> Route {
+        if let Some(t) = self.local_tunnel(agent) {
+            return Route::Local(t);
+        }
+        let routes = self.routes.borrow();
+        match routes.get(agent).and_then(|r| r.local.iter().find(|l| l.shard != self.index)) {
+            Some(l) => Route::Shard(l.shard),
+            None => Route::None,
+        }
+    }
+
+    /// The current route snapshot.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.borrow().clone()
+    }
+
+    /// Handles this shard's mailbox until the shard stops.
+    pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg>) {
+        loop {
+            match inbox.recv().await {
+                ShardMsg::Routes(t) => {
+                    let mut cur = self.routes.borrow_mut();
+                    if t.version > cur.version {
+                        *cur = t;
+                    }
+                }
+                ShardMsg::Dial(d) => {
+                    glommio::spawn_local(crate::ingress::cross::serve_cross_dial(self.clone(), *d)).detach();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Runtime: thread-per-core glommio shards, listeners, cross-shard channels,
+//! shutdown and timers.
+//!
+//! Invariants: one pinned `LocalExecutor` per shard, each with a small
+//! `io_memory` so several fit under an 8 MiB `RLIMIT_MEMLOCK`; shards share
+//! nothing mutable, and all cross-thread traffic goes through
+//! [`mailbox`] or [`pipe`].
+
+pub mod listeners;
+pub mod mailbox;
+pub mod pipe;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// Locked memory per executor for io_uring buffers.
+pub const IO_MEMORY: usize = 512 << 10;
+
+/// A deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("timed out")]
+pub struct Elapsed;
+
+/// Runs `f` with a deadline (glommio timer).
+pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
+    futures_lite::future::or(async { Ok(f.await) }, async {
+        glommio::timer::sleep(d).await;
+        Err(Elapsed)
+    })
+    .await
+}
+
+/// Raises `RLIMIT_MEMLOCK` as far as allowed (io_uring registered buffers).
+pub fn raise_memlock() {
+    let want = 256u64 << 20;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain libc calls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 && lim.rlim_cur < want {
+            let new = libc::rlimit { rlim_cur: want, rlim_max: want.max(lim.rlim_max) };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) != 0 {
+                let capped = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, &capped);
+            }
+        }
+    }
+}
+
+/// Starts an executor thread named `name`, pinned to `cpu` when given.
+pub fn spawn_executor<G, F, T>(name: &str, cpu: Option<usize>, f: G) -> std::io::Result<glommio::ExecutorJoinHandle<T>>
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let placement = match cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(placement)
+        .name(name)
+        .io_memory(IO_MEMORY)
+        .ring_depth(256)
+        .preempt_timer(Duration::from_millis(10))
+        .spawn(f)
+        .map_err(|e| std::io::Error::other(format!("cannot start executor {name}: {e}")))
+}
+
+/// Runs one future on a fresh single executor and returns its output
+/// (for CLI commands: dial, forward, bench).
+pub fn block_on<F, T>(name: &str, f: impl FnOnce() -> F + Send + 'static) -> std::io::Result<T>
+where
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    spawn_executor(name, None, f)?.join().map_err(|e| std::io::Error::other(format!("executor {name} failed: {e}")))
+}
+
+#[derive(Default)]
+struct ShutdownInner {
+    fired: AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+/// A shutdown signal shared by all shards (cold path; the mutex is taken
+/// only by waiters registering and by `trigger`).
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<ShutdownInner>);
+
+impl Shutdown {
+    /// A fresh, untriggered signal.
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// Fires the signal and wakes every waiter.
+    pub fn trigger(&self) {
+        self.0.fired.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut *self.0.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Whether it fired.
+    pub fn is_triggered(&self) -> bool {
+        self.0.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the signal fires.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_triggered() {
+                return Poll::Ready(());
+            }
+            self.0.wakers.lock().unwrap_or_else(|p| p.into_inner()).push(cx.waker().clone());
+            if self.is_triggered() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,252 @@
+//! HTTP/2 tuning and connection drivers.
+//!
+//! Invariants: every endpoint sets windows, frame size, concurrent streams,
+//! header-list size and send-buffer size explicitly; every connection runs
+//! ping keepalive; servers drain with GOAWAY on shutdown and close idle
+//! connections.
+
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{Ping, PingPong};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::runtime::Shutdown;
+
+/// HTTP/2 settings (the `[h2]` config section). Defaults were chosen by
+/// measurement (see README, "Tuning").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct H2Tuning {
+    /// Initial per-stream receive window, bytes.
+    pub stream_window: u32,
+    /// Connection receive window, bytes.
+    pub connection_window: u32,
+    /// Largest DATA frame we accept, bytes (16 KiB .. 16 MiB).
+    pub max_frame_size: u32,
+    /// Concurrent streams a peer may open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest header list accepted, bytes.
+    pub max_header_list_size: u32,
+    /// Data buffered per stream before backpressure, bytes.
+    pub max_send_buffer: usize,
+    /// TLS + HTTP/2 handshake deadline, ms.
+    pub handshake_timeout_ms: u64,
+    /// Keepalive ping interval, ms.
+    pub keepalive_interval_ms: u64,
+    /// Time to wait for a ping answer, ms.
+    pub keepalive_timeout_ms: u64,
+    /// A server connection with no open stream for this long is closed, ms (0: never).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for H2Tuning {
+    fn default() -> Self {
+        H2Tuning {
+            stream_window: 4 << 20,
+            connection_window: 32 << 20,
+            max_frame_size: 64 << 10,
+            max_concurrent_streams: 100_000,
+            max_header_list_size: 32 << 10,
+            max_send_buffer: 1 << 20,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 15_000,
+            keepalive_timeout_ms: 20_000,
+            idle_timeout_ms: 300_000,
+        }
+    }
+}
+
+impl H2Tuning {
+    /// Checks the values against the HTTP/2 limits.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(16_384..=16_777_215).contains(&self.max_frame_size) {
+            return Err(format!("h2.max_frame_size {} is outside 16384..=16777215", self.max_frame_size));
+        }
+        for (k, v) in [("stream_window", self.stream_window), ("connection_window", self.connection_window)] {
+            if !(65_535..=i32::MAX as u32).contains(&v) {
+                return Err(format!("h2.{k} {v} is outside 65535..=2147483647"));
+            }
+        }
+        if self.max_concurrent_streams == 0 || self.keepalive_interval_ms == 0 || self.handshake_timeout_ms == 0 {
+            return Err("h2.max_concurrent_streams, keepalive_interval_ms and handshake_timeout_ms must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// A server builder with these settings.
+    pub fn server(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            .max_send_buffer_size(self.max_send_buffer)
+            .max_concurrent_reset_streams(1024)
+            .max_pending_accept_reset_streams(1024);
+        b
+    }
+
+    /// A client builder with these settings.
+    pub fn client(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.max_header_list_size)
+            .max_send_buffer_size(self.max_send_buffer)
+            .initial_max_send_streams(1000)
+            .max_concurrent_reset_streams(1024)
+            .enable_push(false);
+        b
+    }
+}
+
+/// Sends a ping every `interval`; resolves (with a static reason) only when
+/// the peer stops answering.
+async fn keepalive(pp: Option<PingPong>, t: &H2Tuning) -> &'static str {
+    let Some(mut pp) = pp else { return std::future::pending().await };
+    loop {
+        glommio::timer::sleep(Duration::from_millis(t.keepalive_interval_ms)).await;
+        if pp.send_ping(Ping::opaque()).is_err() {
+            return "keepalive_send_failed";
+        }
+        let pong = crate::runtime::timeout(
+            Duration::from_millis(t.keepalive_timeout_ms),
+            poll_fn(|cx| pp.poll_pong(cx)),
+        );
+        match pong.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "keepalive_failed",
+            Err(_) => return "keepalive_timeout",
+        }
+    }
+}
+
+/// Counts a server connection's open streams, for the idle timeout.
+#[derive(Clone, Default)]
+pub struct ActiveStreams(Rc<Cell<usize>>);
+
+/// Held while a stream is open.
+pub struct StreamGuard(Rc<Cell<usize>>);
+
+impl ActiveStreams {
+    /// Marks a stream open until the guard drops.
+    pub fn enter(&self) -> StreamGuard {
+        self.0.set(self.0.get() + 1);
+        StreamGuard(self.0.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Drives a server connection: hands each request to `on_request`, answers
+/// keepalive, drains with GOAWAY when `shutdown` fires, closes the
+/// connection after `idle_timeout_ms` without streams (unless `persistent`).
+/// Returns why the connection ended.
+pub async fn serve<T, H>(
+    mut conn: h2::server::Connection<T, Bytes>,
+    t: &H2Tuning,
+    shutdown: &Shutdown,
+    active: &ActiveStreams,
+    persistent: bool,
+    mut on_request: H,
+) -> &'static str
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: FnMut(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>),
+{
+    let mut ka = pin!(keepalive(conn.ping_pong(), t));
+    let mut stop = pin!(shutdown.wait());
+    let mut draining = false;
+    let idle = Duration::from_millis(t.idle_timeout_ms);
+    let mut idle_since = Instant::now();
+    let mut idle_tick = pin!(glommio::timer::sleep(idle.max(Duration::from_millis(100))));
+    loop {
+        enum Ev<R> {
+            Req(R),
+            Dead(&'static str),
+            Stop,
+            Tick,
+        }
+        let ev = poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.poll_accept(cx) {
+                return Poll::Ready(Ev::Req(r));
+            }
+            if let Poll::Ready(why) = ka.as_mut().poll(cx) {
+                return Poll::Ready(Ev::Dead(why));
+            }
+            if !draining && stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Stop);
+            }
+            if !persistent && t.idle_timeout_ms > 0 && idle_tick.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Tick);
+            }
+            Poll::Pending
+        })
+        .await;
+        match ev {
+            Ev::Req(Some(Ok((req, respond)))) => on_request(req, respond),
+            Ev::Req(Some(Err(e))) => {
+                tracing::debug!(error = %e, "h2 server connection error");
+                return "h2_error";
+            }
+            Ev::Req(None) => return if draining { "drained" } else { "closed" },
+            Ev::Dead(why) => {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                return why;
+            }
+            Ev::Stop => {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            Ev::Tick => {
+                if active.0.get() > 0 {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= idle && !draining {
+                    conn.graceful_shutdown();
+                    draining = true;
+                }
+                idle_tick.set(glommio::timer::sleep((idle / 4).max(Duration::from_millis(100))));
+            }
+        }
+    }
+}
+
+/// Drives a client connection with keepalive until it ends; returns why.
+pub async fn drive_client<T>(mut conn: h2::client::Connection<T, Bytes>, t: &H2Tuning) -> &'static str
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let pp = conn.ping_pong();
+    let ka = keepalive(pp, t);
+    futures_lite::future::or(
+        async move {
+            match conn.await {
+                Ok(()) => "closed",
+                Err(e) => {
+                    tracing::debug!(error = %e, "h2 client connection error");
+                    "h2_error"
+                }
+            }
+        },
+        ka,
+    )
+    .await
+}

@@ -1,0 +1,155 @@
+//! Proxy side of agent tunnels: accept (mTLS, role `agent`), become the
+//! HTTP/2 client, exchange Control messages, and register the tunnel with
+//! the shard and the control thread for as long as it lives.
+//!
+//! Invariants: the agent's id comes from its certificate, never from a
+//! message; a tunnel is routable only after the agent announced its
+//! services; it is unregistered exactly once, whatever ended it.
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_lite::future::or;
+use glommio::net::{TcpListener, TcpStream};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::Request;
+
+use crate::proxy::shard::{Shard, TunnelRef};
+use crate::runtime::timeout;
+use crate::transport::accept_tls;
+use crate::transport::h2conf::drive_client;
+use crate::transport::identity::valid_name;
+use crate::wire::codec::{encode_msg, MsgDecoder};
+use crate::wire::paths;
+use crate::wire::pb::v1::{agent_message, control_message, tunnel_strategy, AgentMessage, ControlMessage, ProxyEntry, ProxySet, TunnelStrategy};
+
+/// Most services an agent may announce.
+pub const MAX_SERVICES: usize = 1024;
+/// Largest control message accepted.
+pub const MAX_CONTROL_MSG: usize = 64 << 10;
+
+/// The tunnel accept loop of one shard.
+pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
+    crate::ingress::accept_each(&shard.clone(), l, "tunnel", |tcp| serve_tunnel(shard.clone(), tcp)).await
+}
+
+async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
+    let h2cfg = shard.shared.h2.clone();
+    let (tls, peer) = match accept_tls(&shard.shared.tunnel_tls, tcp, h2cfg.handshake_timeout()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(error = %e, "agent tunnel refused");
+            shard.stats.error(e.label());
+            return;
+        }
+    };
+    let agent = peer.name.clone();
+    let (mut send, conn) = match timeout(h2cfg.handshake_timeout(), h2cfg.client().handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(v)) => v,
+        _ => {
+            shard.stats.error("h2_handshake");
+            return;
+        }
+    };
+    let driver = glommio::spawn_local(async move { drive_client(conn, &h2cfg).await });
+    let (services, ctrl_rx, _ctrl_tx) = match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::warn!(agent, error = %e, "agent control stream failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(agent, "agent did not announce its services in time");
+            return;
+        }
+    };
+    let conn_id = shard.next_conn_id();
+    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
+    tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
+    let why = or(driver, async {
+        watch_control(ctrl_rx).await;
+        "control_stream_closed"
+    })
+    .await;
+    shard.remove_tunnel(&agent, conn_id);
+    tracing::info!(agent, shard = shard.index, why, "agent tunnel down");
+}
+
+fn control_frames(shard: &Shard) -> Bytes {
+    let set = ControlMessage {
+        message: Some(control_message::Message::ProxySet(ProxySet {
+            self_: shard.shared.id.clone(),
+            proxies: vec![ProxyEntry { id: shard.shared.id.clone(), tunnel_addr: shard.shared.tunnel_addr.clone() }],
+        })),
+    };
+    let strategy = ControlMessage {
+        message: Some(control_message::Message::Strategy(TunnelStrategy {
+            r#type: tunnel_strategy::Kind::AgentMesh as i32,
+            agent_connection_count: 1,
+        })),
+    };
+    let mut b = encode_msg(&set).to_vec();
+    b.extend_from_slice(&encode_msg(&strategy));
+    b.into()
+}
+
+/// Opens Agent/Control, tells the agent the proxy set and strategy, and
+/// waits for its services.
+async fn open_control(
+    send: &mut SendRequest<Bytes>,
+    shard: &Shard,
+) -> Result<(Arc<[String]>, RecvStream, SendStream<Bytes>), String> {
+    poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| e.to_string())?;
+    let req = Request::post(format!("https://agent{}", paths::AGENT_CONTROL))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
+    tx.send_data(control_frames(shard), false).map_err(|e| e.to_string())?;
+    let resp = resp.await.map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("agent answered HTTP {}", resp.status()));
+    }
+    let mut rx = resp.into_body();
+    let mut dec = MsgDecoder::new(MAX_CONTROL_MSG);
+    loop {
+        if let Some(m) = dec.next::<AgentMessage>().map_err(|e| e.to_string())? {
+            let Some(agent_message::Message::Hello(h)) = m.message else { continue };
+            if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
+                return Err("agent announced invalid service names".into());
+            }
+            return Ok((h.services.into(), rx, tx));
+        }
+        match poll_fn(|cx| rx.poll_data(cx)).await {
+            Some(Ok(c)) => {
+                let _ = rx.flow_control().release_capacity(c.len());
+                dec.push(&c);
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("agent closed the control stream".into()),
+        }
+    }
+}
+
+/// Resolves when the agent's control stream ends.
+async fn watch_control(mut rx: RecvStream) {
+    let mut dec = MsgDecoder::new(MAX_CONTROL_MSG);
+    while let Some(Ok(c)) = poll_fn(|cx| rx.poll_data(cx)).await {
+        let _ = rx.flow_control().release_capacity(c.len());
+        dec.push(&c);
+        loop {
+            match dec.next::<AgentMessage>() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad control message from agent");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The agent: dials out to proxies (it never listens), keeps a reverse
+//! tunnel to each, and serves dials by connecting to its local services.
+//!
+//! Invariants: each tunnel reconnects with capped jittered backoff and logs
+//! once per state change, not once per retry; a dial for an unknown service
+//! or a refusing target ends with NOT_FOUND / UNAVAILABLE and a message that
+//! names them; bytes go target ↔ tunnel through [`splice`].
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bytes::Bytes;
+use futures_lite::future::or;
+use glommio::net::TcpStream;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::Request;
+
+use super::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::relay::handshake::{read_dial_request, respond_ok, respond_status};
+use crate::relay::splice::{splice, split_tcp, Side};
+use crate::runtime::{timeout, Shutdown};
+use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
+use crate::transport::identity::Role;
+use crate::transport::tls::TlsMaterial;
+use crate::transport::{connect_tls, resolve, ClientTls};
+use crate::wire::codec::{encode_msg, MsgDecoder};
+use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
+use crate::wire::status::{Code, Status};
+use crate::wire::{established_frame, paths};
+
+struct AgentCtx {
+    id: String,
+    services: BTreeMap<String, String>,
+    tls: Arc<rustls::ClientConfig>,
+    h2: H2Tuning,
+    connect_timeout: Duration,
+    shutdown: Shutdown,
+}
+
+/// Runs an agent until `shutdown` fires.
+pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Agent)?;
+    if tls.id.name != cfg.id {
+        bail!("certificate {} is for agent {:?}, but the config's id is {:?}", cfg.tls.cert.display(), tls.id.name, cfg.id);
+    }
+    let client = tls.client_config(Role::Proxy, None)?;
+    let proxies = cfg.proxies.clone();
+    let name = format!("agent-{}", cfg.id);
+    crate::runtime::block_on(&name, move || async move {
+        let ctx = Rc::new(AgentCtx {
+            id: cfg.id,
+            services: cfg.services,
+            tls: client,
+            h2: cfg.h2,
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            shutdown,
+        });
+        let loops: Vec<_> = proxies.into_iter().map(|p| glommio::spawn_local(tunnel_loop(ctx.clone(), p))).collect();
+        for l in loops {
+            l.await;
+        }
+    })?;
+    Ok(())
+}
+
+async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut last_error: Option<String> = None;
+    while !ctx.shutdown.is_triggered() {
+        let started = Instant::now();
+        match connect_tls(&ctx.tls, &addr, ctx.h2.handshake_timeout()).await {
+            Ok((tls, proxy)) => {
+                last_error = None;
+                tracing::info!(agent = ctx.id, proxy = proxy.name, addr, "tunnel up");
+                let why = serve_tunnel(ctx.clone(), tls).await;
+                tracing::info!(agent = ctx.id, proxy = proxy.name, addr, why, "tunnel down");
+                if started.elapsed() > Duration::from_secs(5) {
+                    backoff.reset();
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_deref() != Some(&msg) {
+                    tracing::warn!(agent = ctx.id, addr, error = %msg, "cannot open tunnel; retrying with backoff");
+                    last_error = Some(msg);
+                }
+            }
+        }
+        or(glommio::timer::sleep(backoff.next_delay()), ctx.shutdown.wait()).await;
+    }
+}
+
+async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls) -> &'static str {
+    let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(c)) => c,
+        _ => return "h2_handshake_failed",
+    };
+    let active = ActiveStreams::default();
+    serve(conn, &ctx.h2, &ctx.shutdown, &active, true, |req, respond| {
+        let (ctx, guard) = (ctx.clone(), active.enter());
+        glommio::spawn_local(async move {
+            let _guard = guard;
+            match req.uri().path() {
+                paths::AGENT_DIAL => handle_dial(ctx, req, respond).await,
+                paths::AGENT_CONTROL => handle_control(ctx, req, respond).await,
+                other => respond_status(respond, &Status::new(Code::Unimplemented, format!("unknown method {other}"))),
+            }
+        })
+        .detach();
+    })
+    .await
+}
+
+async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let Ok(mut tx) = respond_ok(&mut respond) else { return };
+    let hello = AgentMessage {
+        message: Some(agent_message::Message::Hello(AgentHello {
+            services: ctx.services.keys().cloned().collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })),
+    };
+    if tx.send_data(encode_msg(&hello), false).is_err() {
+        return;
+    }
+    let mut rx = req.into_body();
+    let mut dec = MsgDecoder::new(super::accept::MAX_CONTROL_MSG);
+    while let Some(Ok(c)) = poll_fn(|cx| rx.poll_data(cx)).await {
+        let _ = rx.flow_control().release_capacity(c.len());
+        dec.push(&c);
+        loop {
+            match dec.next::<ControlMessage>() {
+                Ok(Some(m)) => match m.message {
+                    Some(control_message::Message::ProxySet(s)) => {
+                        tracing::debug!(agent = ctx.id, proxy = s.self_, proxies = s.proxies.len(), "proxy set")
+                    }
+                    Some(control_message::Message::Strategy(s)) => tracing::debug!(agent = ctx.id, ?s, "tunnel strategy"),
+                    None => {}
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(agent = ctx.id, error = %e, "bad control message");
+                    let _ = tx.send_trailers(e.status().to_trailers());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str), Status> {
+    let known = || ctx.services.keys().cloned().collect::<Vec<_>>().join(", ");
+    if name.is_empty() {
+        if ctx.services.len() == 1 {
+            let (k, v) = ctx.services.iter().next().expect("one service");
+            return Ok((k, v));
+        }
+        if let Some((k, v)) = ctx.services.get_key_value("default") {
+            return Ok((k, v));
+        }
+        return Err(Status::new(Code::NotFound, format!("agent {:?} has several services; name one of: {}", ctx.id, known())));
+    }
+    ctx.services
+        .get_key_value(name)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .ok_or_else(|| Status::new(Code::NotFound, format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known())))
+}
+
+async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let mut rx = req.into_body();
+    let (target, dec) = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
+        Ok(v) => v,
+        Err(s) => return respond_status(respond, &s),
+    };
+    let (service, addr) = match pick_service(&ctx, &target.service) {
+        Ok(v) => v,
+        Err(s) => return respond_status(respond, &s),
+    };
+    let connect = async {
+        let sa = resolve(addr).await?;
+        TcpStream::connect(sa).await.map_err(std::io::Error::from)
+    };
+    let tcp = match timeout(ctx.connect_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let s = Status::new(Code::Unavailable, format!("service {service} at {addr} on agent {:?}: {e}", ctx.id));
+            return respond_status(respond, &s);
+        }
+        Err(_) => {
+            let s = Status::new(Code::Unavailable, format!("service {service} at {addr} on agent {:?}: connect timed out", ctx.id));
+            return respond_status(respond, &s);
+        }
+    };
+    let (inp, out) = match split_tcp(tcp) {
+        Ok(v) => v,
+        Err(e) => return respond_status(respond, &Status::new(Code::Internal, e.to_string())),
+    };
+    let Ok(mut tx) = respond_ok(&mut respond) else { return };
+    if tx.send_data(encode_msg(&established_frame()), false).is_err() {
+        return;
+    }
+    if let Err(s) = splice(inp, out, tx, rx, dec, Side::Agent).await {
+        tracing::debug!(agent = ctx.id, service, status = %s, "dial ended with an error");
+    }
+}
