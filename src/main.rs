@@ -1,1 +1,203 @@
-fn main(){}
+//! `ringpeer` command line: parses arguments, sets up tracing, and calls the
+//! library. Every error a person can cause ends as one line on stderr and a
+//! non-zero exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ringpeer::config::{AgentConfig, ProxyConfig};
+use ringpeer::runtime::Shutdown;
+use ringpeer::transport::identity::Role;
+use ringpeer::wire::DialTarget;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "ringpeer",
+    version,
+    about = "Proxy-peering data plane: agents behind reverse tunnels, reachable through any proxy"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a proxy.
+    Proxy {
+        /// Proxy config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run an agent.
+    Agent {
+        /// Agent config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Pipe stdin/stdout through the fleet to AGENT[/SERVICE], like nc.
+    Dial {
+        /// AGENT[/SERVICE]
+        target: String,
+        /// Proxy client address.
+        #[arg(long)]
+        proxy: String,
+        /// Certificates directory (ca.pem, <name>.pem, <name>-key.pem).
+        #[arg(long)]
+        certs: PathBuf,
+        /// Client certificate name in the directory.
+        #[arg(long, default_value = "client")]
+        name: String,
+        /// Dial deadline, ms.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Listen locally; multiplex every connection over one HTTP/2 connection to AGENT[/SERVICE].
+    Forward {
+        /// Local listen address.
+        #[arg(long)]
+        listen: String,
+        /// AGENT[/SERVICE]
+        #[arg(long)]
+        to: String,
+        /// Proxy client address.
+        #[arg(long)]
+        proxy: String,
+        /// Certificates directory.
+        #[arg(long)]
+        certs: PathBuf,
+        /// Client certificate name in the directory.
+        #[arg(long, default_value = "client")]
+        name: String,
+    },
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Run a whole fleet in one process, push traffic through it, print what happened.
+    Demo {
+        /// Keep the fleet running and print commands to try it.
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Load generator: direct TCP vs. through the proxy; JSON out.
+    Bench(ringpeer::demo::bench::BenchOpts),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a cluster CA and certificates for proxy-a/b/c, agent-1/2 and client.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cluster name (SPIFFE trust domain).
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Issue one more certificate from the CA in DIR.
+    Issue {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// proxy, agent or client.
+        #[arg(long)]
+        role: String,
+        /// Name (proxy id, agent id or client name).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let sd = Shutdown::new();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let s = sd.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for (n, _) in signals.forever().enumerate() {
+            if n > 0 {
+                std::process::exit(130);
+            }
+            s.trigger();
+        }
+    })?;
+    Ok(sd)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Proxy { config } => {
+            let cfg = ProxyConfig::load(&config)?;
+            let listeners = ringpeer::Listeners::bind(&cfg)?;
+            eprintln!(
+                "ringpeer: proxy {} listening: client {} tunnel {}",
+                cfg.id,
+                listeners.client_addr(),
+                listeners.tunnel_addr()
+            );
+            ringpeer::run(cfg, listeners, shutdown_on_signals()?)?;
+        }
+        Cmd::Agent { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            ringpeer::tunnel::agent::run(cfg, shutdown_on_signals()?)?;
+        }
+        Cmd::Dial { target, proxy, certs, name, timeout_ms } => {
+            let t = DialTarget::parse(&target).map_err(|s| anyhow::anyhow!("{target:?}: {}", s.message))?;
+            let tls = ringpeer::forward::client_tls(&certs, &name)?;
+            let status = ringpeer::forward::stdio::dial_stdio(proxy, t, tls, Duration::from_millis(timeout_ms))?;
+            if !status.is_ok() {
+                eprintln!("ringpeer: dial {target}: {status}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Forward { listen, to, proxy, certs, name } => {
+            let target = DialTarget::parse(&to).map_err(|s| anyhow::anyhow!("{to:?}: {}", s.message))?;
+            let tls = ringpeer::forward::client_tls(&certs, &name)?;
+            let opts = ringpeer::forward::ForwardOpts { listen, target, proxy, tls, deadline: Duration::from_secs(10) };
+            ringpeer::forward::forward(opts, shutdown_on_signals()?)?;
+        }
+        Cmd::Certs { cmd: CertsCmd::Init { dir, cluster } } => {
+            let files = ringpeer::transport::certs::init(&dir, &cluster)?;
+            for f in files {
+                println!("{}", f.display());
+            }
+        }
+        Cmd::Certs { cmd: CertsCmd::Issue { dir, role, name } } => {
+            let role: Role = role.parse()?;
+            let (c, k) = ringpeer::transport::certs::issue(&dir, role, &name)?;
+            println!("{}\n{}", c.display(), k.display());
+        }
+        Cmd::Demo { serve } => {
+            let sd = if serve { shutdown_on_signals()? } else { Shutdown::new() };
+            ringpeer::demo::run(serve, sd)?;
+        }
+        Cmd::Bench(opts) => ringpeer::demo::bench::run(opts)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    ringpeer::runtime::raise_memlock();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringpeer: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

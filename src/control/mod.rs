@@ -52,9 +52,8 @@ impl Control {
     /// Starts the control thread for a proxy whose shards listen on `shards`.
     pub fn spawn(proxy_id: String, shards: Vec<Mailbox<ShardMsg>>) -> anyhow::Result<Control> {
         let (tx, rx) = crossbeam::channel::unbounded();
-        let join = std::thread::Builder::new()
-            .name(format!("{proxy_id}-control"))
-            .spawn(move || control_loop(rx, shards))?;
+        let join =
+            std::thread::Builder::new().name(format!("{proxy_id}-control")).spawn(move || control_loop(rx, shards))?;
         Ok(Control { events: tx, join: Some(join) })
     }
 
@@ -88,10 +87,8 @@ fn apply(t: &mut Tunnels, ev: ControlEvent) -> bool {
 }
 
 fn snapshot(t: &Tunnels, version: u64) -> RouteTable {
-    let agents = t
-        .iter()
-        .map(|(a, v)| (a.clone(), AgentRoutes { local: v.iter().map(|(_, r)| r.clone()).collect() }))
-        .collect();
+    let agents =
+        t.iter().map(|(a, v)| (a.clone(), AgentRoutes { local: v.iter().map(|(_, r)| r.clone()).collect() })).collect();
     RouteTable::new(version, agents)
 }
 

@@ -77,7 +77,7 @@ impl Client {
     pub fn is_alive(&self) -> bool {
         let mut send = self.send.clone();
         futures_lite::future::block_on(futures_lite::future::poll_once(std::future::poll_fn(|cx| send.poll_ready(cx))))
-        .is_none_or(|r| r.is_ok())
+            .is_none_or(|r| r.is_ok())
     }
 }
 
@@ -141,4 +141,88 @@ pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// An established dial driven by a program (demo, bench, tests): write
+/// payload, half-close, read payload, then the status.
+pub struct DialIo {
+    tx: h2::SendStream<Bytes>,
+    rx: h2::RecvStream,
+    dec: crate::wire::codec::FrameDecoder,
+    pending: usize,
+}
+
+impl From<Opened> for DialIo {
+    fn from(o: Opened) -> DialIo {
+        DialIo { tx: o.tx, rx: o.rx, dec: o.dec, pending: 0 }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::new(Code::Unavailable, e.to_string())
+}
+
+impl DialIo {
+    /// Sends `payload` as one Data message (copied into a frame).
+    pub async fn write(&mut self, payload: &[u8]) -> Result<(), Status> {
+        self.write_framed(crate::wire::codec::encode_data(payload)).await
+    }
+
+    /// Sends an already framed Data message.
+    pub async fn write_framed(&mut self, framed: Bytes) -> Result<(), Status> {
+        crate::relay::wait_capacity(&mut self.tx, framed.len()).await.map_err(unavailable)?;
+        self.tx.send_data(framed, false).map_err(unavailable)
+    }
+
+    /// Half-closes: no more writes.
+    pub fn close_write(&mut self) -> Result<(), Status> {
+        self.tx.send_data(Bytes::new(), true).map_err(unavailable)
+    }
+
+    /// The next piece of payload; `None` at the end of the response.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, Status> {
+        use crate::wire::codec::Event;
+        loop {
+            if let Some(ev) = self.dec.next().map_err(|e| e.status())? {
+                match ev {
+                    Event::Data(b) => return Ok(Some(b)),
+                    Event::Frame(_) => return Err(Status::new(Code::InvalidArgument, "unexpected frame")),
+                }
+            }
+            if self.pending > 0 {
+                let _ = self.rx.flow_control().release_capacity(self.pending);
+                self.pending = 0;
+            }
+            match std::future::poll_fn(|cx| self.rx.poll_data(cx)).await {
+                Some(Ok(c)) => {
+                    self.pending = c.len();
+                    self.dec.push(c);
+                }
+                Some(Err(e)) => return Err(unavailable(e)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads exactly `n` payload bytes into `out`.
+    pub async fn read_exact(&mut self, out: &mut Vec<u8>, n: usize) -> Result<(), Status> {
+        while out.len() < n {
+            match self.read().await? {
+                Some(b) => out.extend_from_slice(&b),
+                None => return Err(Status::new(Code::Unavailable, "response ended early")),
+            }
+        }
+        Ok(())
+    }
+
+    /// After `read` returned `None`: the call's status from the trailers.
+    pub async fn status(&mut self) -> Status {
+        match std::future::poll_fn(|cx| self.rx.poll_trailers(cx)).await {
+            Ok(t) => t
+                .as_ref()
+                .and_then(Status::from_headers)
+                .unwrap_or_else(|| Status::new(Code::Unknown, "no status in trailers")),
+            Err(e) => unavailable(e),
+        }
+    }
 }

@@ -19,7 +19,12 @@ use crate::wire::DialTarget;
 use super::Client;
 
 /// Dials `target` through `proxy` and pipes stdio; returns the call's status.
-pub fn dial_stdio(proxy: String, target: DialTarget, tls: Arc<rustls::ClientConfig>, deadline: Duration) -> anyhow::Result<Status> {
+pub fn dial_stdio(
+    proxy: String,
+    target: DialTarget,
+    tls: Arc<rustls::ClientConfig>,
+    deadline: Duration,
+) -> anyhow::Result<Status> {
     let (mut in_tx, in_rx) = pipe(16);
     let (out_tx, mut out_rx) = pipe(16);
     std::thread::Builder::new().name("stdin".into()).spawn(move || {

@@ -46,7 +46,13 @@ pub async fn entry_side(
     let first = match first {
         Ok(Some(Item::Data(b))) => b,
         Ok(Some(Item::End(Some(s)))) => return fail(shard, respond, &s),
-        _ => return fail(shard, respond, &Status::new(Code::Unavailable, format!("shard {owner} did not answer the dial"))),
+        _ => {
+            return fail(
+                shard,
+                respond,
+                &Status::new(Code::Unavailable, format!("shard {owner} did not answer the dial")),
+            )
+        }
     };
     let Ok(tx) = respond_ok(&mut respond) else { return };
     let _count = StreamCount::new(shard);
@@ -57,7 +63,8 @@ pub async fn entry_side(
         if !rest.is_empty() {
             up_tx.send(Item::Data(rest)).await.map_err(|_| crate::relay::RelayError::Broken)?;
         }
-        relay((&mut up_src, &mut up_tx), (&mut down_rx, &mut down), &shard.stats.bytes_up, &shard.stats.bytes_down).await
+        relay((&mut up_src, &mut up_tx), (&mut down_rx, &mut down), &shard.stats.bytes_up, &shard.stats.bytes_down)
+            .await
     };
     if let Err(e) = run.await {
         shard.stats.error(e.label());
@@ -74,7 +81,8 @@ pub async fn serve_cross_dial(shard: Rc<Shard>, d: CrossDial) {
         return;
     };
     let first = encode_msg(&target.to_frame());
-    let opened = match open_dial(&mut t.send, &target.agent, paths::AGENT_DIAL, first, shard.shared.dial_timeout).await {
+    let opened = match open_dial(&mut t.send, &target.agent, paths::AGENT_DIAL, first, shard.shared.dial_timeout).await
+    {
         Ok(o) => o,
         Err(s) => {
             let _ = down.send(Item::End(Some(s))).await;
@@ -88,7 +96,8 @@ pub async fn serve_cross_dial(shard: Rc<Shard>, d: CrossDial) {
         for b in opened.held {
             down.send(Item::Data(b)).await.map_err(|_| crate::relay::RelayError::Broken)?;
         }
-        relay((&mut up, &mut agent_tx), (&mut agent_rx, &mut down), &shard.stats.bytes_up, &shard.stats.bytes_down).await
+        relay((&mut up, &mut agent_tx), (&mut agent_rx, &mut down), &shard.stats.bytes_up, &shard.stats.bytes_down)
+            .await
     };
     if let Err(e) = run.await {
         shard.stats.error(e.label());

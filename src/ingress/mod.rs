@@ -119,7 +119,10 @@ impl Drop for StreamCount<'_> {
 async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
     shard.stats.dials.inc();
     if req.uri().path() != paths::PROXY_DIAL {
-        let s = Status::new(Code::Unimplemented, format!("unknown method {}; this port serves {}", req.uri().path(), paths::PROXY_DIAL));
+        let s = Status::new(
+            Code::Unimplemented,
+            format!("unknown method {}; this port serves {}", req.uri().path(), paths::PROXY_DIAL),
+        );
         return fail(&shard, respond, &s);
     }
     let mut rx = req.into_body();
@@ -128,11 +131,15 @@ async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendRe
         Err(s) => return fail(&shard, respond, &s),
     };
     let rest = dec.take_rest();
+    tracing::debug!(shard = shard.index, %target, "dial");
     match shard.route(&target.agent) {
         Route::Local(t) => local_dial(&shard, t, target, rx, rest, respond).await,
         Route::Shard(k) => cross::entry_side(&shard, k, target, rx, rest, respond).await,
         Route::None => {
-            let s = Status::new(Code::NotFound, format!("no route to agent {:?}: it has no tunnel to this proxy", target.agent));
+            let s = Status::new(
+                Code::NotFound,
+                format!("no route to agent {:?}: it has no tunnel to this proxy", target.agent),
+            );
             fail(&shard, respond, &s)
         }
     }
@@ -148,7 +155,8 @@ async fn local_dial(
 ) {
     shard.stats.dials_local.inc();
     let first = encode_msg(&target.to_frame());
-    let opened = match open_dial(&mut t.send, &target.agent, paths::AGENT_DIAL, first, shard.shared.dial_timeout).await {
+    let opened = match open_dial(&mut t.send, &target.agent, paths::AGENT_DIAL, first, shard.shared.dial_timeout).await
+    {
         Ok(o) => o,
         Err(s) => return fail(shard, respond, &s),
     };

@@ -80,7 +80,12 @@ pub fn run_with_metrics(
     cfg.validate()?;
     let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Proxy)?;
     if tls.id.name != cfg.id {
-        bail!("certificate {} is for proxy {:?}, but the config's id is {:?}", cfg.tls.cert.display(), tls.id.name, cfg.id);
+        bail!(
+            "certificate {} is for proxy {:?}, but the config's id is {:?}",
+            cfg.tls.cert.display(),
+            tls.id.name,
+            cfg.id
+        );
     }
     let n = listeners.client.len().max(listeners.tunnel.len());
     if n == 0 {

@@ -118,7 +118,9 @@ pub async fn open_dial(
                     held.push(c.clone());
                     dec.push(c);
                     match dec.next().map_err(|e| e.status())? {
-                        Some(Event::Frame(pb::Frame { message: Some(pb::frame::Message::ConnectionEstablished(_)) })) => {
+                        Some(Event::Frame(pb::Frame {
+                            message: Some(pb::frame::Message::ConnectionEstablished(_)),
+                        })) => {
                             return Ok(Opened { tx, rx, held, dec });
                         }
                         Some(_) => {
@@ -130,11 +132,9 @@ pub async fn open_dial(
                 Some(Err(e)) => return Err(unavailable("stream failed", e)),
                 None => {
                     let t = poll_fn(|cx| rx.poll_trailers(cx)).await.map_err(|e| unavailable("stream failed", e))?;
-                    return Err(t
-                        .as_ref()
-                        .and_then(Status::from_headers)
-                        .filter(|s| !s.is_ok())
-                        .unwrap_or_else(|| Status::new(Code::Unavailable, "callee ended the dial before it was established")));
+                    return Err(t.as_ref().and_then(Status::from_headers).filter(|s| !s.is_ok()).unwrap_or_else(
+                        || Status::new(Code::Unavailable, "callee ended the dial before it was established"),
+                    ));
                 }
             }
         }

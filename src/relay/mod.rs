@@ -103,6 +103,9 @@ impl Source for H2Source {
 
 /// Waits until `tx` has send capacity for at least one byte.
 pub async fn wait_capacity(tx: &mut SendStream<Bytes>, want: usize) -> Result<(), RelayError> {
+    if want == 0 {
+        return Ok(());
+    }
     tx.reserve_capacity(want);
     while tx.capacity() == 0 {
         match poll_fn(|cx| tx.poll_capacity(cx)).await {
@@ -132,7 +135,9 @@ impl Sink for H2Sink {
     async fn end(&mut self, s: Option<Status>) -> Result<(), RelayError> {
         match (self.trailers, s) {
             (true, Some(s)) => self.tx.send_trailers(s.to_trailers())?,
-            (true, None) => self.tx.send_trailers(Status::new(Code::Unknown, "upstream ended without a status").to_trailers())?,
+            (true, None) => {
+                self.tx.send_trailers(Status::new(Code::Unknown, "upstream ended without a status").to_trailers())?
+            }
             (false, _) => self.tx.send_data(Bytes::new(), true)?,
         }
         Ok(())
@@ -162,9 +167,14 @@ impl Sink for PipeTx {
 }
 
 /// Forwards one direction until its end; returns the status it ended with.
-pub async fn pump<S: Source, K: Sink>(src: &mut S, sink: &mut K, bytes: &Counter) -> Result<Option<Status>, RelayError> {
+pub async fn pump<S: Source, K: Sink>(
+    src: &mut S,
+    sink: &mut K,
+    bytes: &Counter,
+) -> Result<Option<Status>, RelayError> {
     loop {
         match src.next().await? {
+            Chunk::Data(b) if b.is_empty() => {}
             Chunk::Data(b) => {
                 let n = b.len();
                 sink.send(b).await?;

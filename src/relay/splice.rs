@@ -128,7 +128,10 @@ async fn framed_to_bytes<O: ByteOut>(
                     out.write(b).await.map_err(|e| Status::new(Code::Unavailable, format!("write failed: {e}")))?;
                 }
                 Event::Frame(_) => {
-                    return Err(Status::new(Code::InvalidArgument, "unexpected non-Data frame after the dial was established"))
+                    return Err(Status::new(
+                        Code::InvalidArgument,
+                        "unexpected non-Data frame after the dial was established",
+                    ))
                 }
             }
         }
@@ -149,9 +152,11 @@ async fn framed_to_bytes<O: ByteOut>(
                     let t = poll_fn(|cx| rx.poll_trailers(cx))
                         .await
                         .map_err(|e| Status::new(Code::Unavailable, format!("dial stream failed: {e}")))?;
-                    return Ok(Some(t.as_ref().and_then(Status::from_headers).unwrap_or_else(|| {
-                        Status::new(Code::Unknown, "the dial ended without a status")
-                    })));
+                    return Ok(Some(
+                        t.as_ref()
+                            .and_then(Status::from_headers)
+                            .unwrap_or_else(|| Status::new(Code::Unknown, "the dial ended without a status")),
+                    ));
                 }
                 return Ok(None);
             }
@@ -214,15 +219,12 @@ pub async fn splice<I: ByteIn, O: ByteOut>(
         Side::Client => {
             let down = framed_to_bytes(&mut rx, &mut dec, &mut out, side);
             let up = bytes_to_framed(&mut inp, &mut tx, side);
-            futures_lite::future::or(
-                async { down.await.map(|s| s.unwrap_or_else(Status::ok)) },
-                async {
-                    match up.await {
-                        Ok(()) => std::future::pending().await,
-                        Err(s) => Err(s),
-                    }
-                },
-            )
+            futures_lite::future::or(async { down.await.map(|s| s.unwrap_or_else(Status::ok)) }, async {
+                match up.await {
+                    Ok(()) => std::future::pending().await,
+                    Err(s) => Err(s),
+                }
+            })
             .await
         }
     }

@@ -128,3 +128,12 @@ impl Shutdown {
         .await
     }
 }
+
+impl Shutdown {
+    /// Blocks the calling (non-executor) thread until the signal fires.
+    pub fn wait_blocking(&self) {
+        while !self.is_triggered() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -142,7 +142,8 @@ impl Metrics {
             for (i, s) in self.shards.iter().enumerate() {
                 let v = s.errors[li].get();
                 if v > 0 {
-                    let _ = writeln!(out, "ringpeer_errors_total{{proxy=\"{proxy}\",shard=\"{i}\",error=\"{label}\"}} {v}");
+                    let _ =
+                        writeln!(out, "ringpeer_errors_total{{proxy=\"{proxy}\",shard=\"{i}\",error=\"{label}\"}} {v}");
                 }
             }
         }

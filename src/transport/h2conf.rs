@@ -13,6 +13,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_lite::FutureExt;
 use h2::{Ping, PingPong};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -123,10 +124,8 @@ async fn keepalive(pp: Option<PingPong>, t: &H2Tuning) -> &'static str {
         if pp.send_ping(Ping::opaque()).is_err() {
             return "keepalive_send_failed";
         }
-        let pong = crate::runtime::timeout(
-            Duration::from_millis(t.keepalive_timeout_ms),
-            poll_fn(|cx| pp.poll_pong(cx)),
-        );
+        let pong =
+            crate::runtime::timeout(Duration::from_millis(t.keepalive_timeout_ms), poll_fn(|cx| pp.poll_pong(cx)));
         match pong.await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return "keepalive_failed",
@@ -134,6 +133,9 @@ async fn keepalive(pp: Option<PingPong>, t: &H2Tuning) -> &'static str {
         }
     }
 }
+
+/// Longest a server connection drains after GOAWAY before it is closed.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counts a server connection's open streams, for the idle timeout.
 #[derive(Clone, Default)]
@@ -178,6 +180,7 @@ where
     let idle = Duration::from_millis(t.idle_timeout_ms);
     let mut idle_since = Instant::now();
     let mut idle_tick = pin!(glommio::timer::sleep(idle.max(Duration::from_millis(100))));
+    let mut drain_deadline = pin!(futures_lite::future::pending::<()>().boxed_local());
     loop {
         enum Ev<R> {
             Req(R),
@@ -194,6 +197,9 @@ where
             }
             if !draining && stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Stop);
+            }
+            if draining && drain_deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Dead("drain_timeout"));
             }
             if !persistent && t.idle_timeout_ms > 0 && idle_tick.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Tick);
@@ -215,6 +221,7 @@ where
             Ev::Stop => {
                 conn.graceful_shutdown();
                 draining = true;
+                drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
             }
             Ev::Tick => {
                 if active.0.get() > 0 {

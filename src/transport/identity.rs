@@ -147,7 +147,13 @@ mod tests {
         let id = SpiffeId::parse("spiffe://c1/agent/agent-1").unwrap();
         assert_eq!((id.cluster.as_str(), id.role, id.name.as_str()), ("c1", Role::Agent, "agent-1"));
         assert_eq!(id.uri(), "spiffe://c1/agent/agent-1");
-        for bad in ["spiffe://c1/agent", "spiffe://c1/admin/x", "http://c1/agent/x", "spiffe://c1/agent/a/b", "spiffe://c1/agent/"] {
+        for bad in [
+            "spiffe://c1/agent",
+            "spiffe://c1/admin/x",
+            "http://c1/agent/x",
+            "spiffe://c1/agent/a/b",
+            "spiffe://c1/agent/",
+        ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad}");
         }
     }

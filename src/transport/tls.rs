@@ -37,7 +37,11 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The conventional files of `certs init` for `name` in `dir`.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
-        TlsFiles { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}-key.pem")) }
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        }
     }
 }
 
@@ -183,13 +187,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn server_name(host: &str) -> ServerName<'static> {
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(host.to_string()).unwrap_or(ServerName::IpAddress(
-            std::net::IpAddr::from([127, 0, 0, 1]).into(),
-        )),
+        Err(_) => ServerName::try_from(host.to_string())
+            .unwrap_or(ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())),
     }
 }
 
-fn check_peer(cluster: &str, roles: &[Role], name: Option<&str>, cert: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+fn check_peer(
+    cluster: &str,
+    roles: &[Role],
+    name: Option<&str>,
+    cert: &CertificateDer<'_>,
+) -> Result<SpiffeId, rustls::Error> {
     let id = SpiffeId::from_cert(cert).map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
     if id.cluster != cluster || !roles.contains(&id.role) {
         tracing::debug!(peer = %id, "refused peer with wrong role or cluster");
@@ -223,7 +231,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         check_peer(&self.cluster, &[self.role], self.name.as_deref(), end_entity)?;
         Ok(ServerCertVerified::assertion())
     }

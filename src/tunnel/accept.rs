@@ -24,7 +24,9 @@ use crate::transport::h2conf::drive_client;
 use crate::transport::identity::valid_name;
 use crate::wire::codec::{encode_msg, MsgDecoder};
 use crate::wire::paths;
-use crate::wire::pb::v1::{agent_message, control_message, tunnel_strategy, AgentMessage, ControlMessage, ProxyEntry, ProxySet, TunnelStrategy};
+use crate::wire::pb::v1::{
+    agent_message, control_message, tunnel_strategy, AgentMessage, ControlMessage, ProxyEntry, ProxySet, TunnelStrategy,
+};
 
 /// Most services an agent may announce.
 pub const MAX_SERVICES: usize = 1024;
@@ -55,17 +57,18 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         }
     };
     let driver = glommio::spawn_local(async move { drive_client(conn, &h2cfg).await });
-    let (services, ctrl_rx, _ctrl_tx) = match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard)).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::warn!(agent, error = %e, "agent control stream failed");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(agent, "agent did not announce its services in time");
-            return;
-        }
-    };
+    let (services, ctrl_rx, _ctrl_tx) =
+        match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(agent, error = %e, "agent control stream failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(agent, "agent did not announce its services in time");
+                return;
+            }
+        };
     let conn_id = shard.next_conn_id();
     shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");

@@ -48,7 +48,12 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     cfg.validate()?;
     let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Agent)?;
     if tls.id.name != cfg.id {
-        bail!("certificate {} is for agent {:?}, but the config's id is {:?}", cfg.tls.cert.display(), tls.id.name, cfg.id);
+        bail!(
+            "certificate {} is for agent {:?}, but the config's id is {:?}",
+            cfg.tls.cert.display(),
+            tls.id.name,
+            cfg.id
+        );
     }
     let client = tls.client_config(Role::Proxy, None)?;
     let proxies = cfg.proxies.clone();
@@ -131,7 +136,14 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
     }
     let mut rx = req.into_body();
     let mut dec = MsgDecoder::new(super::accept::MAX_CONTROL_MSG);
-    while let Some(Ok(c)) = poll_fn(|cx| rx.poll_data(cx)).await {
+    loop {
+        // On shutdown the control stream ends first, so the proxy stops
+        // routing here and the tunnel drains.
+        let next = or(async { poll_fn(|cx| rx.poll_data(cx)).await }, async {
+            ctx.shutdown.wait().await;
+            None
+        });
+        let Some(Ok(c)) = next.await else { break };
         let _ = rx.flow_control().release_capacity(c.len());
         dec.push(&c);
         loop {
@@ -140,7 +152,9 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
                     Some(control_message::Message::ProxySet(s)) => {
                         tracing::debug!(agent = ctx.id, proxy = s.self_, proxies = s.proxies.len(), "proxy set")
                     }
-                    Some(control_message::Message::Strategy(s)) => tracing::debug!(agent = ctx.id, ?s, "tunnel strategy"),
+                    Some(control_message::Message::Strategy(s)) => {
+                        tracing::debug!(agent = ctx.id, ?s, "tunnel strategy")
+                    }
                     None => {}
                 },
                 Ok(None) => break,
@@ -152,6 +166,7 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
             }
         }
     }
+    let _ = tx.send_trailers(Status::ok().to_trailers());
 }
 
 fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str), Status> {
@@ -164,12 +179,14 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
         if let Some((k, v)) = ctx.services.get_key_value("default") {
             return Ok((k, v));
         }
-        return Err(Status::new(Code::NotFound, format!("agent {:?} has several services; name one of: {}", ctx.id, known())));
+        return Err(Status::new(
+            Code::NotFound,
+            format!("agent {:?} has several services; name one of: {}", ctx.id, known()),
+        ));
     }
-    ctx.services
-        .get_key_value(name)
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .ok_or_else(|| Status::new(Code::NotFound, format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known())))
+    ctx.services.get_key_value(name).map(|(k, v)| (k.as_str(), v.as_str())).ok_or_else(|| {
+        Status::new(Code::NotFound, format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known()))
+    })
 }
 
 async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
@@ -193,7 +210,10 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
             return respond_status(respond, &s);
         }
         Err(_) => {
-            let s = Status::new(Code::Unavailable, format!("service {service} at {addr} on agent {:?}: connect timed out", ctx.id));
+            let s = Status::new(
+                Code::Unavailable,
+                format!("service {service} at {addr} on agent {:?}: connect timed out", ctx.id),
+            );
             return respond_status(respond, &s);
         }
     };
@@ -205,6 +225,7 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
     if tx.send_data(encode_msg(&established_frame()), false).is_err() {
         return;
     }
+    tracing::debug!(agent = ctx.id, service, addr, "dial established");
     if let Err(s) = splice(inp, out, tx, rx, dec, Side::Agent).await {
         tracing::debug!(agent = ctx.id, service, status = %s, "dial ended with an error");
     }

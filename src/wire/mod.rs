@@ -56,11 +56,7 @@ impl DialTarget {
             Some((a, s)) => (a, s),
             None => (spec, ""),
         };
-        let t = DialTarget {
-            agent: agent.to_string(),
-            service: service.to_string(),
-            permit: Bytes::new(),
-        };
+        let t = DialTarget { agent: agent.to_string(), service: service.to_string(), permit: Bytes::new() };
         t.validate()?;
         Ok(t)
     }
@@ -73,7 +69,9 @@ impl DialTarget {
             if s.len() > MAX_NAME_LEN || s.chars().any(|c| c.is_control() || c == '/') {
                 return Err(Status::new(
                     Code::InvalidArgument,
-                    format!("DialRequest {what} is not a valid name (at most {MAX_NAME_LEN} printable characters, no '/')"),
+                    format!(
+                        "DialRequest {what} is not a valid name (at most {MAX_NAME_LEN} printable characters, no '/')"
+                    ),
                 ));
             }
         }

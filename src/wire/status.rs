@@ -108,11 +108,8 @@ impl Status {
         map.insert("grpc-status", self.code.header_value());
         if !self.message.is_empty() {
             // grpc-message is percent-encoded; we keep it to visible ASCII.
-            let clean: String = self
-                .message
-                .chars()
-                .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
-                .collect();
+            let clean: String =
+                self.message.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
             if let Ok(v) = HeaderValue::from_str(&percent_encode(&clean)) {
                 map.insert("grpc-message", v);
             }
@@ -130,11 +127,7 @@ impl Status {
     /// `None` when the map carries no `grpc-status`.
     pub fn from_headers(map: &HeaderMap) -> Option<Status> {
         let code = map.get("grpc-status")?.to_str().ok()?.trim().parse::<u32>().ok()?;
-        let message = map
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .map(percent_decode)
-            .unwrap_or_default();
+        let message = map.get("grpc-message").and_then(|v| v.to_str().ok()).map(percent_decode).unwrap_or_default();
         Some(Status { code: Code::from_u32(code), message: message.into() })
     }
 }

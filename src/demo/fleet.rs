@@ -1,0 +1,164 @@
+//! A fleet in one process: certificates in a directory, proxies and agents
+//! as threads with real sockets and TLS. Used by `demo`, `bench` and the
+//! in-process tests.
+//!
+//! Invariant: every part is the production code path (`proxy::run`,
+//! `tunnel::agent::run`); only the process boundary is missing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::config::{AgentConfig, BackendConfig, ProxyConfig};
+use crate::proxy::{run_with_metrics, Listeners};
+use crate::runtime::Shutdown;
+use crate::telemetry::Metrics;
+use crate::transport::h2conf::H2Tuning;
+use crate::transport::tls::TlsFiles;
+
+/// A proxy config for `id` with certificates from `dir`, on 127.0.0.1:0.
+pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
+    ProxyConfig {
+        cluster: "demo".into(),
+        id: id.into(),
+        shards: Some(shards),
+        client_addr: "127.0.0.1:0".into(),
+        tunnel_addr: "127.0.0.1:0".into(),
+        peer_addr: "127.0.0.1:0".into(),
+        pin_cpus: false,
+        dial_timeout_ms: 10_000,
+        tls: TlsFiles::in_dir(dir, id),
+        backend: BackendConfig::default(),
+        h2: H2Tuning::default(),
+    }
+}
+
+/// An agent config for `id` dialling `proxies`, serving `services`.
+pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&str, SocketAddr)]) -> AgentConfig {
+    AgentConfig {
+        cluster: "demo".into(),
+        id: id.into(),
+        proxies: proxies.iter().map(|p| p.to_string()).collect(),
+        tls: TlsFiles::in_dir(dir, id),
+        services: services.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect::<BTreeMap<_, _>>(),
+        connect_timeout_ms: 2_000,
+        h2: H2Tuning::default(),
+    }
+}
+
+/// A proxy running on threads of this process.
+pub struct ProxyHandle {
+    /// Client edge address.
+    pub client_addr: SocketAddr,
+    /// Tunnel address.
+    pub tunnel_addr: SocketAddr,
+    /// Its counters.
+    pub metrics: Metrics,
+    shutdown: Shutdown,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ProxyHandle {
+    /// Starts a proxy with the given listeners.
+    pub fn start_with(cfg: ProxyConfig, listeners: Listeners) -> anyhow::Result<ProxyHandle> {
+        let (client_addr, tunnel_addr) = (listeners.client_addr(), listeners.tunnel_addr());
+        let metrics = Metrics::new(listeners.client.len().max(listeners.tunnel.len()));
+        let shutdown = Shutdown::new();
+        let (m, sd) = (metrics.clone(), shutdown.clone());
+        let join = std::thread::Builder::new()
+            .name(format!("proxy-{}", cfg.id))
+            .spawn(move || run_with_metrics(cfg, listeners, sd, Some(m)))?;
+        Ok(ProxyHandle { client_addr, tunnel_addr, metrics, shutdown, join: Some(join) })
+    }
+
+    /// Binds and starts a proxy.
+    pub fn start(cfg: ProxyConfig) -> anyhow::Result<ProxyHandle> {
+        let l = Listeners::bind(&cfg)?;
+        Self::start_with(cfg, l)
+    }
+
+    /// Waits until this proxy holds `n` tunnels.
+    pub fn wait_tunnels(&self, n: i64, within: Duration) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while self.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>() < n {
+            if t0.elapsed() > within {
+                anyhow::bail!("agents did not connect within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Route snapshots reach the shards right after the tunnel registers.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(())
+    }
+
+    /// Stops the proxy and waits for it.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        self.join.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("proxy thread panicked"))?
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// An agent running on a thread of this process.
+pub struct AgentHandle {
+    shutdown: Shutdown,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl AgentHandle {
+    /// Starts an agent.
+    pub fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
+        let shutdown = Shutdown::new();
+        let sd = shutdown.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("agent-{}", cfg.id))
+            .spawn(move || crate::tunnel::agent::run(cfg, sd))
+            .context("cannot start agent thread")?;
+        Ok(AgentHandle { shutdown, join: Some(join) })
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A certificates directory: a temporary one, or a kept path.
+pub struct CertDir {
+    /// The directory.
+    pub path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl CertDir {
+    /// Creates a temporary directory with `certs init --cluster demo`.
+    pub fn temp() -> anyhow::Result<CertDir> {
+        let tmp = tempfile::Builder::new().prefix("ringpeer-demo-").tempdir()?;
+        crate::transport::certs::init(tmp.path(), "demo")?;
+        Ok(CertDir { path: tmp.path().to_path_buf(), _tmp: Some(tmp) })
+    }
+
+    /// Keeps the directory after the process exits.
+    pub fn keep(mut self) -> PathBuf {
+        if let Some(t) = self._tmp.take() {
+            let _ = t.keep();
+        }
+        self.path
+    }
+}

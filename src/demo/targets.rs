@@ -1,0 +1,92 @@
+//! Test targets served by the demo, bench and tests: `echo` (writes back what
+//! it reads, half-close aware) and `sink` (reads to EOF, then answers the
+//! byte count as a big-endian u64).
+//!
+//! Invariant: each target runs on its own glommio executor thread, so a
+//! target never shares a core's run queue with the proxy under test more
+//! than the OS scheduler decides.
+
+use std::net::{Shutdown as NetShutdown, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::runtime::listeners::bind_group;
+use crate::runtime::{spawn_executor, Shutdown};
+
+/// What a target does with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Echo bytes back.
+    Echo,
+    /// Count bytes, answer the count at EOF.
+    Sink,
+}
+
+/// A running target.
+pub struct Target {
+    /// Its address.
+    pub addr: SocketAddr,
+    shutdown: Shutdown,
+    join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+async fn serve_conn(kind: Kind, mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        total += n as u64;
+        if kind == Kind::Echo && s.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    if kind == Kind::Sink {
+        let _ = s.write_all(&total.to_be_bytes()).await;
+    }
+    let _ = s.shutdown(NetShutdown::Write).await;
+}
+
+/// Starts a target on 127.0.0.1 (port 0).
+pub fn spawn(kind: Kind) -> std::io::Result<Target> {
+    let l = bind_group("127.0.0.1:0".parse().expect("addr"), 1, "target")
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .pop()
+        .expect("one");
+    let addr = l.local_addr()?;
+    let shutdown = Shutdown::new();
+    let sd = shutdown.clone();
+    let join = spawn_executor(&format!("target-{kind:?}"), None, move || async move {
+        // SAFETY: a bound, listening socket we own.
+        let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
+        loop {
+            let r = futures_lite::future::or(async { Some(l.accept().await) }, async {
+                sd.wait().await;
+                None
+            })
+            .await;
+            match r {
+                Some(Ok(s)) => {
+                    glommio::spawn_local(serve_conn(kind, s)).detach();
+                }
+                Some(Err(_)) => continue,
+                None => return,
+            }
+        }
+    })?;
+    Ok(Target { addr, shutdown, join: Some(join) })
+}
