@@ -183,7 +183,7 @@ impl DialIo {
     pub async fn read(&mut self) -> Result<Option<Bytes>, Status> {
         use crate::wire::codec::Event;
         loop {
-            if let Some(ev) = self.dec.next().map_err(|e| e.status())? {
+            if let Some(ev) = self.dec.decode_next().map_err(|e| e.status())? {
                 match ev {
                     Event::Data(b) => return Ok(Some(b)),
                     Event::Frame(_) => return Err(Status::new(Code::InvalidArgument, "unexpected frame")),

@@ -45,7 +45,7 @@ pub async fn read_dial_request(rx: &mut RecvStream, deadline: Duration) -> Resul
                 Some(Ok(c)) => {
                     let _ = rx.flow_control().release_capacity(c.len());
                     dec.push(c);
-                    match dec.next().map_err(|e| e.status())? {
+                    match dec.decode_next().map_err(|e| e.status())? {
                         Some(Event::Frame(f)) => return DialTarget::from_frame(f),
                         Some(Event::Data(_)) => {
                             return Err(Status::new(Code::InvalidArgument, "Data before the DialRequest"))
@@ -117,7 +117,7 @@ pub async fn open_dial(
                     let _ = rx.flow_control().release_capacity(c.len());
                     held.push(c.clone());
                     dec.push(c);
-                    match dec.next().map_err(|e| e.status())? {
+                    match dec.decode_next().map_err(|e| e.status())? {
                         Some(Event::Frame(pb::Frame {
                             message: Some(pb::frame::Message::ConnectionEstablished(_)),
                         })) => {

@@ -122,7 +122,7 @@ async fn framed_to_bytes<O: ByteOut>(
     // decoded from it has been written.
     let mut pending = 0usize;
     loop {
-        while let Some(ev) = dec.next().map_err(|e| e.status())? {
+        while let Some(ev) = dec.decode_next().map_err(|e| e.status())? {
             match ev {
                 Event::Data(b) => {
                     out.write(b).await.map_err(|e| Status::new(Code::Unavailable, format!("write failed: {e}")))?;

@@ -100,6 +100,8 @@ impl ShardStats {
     }
 }
 
+type Row = (&'static str, fn(&ShardStats) -> i64);
+
 /// All shards' counters of one proxy.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -122,7 +124,7 @@ impl Metrics {
     pub fn render(&self, proxy: &str) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let rows: [(&str, fn(&ShardStats) -> i64); 9] = [
+        let rows: [Row; 9] = [
             ("ringpeer_dials_total", |s| s.dials.get() as i64),
             ("ringpeer_dials_local_total", |s| s.dials_local.get() as i64),
             ("ringpeer_dials_cross_shard_total", |s| s.dials_cross_shard.get() as i64),

@@ -120,7 +120,7 @@ async fn open_control(
     let mut rx = resp.into_body();
     let mut dec = MsgDecoder::new(MAX_CONTROL_MSG);
     loop {
-        if let Some(m) = dec.next::<AgentMessage>().map_err(|e| e.to_string())? {
+        if let Some(m) = dec.decode_next::<AgentMessage>().map_err(|e| e.to_string())? {
             let Some(agent_message::Message::Hello(h)) = m.message else { continue };
             if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
                 return Err("agent announced invalid service names".into());
@@ -145,7 +145,7 @@ async fn watch_control(mut rx: RecvStream) {
         let _ = rx.flow_control().release_capacity(c.len());
         dec.push(&c);
         loop {
-            match dec.next::<AgentMessage>() {
+            match dec.decode_next::<AgentMessage>() {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {

@@ -147,7 +147,7 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
         let _ = rx.flow_control().release_capacity(c.len());
         dec.push(&c);
         loop {
-            match dec.next::<ControlMessage>() {
+            match dec.decode_next::<ControlMessage>() {
                 Ok(Some(m)) => match m.message {
                     Some(control_message::Message::ProxySet(s)) => {
                         tracing::debug!(agent = ctx.id, proxy = s.self_, proxies = s.proxies.len(), "proxy set")

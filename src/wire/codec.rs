@@ -151,7 +151,7 @@ impl FrameDecoder {
         FrameDecoder { chunk: Bytes::new(), state: State::Prefix, hdr: [0; 16], hdr_len: 0, body: BytesMut::new() }
     }
 
-    /// Feeds the next chunk. Call [`next`](Self::next) until it returns
+    /// Feeds the next chunk. Call [`decode_next`](Self::decode_next) until it returns
     /// `Ok(None)` before pushing again.
     pub fn push(&mut self, chunk: Bytes) {
         debug_assert!(self.chunk.is_empty(), "push before the previous chunk was drained");
@@ -180,7 +180,7 @@ impl FrameDecoder {
 
     /// The next event decodable from what was pushed, `Ok(None)` when more
     /// input is needed.
-    pub fn next(&mut self) -> Result<Option<Event>, CodecError> {
+    pub fn decode_next(&mut self) -> Result<Option<Event>, CodecError> {
         loop {
             match self.state {
                 State::Payload { remaining } => {
@@ -281,7 +281,7 @@ impl MsgDecoder {
     }
 
     /// The next whole message, decoded as `M`.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, CodecError> {
+    pub fn decode_next<M: Message + Default>(&mut self) -> Result<Option<M>, CodecError> {
         if self.buf.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -384,7 +384,7 @@ mod tests {
         let (mut data, mut frames) = (Vec::new(), Vec::new());
         for c in input {
             d.push(c.clone());
-            while let Some(ev) = d.next()? {
+            while let Some(ev) = d.decode_next()? {
                 match ev {
                     Event::Data(b) => data.extend_from_slice(&b),
                     Event::Frame(f) => frames.push(f),
@@ -439,7 +439,7 @@ mod tests {
         let wire = Bytes::from(encode_data(&[9u8; 4096]).to_vec());
         let mut d = FrameDecoder::new();
         d.push(wire.clone());
-        let Some(Event::Data(b)) = d.next().unwrap() else { panic!() };
+        let Some(Event::Data(b)) = d.decode_next().unwrap() else { panic!() };
         assert_eq!(b.len(), 4096);
         assert_eq!(b.as_ptr(), wire[wire.len() - 4096..].as_ptr());
     }
@@ -474,9 +474,9 @@ mod tests {
         let m = encode_msg(&crate::wire::established_frame());
         let mut d = MsgDecoder::new(16);
         d.push(&m);
-        assert_eq!(d.next::<pb::Frame>().unwrap(), Some(crate::wire::established_frame()));
+        assert_eq!(d.decode_next::<pb::Frame>().unwrap(), Some(crate::wire::established_frame()));
         let mut d = MsgDecoder::new(1);
         d.push(&encode_data(b"xyz"));
-        assert!(matches!(d.next::<pb::Frame>(), Err(CodecError::TooLarge(..))));
+        assert!(matches!(d.decode_next::<pb::Frame>(), Err(CodecError::TooLarge(..))));
     }
 }

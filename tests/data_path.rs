@@ -1,0 +1,190 @@
+//! Data path stories, in process: real sockets, real mTLS, the production
+//! proxy and agent code, port-0 listeners.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{random_bytes, sha256, Fleet};
+use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::demo::load::{echo_roundtrip, open};
+use ringpeer::demo::targets::{self, Kind};
+use ringpeer::runtime::listeners::bind_group;
+use ringpeer::wire::status::Code;
+use ringpeer::wire::DialTarget;
+
+fn t(s: &str) -> DialTarget {
+    DialTarget::parse(s).unwrap()
+}
+
+#[test]
+fn sixteen_mib_of_random_bytes_round_trip_intact() {
+    // Agent-1 connects to the proxy; a client dials agent-1/echo through it;
+    // 16 MiB of random bytes come back with the same checksum.
+    let fleet = Fleet::start(1);
+    let data = random_bytes(16 << 20);
+    let sum = sha256(&data);
+    let back = fleet.client(move |c| async move { echo_roundtrip(&c, &t("agent-1/echo"), &data).await });
+    let back = back.expect("echo succeeds");
+    assert_eq!(back.len(), 16 << 20);
+    assert_eq!(sha256(&back), sum);
+    assert!(fleet.proxy.metrics.sum(|s| s.bytes_up.get()) >= 16 << 20);
+}
+
+#[test]
+fn a_thousand_concurrent_streams_over_one_tunnel_all_intact() {
+    let fleet = Fleet::start(1);
+    let results = fleet.client(|c| async move {
+        let tasks: Vec<_> = (0..1000usize)
+            .map(|i| {
+                let c = c.clone();
+                glommio::spawn_local(async move {
+                    let payload: Vec<u8> = (0..2048 + i).map(|j| (i * 31 + j) as u8).collect();
+                    let back = echo_roundtrip(&c, &t("agent-1/echo"), &payload).await;
+                    back.map(|b| b == payload)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            if task.await == Ok(true) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(results, 1000, "every stream must come back intact");
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.dials.get()), 1000);
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.dials_failed.get()), 0);
+}
+
+#[test]
+fn half_close_still_delivers_the_full_response() {
+    // The client sends 3 MiB to the sink and closes its side; the sink only
+    // answers (with the byte count) after it saw EOF, so the answer arrives
+    // on a half-closed stream.
+    let fleet = Fleet::start(1);
+    let (count, status) = fleet.client(|c| async move {
+        let mut d = open(&c, &t("agent-1/sink")).await.unwrap();
+        for _ in 0..48 {
+            d.write(&[7u8; 65536]).await.unwrap();
+        }
+        d.close_write().unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = d.read().await.unwrap() {
+            got.extend_from_slice(&b);
+        }
+        (got, d.status().await)
+    });
+    assert_eq!(count, (48u64 * 65536).to_be_bytes());
+    assert!(status.is_ok(), "{status}");
+}
+
+#[test]
+fn dial_errors_are_grpc_statuses_with_clear_messages() {
+    let fleet = Fleet::start(1);
+    let errs = fleet.client(|c| async move {
+        let mut out = Vec::new();
+        for spec in ["nobody/echo", "agent-1/ssh", "agent-1/refused", "agent-1"] {
+            out.push((spec, open(&c, &t(spec)).await.err()));
+        }
+        out
+    });
+    let get = |spec: &str| errs.iter().find(|(s, _)| *s == spec).unwrap().1.clone().expect("dial must fail");
+    let e = get("nobody/echo");
+    assert_eq!(e.code, Code::NotFound);
+    assert!(e.message.contains("no route to agent \"nobody\""), "{e}");
+    let e = get("agent-1/ssh");
+    assert_eq!(e.code, Code::NotFound);
+    assert!(e.message.contains("has no service \"ssh\""), "{e}");
+    let e = get("agent-1/refused");
+    assert_eq!(e.code, Code::Unavailable);
+    assert!(e.message.contains("service refused at"), "{e}");
+    let e = get("agent-1");
+    assert_eq!(e.code, Code::NotFound, "agent-1 has several services, so one must be named: {e}");
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.error_count("not_found")), 3);
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.error_count("unavailable")), 1);
+}
+
+#[test]
+fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
+    // Two shards; the client port is open only on shard 0 and the tunnel port
+    // only on shard 1, so every dial must cross shards.
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let cfg = proxy_config(&certs.path, "proxy-a", 2);
+    let client = bind_group("127.0.0.1:0".parse().unwrap(), 1, "client").unwrap().pop();
+    let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
+    let listeners = ringpeer::Listeners { client: vec![client, None], tunnel: vec![None, tunnel] };
+    let proxy = ProxyHandle::start_with(cfg, listeners).unwrap();
+    let _agent = AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    proxy.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(proxy.metrics.shards[1].tunnels.get(), 1, "the tunnel lives on shard 1");
+    let data = random_bytes(4 << 20);
+    let sum = sha256(&data);
+    let back = common::with_client(proxy.client_addr, &certs.path, "client", move |c| async move {
+        let mut handles = Vec::new();
+        for _ in 0..20 {
+            let c = c.clone();
+            handles.push(glommio::spawn_local(async move { echo_roundtrip(&c, &t("agent-1/echo"), &[9u8; 10_000]).await }));
+        }
+        for h in handles {
+            assert_eq!(h.await.unwrap(), vec![9u8; 10_000]);
+        }
+        echo_roundtrip(&c, &t("agent-1/echo"), &data).await
+    });
+    assert_eq!(sha256(&back.unwrap()), sum);
+    assert_eq!(proxy.metrics.shards[0].dials_cross_shard.get(), 21);
+    assert_eq!(proxy.metrics.shards[0].dials_local.get(), 0);
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused() {
+    let fleet = Fleet::start(1);
+    let other = CertDir::temp().unwrap();
+    let tls = ringpeer::forward::client_tls(&other.path, "client").unwrap();
+    let addr = fleet.proxy.client_addr.to_string();
+    let r = ringpeer::runtime::block_on("rogue", move || async move {
+        ringpeer::forward::Client::connect(&addr, &tls, &Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .unwrap();
+    let e = r.expect_err("a foreign CA must not connect");
+    assert!(e.contains("TLS handshake"), "{e}");
+    assert!(fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+}
+
+#[test]
+fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_gets_no_tunnel() {
+    let fleet = Fleet::start(1);
+    // A client presenting an agent certificate: wrong role.
+    let dir = fleet.dir().to_path_buf();
+    let addr = fleet.proxy.client_addr.to_string();
+    let tls = {
+        let m = ringpeer::transport::tls::TlsMaterial::load(
+            &ringpeer::transport::tls::TlsFiles::in_dir(&dir, "agent-1"),
+            "demo",
+            ringpeer::transport::identity::Role::Agent,
+        )
+        .unwrap();
+        m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap()
+    };
+    let r = ringpeer::runtime::block_on("wrong-role", move || async move {
+        match ringpeer::forward::Client::connect(&addr, &tls, &Default::default()).await {
+            // TLS 1.3: the server's verdict on our certificate may arrive
+            // after the client considers the handshake done; the first dial
+            // then fails.
+            Ok(c) => c.dial(&t("agent-1/echo"), Duration::from_secs(2)).await.map(|_| ()).map_err(|s| s.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .unwrap();
+    assert!(r.is_err(), "an agent certificate must not dial as a client");
+    // An agent whose certificate comes from another CA never gets a tunnel.
+    let other = CertDir::temp().unwrap();
+    let rogue = agent_config(&other.path, "agent-9", &[fleet.proxy.tunnel_addr], &[("echo", fleet.echo.addr)]);
+    let _rogue = AgentHandle::start(rogue).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(fleet.proxy.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>(), 2);
+    assert!(fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+}
