@@ -138,6 +138,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Proxy { config } => {
             let cfg = ProxyConfig::load(&config)?;
+            ringpeer::proxy::preflight(&cfg)?;
             let listeners = ringpeer::Listeners::bind(&cfg)?;
             eprintln!(
                 "ringpeer: proxy {} listening: client {} tunnel {}",

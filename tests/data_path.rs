@@ -118,7 +118,8 @@ fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
     let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
     let listeners = ringpeer::Listeners { client: vec![client, None], tunnel: vec![None, tunnel] };
     let proxy = ProxyHandle::start_with(cfg, listeners).unwrap();
-    let _agent = AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     proxy.wait_tunnels(1, Duration::from_secs(10)).unwrap();
     assert_eq!(proxy.metrics.shards[1].tunnels.get(), 1, "the tunnel lives on shard 1");
     let data = random_bytes(4 << 20);
@@ -127,7 +128,9 @@ fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
         let mut handles = Vec::new();
         for _ in 0..20 {
             let c = c.clone();
-            handles.push(glommio::spawn_local(async move { echo_roundtrip(&c, &t("agent-1/echo"), &[9u8; 10_000]).await }));
+            handles.push(glommio::spawn_local(
+                async move { echo_roundtrip(&c, &t("agent-1/echo"), &[9u8; 10_000]).await },
+            ));
         }
         for h in handles {
             assert_eq!(h.await.unwrap(), vec![9u8; 10_000]);
@@ -146,7 +149,10 @@ fn a_client_certificate_from_another_ca_is_refused() {
     let tls = ringpeer::forward::client_tls(&other.path, "client").unwrap();
     let addr = fleet.proxy.client_addr.to_string();
     let r = ringpeer::runtime::block_on("rogue", move || async move {
-        ringpeer::forward::Client::connect(&addr, &tls, &Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
+        ringpeer::forward::Client::connect(&addr, &tls, &Default::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     })
     .unwrap();
     let e = r.expect_err("a foreign CA must not connect");

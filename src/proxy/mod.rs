@@ -65,6 +65,22 @@ fn to_glommio(l: TcpListener) -> glommio::net::TcpListener {
     unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) }
 }
 
+/// Checks a config and loads its TLS identity: everything that can fail
+/// before a socket is bound.
+pub fn preflight(cfg: &ProxyConfig) -> anyhow::Result<TlsMaterial> {
+    cfg.validate()?;
+    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Proxy)?;
+    if tls.id.name != cfg.id {
+        bail!(
+            "certificate {} is for proxy {:?}, but the config's id is {:?}",
+            cfg.tls.cert.display(),
+            tls.id.name,
+            cfg.id
+        );
+    }
+    Ok(tls)
+}
+
 /// Runs a proxy until `shutdown` fires. `metrics` receives the counters.
 pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
     run_with_metrics(cfg, listeners, shutdown, None)

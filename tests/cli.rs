@@ -1,0 +1,249 @@
+//! Process stories: `ringpeer` binaries as separate processes (proxy, agent,
+//! dial, forward), killed and restarted for real; every operator error is
+//! one clear line and a non-zero exit.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ringpeer::demo::targets::{self, Kind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
+
+fn ringpeer(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn certs_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let out = ringpeer(&["certs", "init", "--dir", d.path().to_str().unwrap(), "--cluster", "c1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn proxy_toml(dir: &Path, client: &str, tunnel: &str) -> String {
+    let d = dir.display();
+    format!(
+        "cluster = \"c1\"\nid = \"proxy-a\"\nshards = 2\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\n\
+         pin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n"
+    )
+}
+
+fn agent_toml(dir: &Path, tunnel: SocketAddr, echo: SocketAddr, sink: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "cluster = \"c1\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
+         cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\nsink = \"{sink}\"\n"
+    )
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a proxy process; returns it with its client and tunnel addresses
+/// (read from its start-up line).
+fn start_proxy(config: &Path) -> (Proc, SocketAddr, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["proxy", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines.next().expect("proxy prints its addresses").unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1].parse().unwrap();
+    (Proc(child), at("client"), at("tunnel"))
+}
+
+fn start_agent(config: &Path) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["agent", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Runs `ringpeer dial` with `input` on stdin.
+fn dial(target: &str, proxy: SocketAddr, dir: &Path, input: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(["dial", target, "--proxy", &proxy.to_string(), "--certs", dir.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    out
+}
+
+fn dial_until_ok(target: &str, proxy: SocketAddr, dir: &Path, input: &[u8], within: Duration) -> Output {
+    let t0 = Instant::now();
+    loop {
+        let out = dial(target, proxy, dir, input);
+        if out.status.success() || t0.elapsed() > within {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn one_line(out: &Output) -> String {
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(e.lines().count(), 1, "expected one line on stderr, got: {e}");
+    e
+}
+
+#[test]
+fn agent_and_proxy_processes_carry_a_dial_from_stdin_to_stdout_with_half_close() {
+    let certs = certs_dir();
+    let dir = certs.path();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let sink = targets::spawn(Kind::Sink).unwrap();
+    let (_proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+    // stdin ends (half-close) and the whole echo still arrives on stdout.
+    let input = common::random_bytes(2 << 20);
+    let out = dial_until_ok("agent-1/echo", client, dir, &input, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(common::sha256(&out.stdout), common::sha256(&input));
+    // The sink answers only after EOF.
+    let out = dial("agent-1/sink", client, dir, &[1u8; 100_000]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, 100_000u64.to_be_bytes());
+    // Unknown agent and unknown service: NOT_FOUND, one line, exit 1.
+    let out = dial("agent-7/echo", client, dir, b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_line(&out).contains("NOT_FOUND: no route to agent \"agent-7\""));
+    let out = dial("agent-1/ssh", client, dir, b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_line(&out).contains("NOT_FOUND: agent \"agent-1\" has no service \"ssh\""));
+}
+
+#[test]
+fn the_agent_reconnects_after_the_proxy_is_killed_and_restarted() {
+    let certs = certs_dir();
+    let dir = certs.path();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let sink = targets::spawn(Kind::Sink).unwrap();
+    let (proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+    let out = dial_until_ok("agent-1/echo", client, dir, b"before", Duration::from_secs(10));
+    assert_eq!(out.stdout, b"before");
+    // kill -9 the proxy, then start it again on the same ports.
+    drop(proxy);
+    let out = dial("agent-1/echo", client, dir, b"down");
+    assert!(!out.status.success(), "no proxy, no dial");
+    let restarted = write(dir, "p2.toml", &proxy_toml(dir, &client.to_string(), &tunnel.to_string()));
+    let (_proxy, client2, _) = start_proxy(&restarted);
+    assert_eq!(client2, client);
+    let t0 = Instant::now();
+    let out = dial_until_ok("agent-1/echo", client, dir, b"after", Duration::from_secs(15));
+    assert_eq!(out.stdout, b"after", "agent came back: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("agent usable again {:?} after the proxy restarted", t0.elapsed());
+}
+
+#[test]
+fn forward_multiplexes_local_connections_over_one_connection() {
+    let certs = certs_dir();
+    let dir = certs.path();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let sink = targets::spawn(Kind::Sink).unwrap();
+    let (_proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+    dial_until_ok("agent-1/echo", client, dir, b"up?", Duration::from_secs(10));
+    let mut fwd = Command::new(BIN)
+        .args(["forward", "--listen", "127.0.0.1:0", "--to", "agent-1/echo", "--proxy", &client.to_string()])
+        .args(["--certs", dir.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(fwd.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let _fwd = Proc(fwd);
+    std::thread::spawn(move || for _ in lines {});
+    let local: SocketAddr = first.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let handles: Vec<_> = (0..8u8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(local).unwrap();
+                let msg = vec![i; 50_000];
+                s.write_all(&msg).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                back == msg
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap(), "every forwarded connection echoes intact");
+    }
+}
+
+#[test]
+fn operator_errors_are_one_clear_line_and_a_nonzero_exit() {
+    let certs = certs_dir();
+    let dir = certs.path();
+    // Unknown config key.
+    let bad = write(dir, "bad.toml", &format!("shardz = 3\n{}", proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+    let out = ringpeer(&["proxy", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&out).contains("unknown field `shardz`"));
+    // Missing certificate.
+    let missing = proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0").replace("proxy-a.pem", "nope.pem");
+    let out = ringpeer(&["proxy", "--config", write(dir, "m.toml", &missing).to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&out).contains("cannot read certificate"));
+    // Wrong role: a proxy configured with an agent certificate.
+    let wrong = proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")
+        .replace("proxy-a.pem", "agent-1.pem")
+        .replace("proxy-a-key", "agent-1-key");
+    let out = ringpeer(&["proxy", "--config", write(dir, "w.toml", &wrong).to_str().unwrap()]);
+    assert!(one_line(&out).contains("needs a proxy certificate"));
+    // Port in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inuse = proxy_toml(dir, &busy.local_addr().unwrap().to_string(), "127.0.0.1:0");
+    let out = ringpeer(&["proxy", "--config", write(dir, "b.toml", &inuse).to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&out).contains("cannot listen on"));
+    // A dial with a certificate from a directory without one.
+    let empty = tempfile::tempdir().unwrap();
+    let out = ringpeer(&["dial", "agent-1", "--proxy", "127.0.0.1:1", "--certs", empty.path().to_str().unwrap()]);
+    assert!(one_line(&out).contains("cannot read CA certificate"));
+    // Nothing listening.
+    let out =
+        ringpeer(&["dial", "agent-1", "--proxy", &common::dead_addr().to_string(), "--certs", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(one_line(&out).contains("cannot connect to"));
+    // certs issue with a bad role.
+    let out = ringpeer(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--role", "admin", "--name", "x"]);
+    assert!(one_line(&out).contains("unknown role"));
+}
