@@ -14,7 +14,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use super::load::{bulk_direct, bulk_proxy, gbps, pingpong_direct, pingpong_proxy};
+use super::load::{bulk_direct, bulk_proxy, gbps, pingpong_direct, pingpong_direct_blocking, pingpong_proxy};
 use super::targets::{self, Kind};
 use crate::forward::Client;
 use crate::transport::h2conf::H2Tuning;
@@ -38,6 +38,10 @@ pub struct BenchOpts {
     /// Proxy shards.
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
+    /// HTTP/2 settings on every link: `tuned` (ringpeer's defaults) or
+    /// `h2-defaults` (the h2 crate's 64 KiB windows and 16 KiB frames).
+    #[arg(long, default_value = "tuned", value_parser = ["tuned", "h2-defaults"])]
+    pub h2: String,
     /// Write the JSON report here (default: stdout only).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -80,7 +84,12 @@ pub struct Report {
     pub bulk_mib: u64,
     /// Proxy shards.
     pub shards: usize,
-    /// Direct TCP.
+    /// HTTP/2 profile.
+    pub h2: String,
+    /// Blocking client and blocking echo server, no glommio anywhere
+    /// (reference for absolute figures, latency only).
+    pub direct_blocking: Latency,
+    /// Direct TCP, same glommio client as the proxied path.
     pub direct: PathReport,
     /// client → proxy → agent → target.
     pub proxy: PathReport,
@@ -138,19 +147,20 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     let dir = certs.path.clone();
     let echo = targets::spawn(Kind::Echo)?;
     let sink = targets::spawn(Kind::Sink)?;
-    let proxy = ProxyHandle::start(proxy_config(&dir, "proxy-a", o.shards))?;
-    let _agent = AgentHandle::start(agent_config(
-        &dir,
-        "agent-1",
-        &[proxy.tunnel_addr],
-        &[("echo", echo.addr), ("sink", sink.addr)],
-    ))?;
+    let h2 = if o.h2 == "tuned" { H2Tuning::default() } else { H2Tuning::h2_crate_defaults() };
+    let mut pc = proxy_config(&dir, "proxy-a", o.shards);
+    pc.h2 = h2.clone();
+    let proxy = ProxyHandle::start(pc)?;
+    let mut ac = agent_config(&dir, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr), ("sink", sink.addr)]);
+    ac.h2 = h2.clone();
+    let _agent = AgentHandle::start(ac)?;
     proxy.wait_tunnels(1, Duration::from_secs(10))?;
     let tls = crate::forward::client_tls(&dir, "client")?;
     let (addr, echo_addr, sink_addr) = (proxy.client_addr.to_string(), echo.addr, sink.addr);
     let opts = o.clone();
+    let client_h2 = h2.clone();
     let (direct, via) = crate::runtime::block_on("bench-client", move || async move {
-        let c = Client::connect(&addr, &tls, &H2Tuning::default()).await.map_err(|e| e.to_string())?;
+        let c = Client::connect(&addr, &tls, &client_h2).await.map_err(|e| e.to_string())?;
         let (echo_t, sink_t) = (DialTarget::parse("agent-1/echo").unwrap(), DialTarget::parse("agent-1/sink").unwrap());
         let (mut d, mut p) = (Samples::default(), Samples::default());
         let bytes = opts.bulk_mib << 20;
@@ -179,6 +189,12 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     })?
     .map_err(anyhow::Error::msg)
     .context("benchmark failed")?;
+    let mut blocking = Samples::default();
+    let blocking_echo = targets::spawn_blocking_echo()?;
+    for _ in 0..o.runs {
+        blocking.add(&pingpong_direct_blocking(blocking_echo, o.iters, o.size)?);
+    }
+    let direct_blocking = blocking.report().one_way;
     let ratio = Ratios {
         p50: via.one_way.p50_us / direct.one_way.p50_us,
         p99: via.one_way.p99_us / direct.one_way.p99_us,
@@ -191,6 +207,8 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         size: o.size,
         bulk_mib: o.bulk_mib,
         shards: o.shards,
+        h2: o.h2.clone(),
+        direct_blocking,
         direct,
         proxy: via,
         ratio,
@@ -199,7 +217,12 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         "{:<34} {:>9} {:>9} {:>9} {:>9} {:>12}",
         "path (one-way = RTT/2, medians)", "p50 us", "p99 us", "p99.9 us", "max us", "bulk Gbit/s"
     );
-    for (name, p) in [("direct TCP", &r.direct), ("client→proxy→agent→target (mTLS)", &r.proxy)] {
+    let b = &r.direct_blocking;
+    println!(
+        "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12}",
+        "direct TCP, blocking client+echo", b.p50_us, b.p99_us, b.p999_us, b.max_us, "-"
+    );
+    for (name, p) in [("direct TCP, glommio client", &r.direct), ("client→proxy→agent→target (mTLS)", &r.proxy)] {
         let l = &p.one_way;
         println!(
             "{name:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.2}",

@@ -75,6 +75,24 @@ pub async fn pingpong_direct(addr: SocketAddr, iters: usize, size: usize) -> Res
     Ok(h)
 }
 
+/// Round-trips with plain blocking sockets (the way sockperf measures), for
+/// an absolute reference next to the glommio client figures.
+pub fn pingpong_direct_blocking(addr: SocketAddr, iters: usize, size: usize) -> std::io::Result<Histogram<u64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let msg = vec![0x5au8; size];
+    let mut buf = vec![0u8; size];
+    let mut h = histogram();
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+        h.record(t0.elapsed().as_nanos() as u64).ok();
+    }
+    Ok(h)
+}
+
 /// Sends `bytes` to a sink service over one dial; returns the elapsed time
 /// once the sink confirmed the count.
 pub async fn bulk_proxy(client: &Client, target: &DialTarget, bytes: u64) -> Result<Duration, Status> {

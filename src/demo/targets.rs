@@ -90,3 +90,27 @@ pub fn spawn(kind: Kind) -> std::io::Result<Target> {
     })?;
     Ok(Target { addr, shutdown, join: Some(join) })
 }
+
+/// A plain blocking echo server (one thread per connection), the reference
+/// for absolute latency figures: it measures the loopback, not our runtime.
+/// Its threads live as long as the process.
+pub fn spawn_blocking_echo() -> std::io::Result<SocketAddr> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::Builder::new().name("blocking-echo".into()).spawn(move || {
+        for s in l.incoming().flatten() {
+            let _ = std::thread::Builder::new().name("blocking-echo-conn".into()).spawn(move || {
+                let mut s = s;
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })?;
+    Ok(addr)
+}

@@ -84,13 +84,23 @@ where
 #[derive(Default)]
 struct ShutdownInner {
     fired: AtomicBool,
-    wakers: Mutex<Vec<Waker>>,
+    waiters: Mutex<Vec<Option<Waker>>>,
 }
 
-/// A shutdown signal shared by all shards (cold path; the mutex is taken
-/// only by waiters registering and by `trigger`).
+/// A shutdown signal shared by all shards.
+///
+/// Waiting costs one atomic load per poll; a waiter takes the mutex only to
+/// register (once, or when its waker changes) and to leave. Each waiter holds
+/// one waker clone at most (glommio counts waker references in an `i16`).
 #[derive(Clone, Default)]
 pub struct Shutdown(Arc<ShutdownInner>);
+
+/// The future returned by [`Shutdown::wait`].
+pub struct Wait<'a> {
+    sd: &'a Shutdown,
+    slot: Option<usize>,
+    waker: Option<Waker>,
+}
 
 impl Shutdown {
     /// A fresh, untriggered signal.
@@ -98,10 +108,14 @@ impl Shutdown {
         Shutdown::default()
     }
 
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Vec<Option<Waker>>> {
+        self.0.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Fires the signal and wakes every waiter.
     pub fn trigger(&self) {
         self.0.fired.store(true, Ordering::Release);
-        let wakers = std::mem::take(&mut *self.0.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        let wakers: Vec<Waker> = self.waiters().iter_mut().filter_map(Option::take).collect();
         for w in wakers {
             w.wake();
         }
@@ -113,19 +127,52 @@ impl Shutdown {
     }
 
     /// Resolves once the signal fires.
-    pub async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.is_triggered() {
-                return Poll::Ready(());
+    pub fn wait(&self) -> Wait<'_> {
+        Wait { sd: self, slot: None, waker: None }
+    }
+}
+
+impl Future for Wait<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.sd.is_triggered() {
+            return Poll::Ready(());
+        }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let w = cx.waker().clone();
+        {
+            let mut ws = self.sd.waiters();
+            match self.slot {
+                Some(i) => ws[i] = Some(w.clone()),
+                None => {
+                    let i = ws.iter().position(Option::is_none).unwrap_or_else(|| {
+                        ws.push(None);
+                        ws.len() - 1
+                    });
+                    ws[i] = Some(w.clone());
+                    self.slot = Some(i);
+                }
             }
-            self.0.wakers.lock().unwrap_or_else(|p| p.into_inner()).push(cx.waker().clone());
-            if self.is_triggered() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+        }
+        self.waker = Some(w);
+        if self.sd.is_triggered() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(s) = self.sd.waiters().get_mut(i) {
+                *s = None;
             }
-        })
-        .await
+        }
     }
 }
 

@@ -65,6 +65,18 @@ impl Default for H2Tuning {
 }
 
 impl H2Tuning {
+    /// The h2 crate's own defaults for windows, frame size and send buffer
+    /// (64 KiB windows, 16 KiB frames), for comparison runs.
+    pub fn h2_crate_defaults() -> H2Tuning {
+        H2Tuning {
+            stream_window: 65_535,
+            connection_window: 65_535,
+            max_frame_size: 16_384,
+            max_send_buffer: 400 << 10,
+            ..H2Tuning::default()
+        }
+    }
+
     /// Checks the values against the HTTP/2 limits.
     pub fn validate(&self) -> Result<(), String> {
         if !(16_384..=16_777_215).contains(&self.max_frame_size) {
