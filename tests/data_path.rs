@@ -157,7 +157,7 @@ fn a_client_certificate_from_another_ca_is_refused() {
     .unwrap();
     let e = r.expect_err("a foreign CA must not connect");
     assert!(e.contains("TLS handshake"), "{e}");
-    assert!(fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+    common::eventually("refusal counted", || fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
 }
 
 #[test]
@@ -193,4 +193,39 @@ fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(fleet.proxy.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>(), 2);
     assert!(fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+}
+
+#[test]
+fn a_handshake_without_alpn_h2_is_refused() {
+    let fleet = Fleet::start(1);
+    let m = ringpeer::transport::tls::TlsMaterial::load(
+        &ringpeer::transport::tls::TlsFiles::in_dir(fleet.dir(), "client"),
+        "demo",
+        ringpeer::transport::identity::Role::Client,
+    )
+    .unwrap();
+    let addr = fleet.proxy.client_addr;
+    for alpn in [vec![], vec![b"http/1.1".to_vec()]] {
+        let mut cfg = (*m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap()).clone();
+        cfg.alpn_protocols = alpn.clone();
+        let cfg = std::sync::Arc::new(cfg);
+        let served = ringpeer::runtime::block_on("alpn", move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+            let io = ringpeer::transport::io::GlommioIo::new(tcp);
+            let name = ringpeer::transport::tls::server_name("127.0.0.1");
+            let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg).connect(name, io).await else { return false };
+            // The server closes instead of speaking HTTP/2.
+            let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+            let mut buf = [0u8; 64];
+            matches!(tls.read(&mut buf).await, Ok(n) if n > 0)
+        })
+        .unwrap();
+        assert!(!served, "a connection without ALPN h2 must not be served");
+    }
+    let m = &fleet.proxy.metrics;
+    common::eventually("both refusals counted", || {
+        m.sum(|s| s.error_count("no_alpn")) == 1 && m.sum(|s| s.error_count("tls_handshake")) == 1
+    });
+    assert_eq!(m.sum(|s| s.client_conns.get()), 0);
 }

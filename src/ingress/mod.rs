@@ -79,7 +79,7 @@ async fn serve_client(shard: Rc<Shard>, tcp: TcpStream) {
     };
     tracing::debug!(client = %peer, shard = shard.index, "client connected");
     let active = ActiveStreams::default();
-    let why = serve(conn, h2cfg, &shard.shutdown, &active, false, |req, respond| {
+    let serving = serve(conn, h2cfg, &shard.shutdown, &active, false, |req, respond| {
         let guard = active.enter();
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -87,6 +87,10 @@ async fn serve_client(shard: Rc<Shard>, tcp: TcpStream) {
             handle_dial(shard, req, respond).await;
         })
         .detach();
+    });
+    let why = or(serving, async {
+        shard.closing.wait().await;
+        "proxy_stopping"
     })
     .await;
     tracing::debug!(client = %peer, why, "client connection ended");

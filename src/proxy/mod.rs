@@ -148,6 +148,10 @@ pub fn run_with_metrics(
             while shard.stats.active_streams.get() > 0 && std::time::Instant::now() < deadline {
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
+            // Close every remaining connection, then give the tasks a moment
+            // to drop their sockets.
+            shard.closing.trigger();
+            glommio::timer::sleep(Duration::from_millis(20)).await;
         })
         .context("cannot start shard")?;
         handles.push(h);

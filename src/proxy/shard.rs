@@ -94,8 +94,12 @@ pub struct Shard {
     pub mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Control thread events.
     pub control: Sender<ControlEvent>,
-    /// Shutdown signal.
+    /// Shutdown signal (stop accepting, drain).
     pub shutdown: Shutdown,
+    /// Fired after draining: every connection task of this shard ends now.
+    /// (glommio does not drop detached tasks when an executor exits, so
+    /// their sockets would otherwise stay open.)
+    pub closing: Shutdown,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     routes: RefCell<Arc<RouteTable>>,
     next_conn: Cell<u64>,
@@ -118,6 +122,7 @@ impl Shard {
             mailboxes,
             control,
             shutdown,
+            closing: Shutdown::new(),
             tunnels: RefCell::default(),
             routes: RefCell::default(),
             next_conn: Cell::new(0),

@@ -72,9 +72,13 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let conn_id = shard.next_conn_id();
     shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
-    let why = or(driver, async {
+    let ended = or(driver, async {
         watch_control(ctrl_rx).await;
         "control_stream_closed"
+    });
+    let why = or(ended, async {
+        shard.closing.wait().await;
+        "proxy_stopping"
     })
     .await;
     shard.remove_tunnel(&agent, conn_id);

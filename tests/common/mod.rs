@@ -87,3 +87,13 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 pub fn sha256(b: &[u8]) -> [u8; 32] {
     Sha256::digest(b).into()
 }
+
+/// Waits up to 5 s for `cond` (server-side counters are updated after the
+/// client already saw the outcome).
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
