@@ -121,14 +121,37 @@ fn one_line(out: &Output) -> String {
     e
 }
 
+/// A proxy process and an agent process (agent-1: echo, sink) on fresh certificates.
+struct Cluster {
+    certs: tempfile::TempDir,
+    _targets: (targets::Target, targets::Target),
+    proxy: Option<Proc>,
+    agent: Proc,
+    client: SocketAddr,
+    tunnel: SocketAddr,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let certs = certs_dir();
+        let dir = certs.path();
+        let echo = targets::spawn(Kind::Echo).unwrap();
+        let sink = targets::spawn(Kind::Sink).unwrap();
+        let (proxy, client, tunnel) =
+            start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+        let agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+        Cluster { certs, _targets: (echo, sink), proxy: Some(proxy), agent, client, tunnel }
+    }
+
+    fn dir(&self) -> &Path {
+        self.certs.path()
+    }
+}
+
 #[test]
 fn agent_and_proxy_processes_carry_a_dial_from_stdin_to_stdout_with_half_close() {
-    let certs = certs_dir();
-    let dir = certs.path();
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let sink = targets::spawn(Kind::Sink).unwrap();
-    let (_proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
-    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+    let cl = Cluster::start();
+    let (dir, client) = (cl.dir(), cl.client);
     // stdin ends (half-close) and the whole echo still arrives on stdout.
     let input = common::random_bytes(2 << 20);
     let out = dial_until_ok("agent-1/echo", client, dir, &input, Duration::from_secs(10));
@@ -149,16 +172,14 @@ fn agent_and_proxy_processes_carry_a_dial_from_stdin_to_stdout_with_half_close()
 
 #[test]
 fn the_agent_reconnects_after_the_proxy_is_killed_and_restarted() {
-    let certs = certs_dir();
-    let dir = certs.path();
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let sink = targets::spawn(Kind::Sink).unwrap();
-    let (proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
-    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
-    let out = dial_until_ok("agent-1/echo", client, dir, b"before", Duration::from_secs(10));
+    let mut cl = Cluster::start();
+    let (client, tunnel) = (cl.client, cl.tunnel);
+    let out = dial_until_ok("agent-1/echo", client, cl.dir(), b"before", Duration::from_secs(10));
     assert_eq!(out.stdout, b"before");
     // kill -9 the proxy, then start it again on the same ports.
-    drop(proxy);
+    drop(cl.proxy.take());
+    assert!(cl.agent.0.try_wait().unwrap().is_none(), "the agent keeps running");
+    let dir = cl.dir();
     let out = dial("agent-1/echo", client, dir, b"down");
     assert!(!out.status.success(), "no proxy, no dial");
     let restarted = write(dir, "p2.toml", &proxy_toml(dir, &client.to_string(), &tunnel.to_string()));
@@ -172,12 +193,8 @@ fn the_agent_reconnects_after_the_proxy_is_killed_and_restarted() {
 
 #[test]
 fn forward_multiplexes_local_connections_over_one_connection() {
-    let certs = certs_dir();
-    let dir = certs.path();
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let sink = targets::spawn(Kind::Sink).unwrap();
-    let (_proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
-    let _agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
+    let cl = Cluster::start();
+    let (dir, client) = (cl.dir(), cl.client);
     dial_until_ok("agent-1/echo", client, dir, b"up?", Duration::from_secs(10));
     let mut fwd = Command::new(BIN)
         .args(["forward", "--listen", "127.0.0.1:0", "--to", "agent-1/echo", "--proxy", &client.to_string()])

@@ -81,7 +81,7 @@ pub fn preflight(cfg: &ProxyConfig) -> anyhow::Result<TlsMaterial> {
     Ok(tls)
 }
 
-/// Runs a proxy until `shutdown` fires. `metrics` receives the counters.
+/// Runs a proxy until `shutdown` fires; returns once every shard stopped.
 pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
     run_with_metrics(cfg, listeners, shutdown, None)
 }
@@ -93,16 +93,7 @@ pub fn run_with_metrics(
     shutdown: Shutdown,
     metrics: Option<Metrics>,
 ) -> anyhow::Result<()> {
-    cfg.validate()?;
-    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Proxy)?;
-    if tls.id.name != cfg.id {
-        bail!(
-            "certificate {} is for proxy {:?}, but the config's id is {:?}",
-            cfg.tls.cert.display(),
-            tls.id.name,
-            cfg.id
-        );
-    }
+    let tls = preflight(&cfg)?;
     let n = listeners.client.len().max(listeners.tunnel.len());
     if n == 0 {
         bail!("no listeners");
