@@ -15,7 +15,7 @@ use crate::transport::identity::valid_name;
 use crate::transport::tls::TlsFiles;
 
 /// `[backend]`: where routes live.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `memory` (embedded, one process) or `redis`.
@@ -24,6 +24,37 @@ pub struct BackendConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0` (with `kind = "redis"`).
     #[serde(default)]
     pub url: Option<String>,
+    /// Validity of this proxy's record; it heartbeats every third of it.
+    #[serde(default = "default_ttl")]
+    pub proxy_ttl_ms: u64,
+    /// Full resync period.
+    #[serde(default = "default_resync")]
+    pub resync_interval_ms: u64,
+    /// Approximate length the event stream is trimmed to.
+    #[serde(default = "default_maxlen")]
+    pub events_maxlen: usize,
+}
+
+fn default_ttl() -> u64 {
+    10_000
+}
+fn default_resync() -> u64 {
+    30_000
+}
+fn default_maxlen() -> usize {
+    10_000
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Memory,
+            url: None,
+            proxy_ttl_ms: default_ttl(),
+            resync_interval_ms: default_resync(),
+            events_maxlen: default_maxlen(),
+        }
+    }
 }
 
 /// Route backend kind.
@@ -66,6 +97,12 @@ pub struct ProxyConfig {
     /// Route backend.
     #[serde(default)]
     pub backend: BackendConfig,
+    /// Tunnel strategy seeded into the backend when it has none.
+    #[serde(default)]
+    pub strategy: crate::route::model::Strategy,
+    /// Admin HTTP endpoint (`/metrics`, `/routes`, `/healthz`); off when absent.
+    #[serde(default)]
+    pub admin_addr: Option<String>,
     /// HTTP/2 tuning.
     #[serde(default)]
     pub h2: H2Tuning,
@@ -142,6 +179,9 @@ impl ProxyConfig {
         }
         if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
             bail!("backend.kind = \"redis\" needs backend.url");
+        }
+        if self.backend.proxy_ttl_ms < 300 || self.backend.resync_interval_ms < 100 || self.backend.events_maxlen == 0 {
+            bail!("backend.proxy_ttl_ms must be >= 300, resync_interval_ms >= 100, events_maxlen >= 1");
         }
         self.h2.validate().map_err(anyhow::Error::msg)
     }

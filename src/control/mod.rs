@@ -1,20 +1,36 @@
-//! Control thread: a plain thread, off the shards, that owns the proxy's
-//! route state and publishes immutable snapshots to every shard.
+//! Control thread: a plain thread, off the shards, that publishes this
+//! proxy's state to the route backend, follows everyone else's, and hands
+//! immutable route snapshots to every shard.
 //!
-//! Invariants: shards report tunnel changes as events and never wait for
-//! the control thread; the control thread batches pending events into one
-//! snapshot and posts it to each shard's mailbox; a shard's own tunnel table
-//! stays exact regardless of snapshot lag.
+//! Invariants:
+//! - Shards report tunnel changes as events and never wait for this thread.
+//! - Local routes in every snapshot are exact, whatever the backend's state.
+//! - The backend is touched through two connections: a writer here and a
+//!   blocking event reader on its own thread ([`reader`]), so a slow XREAD
+//!   never delays publishing a local tunnel.
+//! - Backend outages are logged once per state change; reconnects back off
+//!   (capped, jittered); after a reconnect the whole local state is
+//!   republished, so the backend converges.
+
+pub mod reader;
+pub mod view;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 
 use crate::proxy::shard::ShardMsg;
-use crate::route::{AgentRoutes, LocalRoute, RouteTable};
+use crate::route::model::{now_ms, AgentRoute, ProxyInfo, Strategy};
+use crate::route::store::{RouteStore, StoreFactory};
+use crate::route::{LocalRoute, RouteTable};
 use crate::runtime::mailbox::Mailbox;
+use crate::tunnel::backoff::Backoff;
+use reader::FromReader;
+use view::{ClusterView, LocalTunnels};
 
 /// What shards tell the control thread.
 #[derive(Debug)]
@@ -37,78 +53,324 @@ pub enum ControlEvent {
         /// Connection id.
         conn: u64,
     },
-    /// Stop the thread.
+    /// Stop the thread (leaving the cluster cleanly if the backend is up).
     Stop,
 }
+
+/// Control-plane settings.
+#[derive(Clone, Debug)]
+pub struct ControlOpts {
+    /// This proxy's record.
+    pub me: ProxyInfo,
+    /// Validity of the proxy record; heartbeats every third of it.
+    pub ttl: Duration,
+    /// Full resync period.
+    pub resync: Duration,
+    /// Strategy to seed the backend with when it has none.
+    pub strategy: Strategy,
+}
+
+/// The latest snapshot, readable off the hot path (admin endpoint, tests).
+pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
 
 /// The control thread's handle.
 pub struct Control {
     /// Where shards send events.
     pub events: Sender<ControlEvent>,
+    /// The latest published snapshot.
+    pub snapshot: SnapshotCell,
+    stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl Control {
-    /// Starts the control thread for a proxy whose shards listen on `shards`.
-    pub fn spawn(proxy_id: String, shards: Vec<Mailbox<ShardMsg>>) -> anyhow::Result<Control> {
+    /// Starts the control thread (and its backend reader) for shards
+    /// listening on `shards`.
+    pub fn spawn(
+        opts: ControlOpts,
+        store: Arc<dyn StoreFactory>,
+        shards: Vec<Mailbox<ShardMsg>>,
+        snapshot: SnapshotCell,
+    ) -> anyhow::Result<Control> {
         let (tx, rx) = crossbeam::channel::unbounded();
-        let join =
-            std::thread::Builder::new().name(format!("{proxy_id}-control")).spawn(move || control_loop(rx, shards))?;
-        Ok(Control { events: tx, join: Some(join) })
+        let (rtx, rrx) = crossbeam::channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, stop, resync) = (store.clone(), stop.clone(), opts.resync);
+            std::thread::Builder::new()
+                .name(format!("{}-routes", opts.me.id))
+                .spawn(move || reader::run(store, rtx, resync, stop))?
+        };
+        let name = format!("{}-control", opts.me.id);
+        let cell = snapshot.clone();
+        let join = std::thread::Builder::new().name(name).spawn(move || {
+            let mut c = ControlLoop::new(opts, store, shards, cell);
+            c.run(rx, rrx);
+        })?;
+        Ok(Control { events: tx, snapshot, stop, join: Some(join), reader: Some(reader) })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops both threads and waits for them.
     pub fn stop(mut self) {
         let _ = self.events.send(ControlEvent::Stop);
-        if let Some(j) = self.join.take() {
+        self.stop.store(true, Ordering::Release);
+        for j in [self.join.take(), self.reader.take()].into_iter().flatten() {
             let _ = j.join();
         }
     }
 }
 
-type Tunnels = HashMap<String, Vec<(u64, LocalRoute)>>;
+struct ControlLoop {
+    opts: ControlOpts,
+    store: Arc<dyn StoreFactory>,
+    shards: Vec<Mailbox<ShardMsg>>,
+    cell: SnapshotCell,
+    writer: Option<Box<dyn RouteStore>>,
+    writer_backoff: Backoff,
+    next_connect: Instant,
+    writer_error: Option<String>,
+    next_heartbeat: Instant,
+    next_refresh: Instant,
+    local: LocalTunnels,
+    view: ClusterView,
+    reader_up: bool,
+    version: u64,
+}
 
-fn apply(t: &mut Tunnels, ev: ControlEvent) -> bool {
-    match ev {
-        ControlEvent::TunnelUp { agent, shard, conn, services } => {
-            t.entry(agent).or_default().insert(0, (conn, LocalRoute { shard, services }));
+impl ControlLoop {
+    fn new(
+        opts: ControlOpts,
+        store: Arc<dyn StoreFactory>,
+        shards: Vec<Mailbox<ShardMsg>>,
+        cell: SnapshotCell,
+    ) -> Self {
+        let now = Instant::now();
+        ControlLoop {
+            opts,
+            store,
+            shards,
+            cell,
+            writer: None,
+            writer_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            next_connect: now,
+            writer_error: None,
+            next_heartbeat: now,
+            next_refresh: now,
+            local: HashMap::new(),
+            view: ClusterView::default(),
+            reader_up: false,
+            version: 0,
         }
-        ControlEvent::TunnelDown { agent, conn } => {
-            if let Some(v) = t.get_mut(&agent) {
-                v.retain(|(c, _)| *c != conn);
-                if v.is_empty() {
-                    t.remove(&agent);
+    }
+
+    fn route_for(&self, agent: &str) -> Option<AgentRoute> {
+        let (_, r) = self.local.get(agent)?.first()?;
+        Some(AgentRoute {
+            proxy: self.opts.me.id.clone(),
+            shard: r.shard,
+            services: r.services.to_vec(),
+            expires_ms: now_ms() + 3 * self.opts.resync.as_millis() as u64,
+        })
+    }
+
+    /// Runs a write against the backend; drops the connection on failure.
+    fn write(&mut self, what: &str, f: impl FnOnce(&mut dyn RouteStore) -> anyhow::Result<()>) {
+        let Some(w) = self.writer.as_mut() else { return };
+        if let Err(e) = f(w.as_mut()) {
+            self.writer = None;
+            self.writer_down(format!("{what}: {e:#}"));
+        }
+    }
+
+    fn writer_down(&mut self, why: String) {
+        if self.writer_error.is_none() {
+            tracing::warn!(
+                proxy = self.opts.me.id,
+                backend = self.store.describe(),
+                error = why,
+                "route backend unavailable; serving the last snapshot and retrying with backoff"
+            );
+        }
+        self.writer_error = Some(why);
+        self.next_connect = Instant::now() + self.writer_backoff.next_delay();
+    }
+
+    fn publish_agent(&mut self, agent: &str) {
+        match self.route_for(agent) {
+            Some(r) => self.write("put route", |w| w.put_route(agent, &r, true)),
+            None => {
+                let me = self.opts.me.id.clone();
+                self.write("remove route", |w| w.remove_route(agent, &me, true));
+            }
+        }
+    }
+
+    fn on_local(&mut self, ev: ControlEvent) {
+        match ev {
+            ControlEvent::TunnelUp { agent, shard, conn, services } => {
+                self.local.entry(agent.clone()).or_default().insert(0, (conn, LocalRoute { shard, services }));
+                self.publish_agent(&agent);
+            }
+            ControlEvent::TunnelDown { agent, conn } => {
+                if let Some(v) = self.local.get_mut(&agent) {
+                    v.retain(|(c, _)| *c != conn);
+                    if v.is_empty() {
+                        self.local.remove(&agent);
+                    }
+                }
+                self.publish_agent(&agent);
+            }
+            ControlEvent::Stop => {}
+        }
+    }
+
+    fn on_reader(&mut self, msg: FromReader) {
+        let now = Instant::now();
+        match msg {
+            FromReader::Loaded(l) => {
+                for (key, e) in &l.skipped {
+                    tracing::error!(key, error = %e, "skipping a value under our keys that does not decode");
+                }
+                if !self.reader_up {
+                    tracing::info!(
+                        proxy = self.opts.me.id,
+                        proxies = l.proxies.len(),
+                        agents = l.agents.len(),
+                        "route backend synced"
+                    );
+                }
+                self.view = ClusterView::from_loaded(&l, now);
+                self.reader_up = true;
+            }
+            FromReader::Events(evs) => {
+                for (id, e) in evs {
+                    match e {
+                        Ok(e) => self.view.apply(e, now),
+                        Err(e) => tracing::error!(id = %id, error = %e, "skipping an event that does not decode"),
+                    }
                 }
             }
-        }
-        ControlEvent::Stop => return false,
-    }
-    true
-}
-
-fn snapshot(t: &Tunnels, version: u64) -> RouteTable {
-    let agents =
-        t.iter().map(|(a, v)| (a.clone(), AgentRoutes { local: v.iter().map(|(_, r)| r.clone()).collect() })).collect();
-    RouteTable::new(version, agents)
-}
-
-fn control_loop(rx: Receiver<ControlEvent>, shards: Vec<Mailbox<ShardMsg>>) {
-    let mut tunnels = Tunnels::new();
-    let mut version = 0u64;
-    while let Ok(ev) = rx.recv() {
-        if !apply(&mut tunnels, ev) {
-            return;
-        }
-        // Batch whatever else is already queued into the same snapshot.
-        while let Ok(ev) = rx.try_recv() {
-            if !apply(&mut tunnels, ev) {
-                return;
+            FromReader::Down(why) => {
+                if self.reader_up {
+                    tracing::warn!(
+                        proxy = self.opts.me.id,
+                        error = why,
+                        "route backend unreachable; keeping every known route"
+                    );
+                }
+                self.reader_up = false;
             }
         }
-        version += 1;
-        let table = Arc::new(snapshot(&tunnels, version));
-        for m in &shards {
+    }
+
+    /// Connects the writer and republishes the whole local state.
+    fn maybe_connect(&mut self) {
+        if self.writer.is_some() || Instant::now() < self.next_connect {
+            return;
+        }
+        match self.store.connect() {
+            Ok(w) => {
+                self.writer = Some(w);
+                let (me, ttl, seed) = (self.opts.me.clone(), self.opts.ttl, self.opts.strategy);
+                self.write("register proxy", |w| w.put_proxy(&me, ttl));
+                self.write("seed strategy", |w| w.seed_strategy(seed).map(|_| ()));
+                let agents: Vec<String> = self.local.keys().cloned().collect();
+                for a in agents {
+                    self.publish_agent(&a);
+                }
+                if self.writer.is_some() {
+                    if self.writer_error.take().is_some() {
+                        tracing::info!(
+                            proxy = me.id,
+                            backend = self.store.describe(),
+                            "route backend reachable again; local state republished"
+                        );
+                    }
+                    self.writer_backoff.reset();
+                    self.next_heartbeat = Instant::now() + ttl / 3;
+                }
+            }
+            Err(e) => self.writer_down(format!("{e:#}")),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.maybe_connect();
+        let now = Instant::now();
+        if now >= self.next_heartbeat && self.writer.is_some() {
+            let (me, ttl) = (self.opts.me.clone(), self.opts.ttl);
+            self.write("heartbeat", |w| w.put_proxy(&me, ttl));
+            self.next_heartbeat = now + ttl / 3;
+        }
+        if now >= self.next_refresh && self.writer.is_some() {
+            // Refresh our routes' expiry without announcing them.
+            let routes: Vec<(String, AgentRoute)> =
+                self.local.keys().filter_map(|a| self.route_for(a).map(|r| (a.clone(), r))).collect();
+            self.write("refresh routes", |w| routes.iter().try_for_each(|(a, r)| w.put_route(a, r, false)));
+            self.next_refresh = now + self.opts.resync;
+        }
+    }
+
+    fn publish(&mut self) {
+        self.version += 1;
+        let table = Arc::new(self.view.build(&self.opts.me.id, &self.local, self.version, self.reader_up));
+        for m in &self.shards {
             let _ = m.post(ShardMsg::Routes(table.clone()));
         }
+        *self.cell.lock().unwrap_or_else(|p| p.into_inner()) = table;
+    }
+
+    fn leave(&mut self) {
+        let me = self.opts.me.id.clone();
+        let agents: Vec<String> = self.local.keys().cloned().collect();
+        self.write("leave", |w| {
+            for a in &agents {
+                w.remove_route(a, &me, true)?;
+            }
+            w.remove_proxy(&me)
+        });
+    }
+
+    fn run(&mut self, events: Receiver<ControlEvent>, reader: Receiver<FromReader>) {
+        self.maybe_connect();
+        self.publish();
+        let tick = crossbeam::channel::tick(Duration::from_millis(100));
+        loop {
+            let mut changed = false;
+            crossbeam::select! {
+                recv(events) -> ev => match ev {
+                    Ok(ControlEvent::Stop) | Err(_) => break,
+                    Ok(ev) => { self.on_local(ev); changed = true; }
+                },
+                recv(reader) -> msg => match msg {
+                    Ok(m) => { self.on_reader(m); changed = true; }
+                    Err(_) => {}
+                },
+                recv(tick) -> _ => {
+                    self.tick();
+                    if self.reader_up && self.view.expire(Instant::now()) {
+                        changed = true;
+                    }
+                },
+            }
+            // Fold whatever else is queued into the same snapshot.
+            while let Ok(ev) = events.try_recv() {
+                if matches!(ev, ControlEvent::Stop) {
+                    self.leave();
+                    return;
+                }
+                self.on_local(ev);
+                changed = true;
+            }
+            while let Ok(m) = reader.try_recv() {
+                self.on_reader(m);
+                changed = true;
+            }
+            if changed {
+                self.publish();
+            }
+        }
+        self.leave();
     }
 }

@@ -8,13 +8,16 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::config::{AgentConfig, BackendConfig, ProxyConfig};
-use crate::proxy::{run_with_metrics, Listeners};
+use crate::control::SnapshotCell;
+use crate::proxy::{run_with, Listeners, RunOpts};
+use crate::route::store::StoreFactory;
 use crate::runtime::Shutdown;
 use crate::telemetry::Metrics;
 use crate::transport::h2conf::H2Tuning;
@@ -33,6 +36,8 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         dial_timeout_ms: 10_000,
         tls: TlsFiles::in_dir(dir, id),
         backend: BackendConfig::default(),
+        strategy: Default::default(),
+        admin_addr: None,
         h2: H2Tuning::default(),
     }
 }
@@ -58,6 +63,8 @@ pub struct ProxyHandle {
     pub tunnel_addr: SocketAddr,
     /// Its counters.
     pub metrics: Metrics,
+    /// Its latest route snapshot.
+    pub snapshot: SnapshotCell,
     shutdown: Shutdown,
     join: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -65,14 +72,31 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Starts a proxy with the given listeners.
     pub fn start_with(cfg: ProxyConfig, listeners: Listeners) -> anyhow::Result<ProxyHandle> {
+        Self::start_full(cfg, listeners, None)
+    }
+
+    /// Starts a proxy with the given listeners and, optionally, a route
+    /// store shared with other in-process proxies.
+    pub fn start_full(
+        cfg: ProxyConfig,
+        listeners: Listeners,
+        store: Option<Arc<dyn StoreFactory>>,
+    ) -> anyhow::Result<ProxyHandle> {
         let (client_addr, tunnel_addr) = (listeners.client_addr(), listeners.tunnel_addr());
         let metrics = Metrics::new(listeners.client.len().max(listeners.tunnel.len()));
+        let snapshot = SnapshotCell::default();
         let shutdown = Shutdown::new();
-        let (m, sd) = (metrics.clone(), shutdown.clone());
+        let opts = RunOpts { metrics: Some(metrics.clone()), store, snapshot: Some(snapshot.clone()) };
+        let sd = shutdown.clone();
         let join = std::thread::Builder::new()
             .name(format!("proxy-{}", cfg.id))
-            .spawn(move || run_with_metrics(cfg, listeners, sd, Some(m)))?;
-        Ok(ProxyHandle { client_addr, tunnel_addr, metrics, shutdown, join: Some(join) })
+            .spawn(move || run_with(cfg, listeners, sd, opts))?;
+        Ok(ProxyHandle { client_addr, tunnel_addr, metrics, snapshot, shutdown, join: Some(join) })
+    }
+
+    /// The latest route snapshot.
+    pub fn routes(&self) -> Arc<crate::route::RouteTable> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Binds and starts a proxy.

@@ -139,6 +139,16 @@ async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendRe
     match shard.route(&target.agent) {
         Route::Local(t) => local_dial(&shard, t, target, rx, rest, respond).await,
         Route::Shard(k) => cross::entry_side(&shard, k, target, rx, rest, respond).await,
+        Route::Remote(r) => {
+            let s = Status::new(
+                Code::Unavailable,
+                format!(
+                    "agent {:?} is connected to proxy {:?}, and this proxy has no peer link to it",
+                    target.agent, r.proxy
+                ),
+            );
+            fail(&shard, respond, &s)
+        }
         Route::None => {
             let s = Status::new(
                 Code::NotFound,

@@ -17,8 +17,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::BackendKind;
 use crate::config::ProxyConfig;
-use crate::control::Control;
+use crate::control::{Control, ControlOpts, SnapshotCell};
+use crate::route::model::{now_ms, ProxyInfo};
+use crate::route::redis::RedisFactory;
+use crate::route::store::{MemoryStore, StoreFactory};
 use crate::runtime::listeners::{bind_group, parse_addr, BindError};
 use crate::runtime::mailbox::mailbox;
 use crate::runtime::{spawn_executor, Shutdown};
@@ -34,6 +38,8 @@ pub struct Listeners {
     pub client: Vec<Option<TcpListener>>,
     /// Agent tunnel listeners by shard.
     pub tunnel: Vec<Option<TcpListener>>,
+    /// Admin HTTP listener.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -42,7 +48,15 @@ impl Listeners {
         let n = cfg.shard_count();
         let client = bind_group(parse_addr(&cfg.client_addr, "client_addr")?, n, "client_addr")?;
         let tunnel = bind_group(parse_addr(&cfg.tunnel_addr, "tunnel_addr")?, n, "tunnel_addr")?;
-        Ok(Listeners { client: client.into_iter().map(Some).collect(), tunnel: tunnel.into_iter().map(Some).collect() })
+        let admin = match &cfg.admin_addr {
+            Some(a) => bind_group(parse_addr(a, "admin_addr")?, 1, "admin_addr")?.pop(),
+            None => None,
+        };
+        Ok(Listeners {
+            client: client.into_iter().map(Some).collect(),
+            tunnel: tunnel.into_iter().map(Some).collect(),
+            admin,
+        })
     }
 
     fn addr(v: &[Option<TcpListener>]) -> SocketAddr {
@@ -81,18 +95,38 @@ pub fn preflight(cfg: &ProxyConfig) -> anyhow::Result<TlsMaterial> {
     Ok(tls)
 }
 
-/// Runs a proxy until `shutdown` fires; returns once every shard stopped.
-pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
-    run_with_metrics(cfg, listeners, shutdown, None)
+/// What an embedding program (demo, tests) may share with a proxy.
+#[derive(Default, Clone)]
+pub struct RunOpts {
+    /// Counters to fill (one entry per shard); created when absent.
+    pub metrics: Option<Metrics>,
+    /// Route store to use instead of the one `[backend]` names (several
+    /// in-process proxies share one memory store this way).
+    pub store: Option<Arc<dyn StoreFactory>>,
+    /// Where the latest route snapshot is published.
+    pub snapshot: Option<SnapshotCell>,
 }
 
-/// [`run`], exposing the shards' counters to the caller.
-pub fn run_with_metrics(
-    cfg: ProxyConfig,
-    listeners: Listeners,
-    shutdown: Shutdown,
-    metrics: Option<Metrics>,
-) -> anyhow::Result<()> {
+/// Runs a proxy until `shutdown` fires; returns once every shard stopped.
+pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow::Result<()> {
+    run_with(cfg, listeners, shutdown, RunOpts::default())
+}
+
+/// The store factory a config names.
+pub fn store_for(cfg: &ProxyConfig) -> anyhow::Result<Arc<dyn StoreFactory>> {
+    Ok(match cfg.backend.kind {
+        BackendKind::Memory => Arc::new(MemoryStore::new(cfg.backend.events_maxlen)),
+        BackendKind::Redis => Arc::new(RedisFactory::new(
+            cfg.backend.url.as_deref().unwrap_or_default(),
+            &cfg.cluster,
+            cfg.backend.events_maxlen,
+        )?),
+    })
+}
+
+/// [`run`], sharing counters, store or snapshot with the caller.
+pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts: RunOpts) -> anyhow::Result<()> {
+    let metrics = opts.metrics;
     let tls = preflight(&cfg)?;
     let n = listeners.client.len().max(listeners.tunnel.len());
     if n == 0 {
@@ -109,7 +143,34 @@ pub fn run_with_metrics(
     });
     let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
     let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox()).unzip();
-    let control = Control::spawn(cfg.id.clone(), boxes.clone())?;
+    let store = match opts.store {
+        Some(s) => s,
+        None => store_for(&cfg)?,
+    };
+    let me = ProxyInfo {
+        id: cfg.id.clone(),
+        peer_addrs: vec![cfg.peer_addr.clone(); n],
+        tunnel_addr: listeners.tunnel_addr().to_string(),
+        client_addr: listeners.client_addr().to_string(),
+        version: now_ms(),
+    };
+    let copts = ControlOpts {
+        me,
+        ttl: Duration::from_millis(cfg.backend.proxy_ttl_ms),
+        resync: Duration::from_millis(cfg.backend.resync_interval_ms),
+        strategy: cfg.strategy,
+    };
+    let control = Control::spawn(copts, store, boxes.clone(), opts.snapshot.unwrap_or_default())?;
+    let admin = match listeners.admin {
+        Some(l) => Some(crate::telemetry::admin::spawn(
+            l,
+            cfg.id.clone(),
+            metrics.clone(),
+            control.snapshot.clone(),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let mut client = listeners.client;
     let mut tunnel = listeners.tunnel;
@@ -155,6 +216,9 @@ pub fn run_with_metrics(
         }
     }
     control.stop();
+    if let Some(a) = admin {
+        let _ = a.join();
+    }
     if let Some(e) = failed {
         bail!("a shard failed: {e}");
     }

@@ -62,6 +62,8 @@ pub enum Route {
     Local(TunnelRef),
     /// A tunnel on another shard of this proxy.
     Shard(u32),
+    /// A tunnel held by another proxy.
+    Remote(crate::route::RemoteRoute),
     /// No route.
     None,
 }
@@ -177,8 +179,12 @@ impl Shard {
             return Route::Local(t);
         }
         let routes = self.routes.borrow();
-        match routes.get(agent).and_then(|r| r.local.iter().find(|l| l.shard != self.index)) {
-            Some(l) => Route::Shard(l.shard),
+        let Some(r) = routes.get(agent) else { return Route::None };
+        if let Some(l) = r.local.iter().find(|l| l.shard != self.index) {
+            return Route::Shard(l.shard);
+        }
+        match r.remote.first() {
+            Some(rr) => Route::Remote(rr.clone()),
             None => Route::None,
         }
     }

@@ -1,14 +1,23 @@
-//! Route table: which shard of this proxy holds a tunnel to which agent.
+//! Routes: which proxy, and which shard on it, holds a tunnel to which
+//! agent.
 //!
 //! Invariants: a [`RouteTable`] is immutable once built; the control thread
-//! builds a new one per change and hands an `Arc` of it to every shard, so a
-//! lookup on the hot path is one hash lookup with no lock.
+//! builds a new one per batch of changes and hands an `Arc` of it to every
+//! shard, so a lookup on the hot path is one hash lookup with no lock. Local
+//! routes come from this proxy's own tunnels and are always exact; remote
+//! routes come from the backend and only name proxies that are alive.
+
+pub mod model;
+pub mod redis;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use model::{ProxyInfo, Strategy};
+
 /// A tunnel to an agent on one shard of this proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LocalRoute {
     /// Shard holding the tunnel.
     pub shard: u32,
@@ -16,27 +25,44 @@ pub struct LocalRoute {
     pub services: Arc<[String]>,
 }
 
+/// A tunnel to an agent held by another proxy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RemoteRoute {
+    /// Proxy id.
+    pub proxy: Arc<str>,
+    /// Shard on that proxy.
+    pub shard: u32,
+    /// Peer address of that shard, when the proxy published one.
+    pub peer_addr: Option<Arc<str>>,
+    /// Services the agent announced.
+    pub services: Arc<[String]>,
+}
+
 /// Everything known about reaching one agent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AgentRoutes {
     /// Tunnels held by this proxy, newest first.
     pub local: Vec<LocalRoute>,
+    /// Tunnels held by other live proxies.
+    pub remote: Vec<RemoteRoute>,
 }
 
 /// An immutable snapshot of routes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct RouteTable {
     /// Increases with each snapshot.
     pub version: u64,
-    agents: HashMap<String, AgentRoutes>,
+    /// Routes by agent.
+    pub agents: HashMap<String, AgentRoutes>,
+    /// Live proxies, by id.
+    pub proxies: HashMap<String, ProxyInfo>,
+    /// The cluster's tunnel strategy.
+    pub strategy: Strategy,
+    /// Whether the backend was reachable when this snapshot was built.
+    pub backend_up: bool,
 }
 
 impl RouteTable {
-    /// A table.
-    pub fn new(version: u64, agents: HashMap<String, AgentRoutes>) -> RouteTable {
-        RouteTable { version, agents }
-    }
-
     /// Routes to `agent`.
     pub fn get(&self, agent: &str) -> Option<&AgentRoutes> {
         self.agents.get(agent)
@@ -50,10 +76,5 @@ impl RouteTable {
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty()
-    }
-
-    /// Iterates agents and routes.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &AgentRoutes)> {
-        self.agents.iter()
     }
 }

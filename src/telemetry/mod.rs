@@ -5,6 +5,8 @@
 //! control thread) sum across shards. Error labels are `&'static str` from a
 //! fixed list, so counting an error never allocates.
 
+pub mod admin;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 

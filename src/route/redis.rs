@@ -1,0 +1,277 @@
+//! The Redis route store (production backend). Schema, under the prefix
+//! `ringpeer:{<cluster>}:` (a Redis Cluster hash tag):
+//! `proxy:<id>` (string with TTL, ProxyRecord), `agent:<id>` (hash: field =
+//! proxy id, value = AgentRoute), `strategy` (TunnelStrategy), `events`
+//! (stream, field `e` = RouteEvent, trimmed with `MAXLEN ~`).
+//!
+//! Invariants: every connection has connect, read and write timeouts, so the
+//! control thread never hangs on a dead server; a value change and its event
+//! go out in one MULTI/EXEC; trimming past a reader's cursor is detected from
+//! `XINFO STREAM` (`max-deleted-entry-id`, or the first entry on Redis < 7).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::{Commands, Connection, Value};
+
+use super::model::{AgentRoute, Event, ProxyInfo, Strategy};
+use super::store::{Loaded, Read, RouteStore, StoreFactory, StreamId};
+
+/// Connect deadline.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read/write deadline for non-blocking commands.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Opens Redis connections for one cluster.
+pub struct RedisFactory {
+    client: redis::Client,
+    url: String,
+    cluster: String,
+    maxlen: usize,
+}
+
+impl RedisFactory {
+    /// A factory for `url` and `cluster`; events are trimmed to about `maxlen`.
+    pub fn new(url: &str, cluster: &str, maxlen: usize) -> anyhow::Result<RedisFactory> {
+        let client = redis::Client::open(url).with_context(|| format!("invalid redis url {url:?}"))?;
+        Ok(RedisFactory { client, url: url.to_string(), cluster: cluster.to_string(), maxlen })
+    }
+}
+
+impl StoreFactory for RedisFactory {
+    fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>> {
+        let con =
+            self.client.get_connection_with_timeout(CONNECT_TIMEOUT).with_context(|| format!("redis {}", self.url))?;
+        con.set_read_timeout(Some(IO_TIMEOUT))?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Box::new(RedisStore { con, prefix: format!("ringpeer:{{{}}}:", self.cluster), maxlen: self.maxlen }))
+    }
+
+    fn describe(&self) -> String {
+        format!("redis {}", self.url)
+    }
+}
+
+/// One Redis connection speaking the route schema.
+pub struct RedisStore {
+    con: Connection,
+    prefix: String,
+    maxlen: usize,
+}
+
+impl RedisStore {
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    fn xadd(&self, pipe: &mut redis::Pipeline, e: &Event) {
+        pipe.cmd("XADD")
+            .arg(self.key("events"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.maxlen)
+            .arg("*")
+            .arg("e")
+            .arg(e.encode())
+            .ignore();
+    }
+
+    fn scan(&mut self, pattern: &str) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query(&mut self.con)?;
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The highest trimmed id, or the first entry's id on Redis < 7.
+    fn trim_mark(&mut self) -> anyhow::Result<Option<(StreamId, bool)>> {
+        let v: Value = match redis::cmd("XINFO").arg("STREAM").arg(self.key("events")).query(&mut self.con) {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let pairs: Vec<(String, Value)> = match v {
+            Value::Map(m) => {
+                m.into_iter().filter_map(|(k, v)| redis::from_redis_value::<String>(&k).ok().map(|k| (k, v))).collect()
+            }
+            Value::Array(a) => a
+                .chunks(2)
+                .filter_map(|c| match c {
+                    [k, v] => redis::from_redis_value::<String>(k).ok().map(|k| (k, v.clone())),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        if let Some(v) = get("max-deleted-entry-id") {
+            let s: String = redis::from_redis_value(&v)?;
+            return Ok(StreamId::parse(&s).map(|id| (id, true)));
+        }
+        if let Some(Value::Array(entry)) = get("first-entry") {
+            if let Some(id) = entry.first().and_then(|v| redis::from_redis_value::<String>(v).ok()) {
+                return Ok(StreamId::parse(&id).map(|id| (id, false)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl RouteStore for RedisStore {
+    fn put_proxy(&mut self, info: &ProxyInfo, ttl: Duration) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(self.key(&format!("proxy:{}", info.id)))
+            .arg(info.encode())
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .ignore();
+        self.xadd(&mut p, &Event::ProxyUp { info: info.clone(), ttl_ms: ttl.as_millis() as u64 });
+        p.query::<()>(&mut self.con)?;
+        Ok(())
+    }
+
+    fn remove_proxy(&mut self, id: &str) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        p.atomic().cmd("DEL").arg(self.key(&format!("proxy:{id}"))).ignore();
+        self.xadd(&mut p, &Event::ProxyDown { proxy: id.to_string() });
+        p.query::<()>(&mut self.con)?;
+        Ok(())
+    }
+
+    fn put_route(&mut self, agent: &str, route: &AgentRoute, announce: bool) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        p.atomic().cmd("HSET").arg(self.key(&format!("agent:{agent}"))).arg(&route.proxy).arg(route.encode()).ignore();
+        if announce {
+            self.xadd(&mut p, &Event::AgentUp { agent: agent.to_string(), route: route.clone() });
+        }
+        p.query::<()>(&mut self.con)?;
+        Ok(())
+    }
+
+    fn remove_route(&mut self, agent: &str, proxy: &str, announce: bool) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        p.atomic().cmd("HDEL").arg(self.key(&format!("agent:{agent}"))).arg(proxy).ignore();
+        if announce {
+            self.xadd(&mut p, &Event::AgentDown { agent: agent.to_string(), proxy: proxy.to_string() });
+        }
+        p.query::<()>(&mut self.con)?;
+        Ok(())
+    }
+
+    fn seed_strategy(&mut self, s: Strategy) -> anyhow::Result<Strategy> {
+        let key = self.key("strategy");
+        let _: Value = redis::cmd("SET").arg(&key).arg(s.encode()).arg("NX").query(&mut self.con)?;
+        let cur: Vec<u8> = self.con.get(&key)?;
+        Ok(Strategy::decode(&cur)?)
+    }
+
+    fn set_strategy(&mut self, s: Strategy) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        p.atomic().cmd("SET").arg(self.key("strategy")).arg(s.encode()).ignore();
+        self.xadd(&mut p, &Event::Strategy(s));
+        p.query::<()>(&mut self.con)?;
+        Ok(())
+    }
+
+    fn load(&mut self) -> anyhow::Result<Loaded> {
+        let mut l = Loaded::default();
+        let last: Vec<(String, Value)> = redis::cmd("XREVRANGE")
+            .arg(self.key("events"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query::<Vec<Value>>(&mut self.con)?
+            .into_iter()
+            .filter_map(|e| redis::from_redis_value::<(String, Value)>(&e).ok())
+            .collect();
+        l.cursor = last.first().and_then(|(id, _)| StreamId::parse(id)).unwrap_or_default();
+        let plen = self.prefix.len();
+        for key in self.scan(&format!("{}proxy:*", self.prefix))? {
+            let (val, pttl): (Option<Vec<u8>>, i64) =
+                redis::pipe().get(&key).cmd("PTTL").arg(&key).query(&mut self.con)?;
+            let (Some(val), true) = (val, pttl > 0) else { continue };
+            match ProxyInfo::decode(&val) {
+                Ok(p) => l.proxies.push((p, Duration::from_millis(pttl as u64))),
+                Err(e) => l.skipped.push((key[plen..].to_string(), e)),
+            }
+        }
+        for key in self.scan(&format!("{}agent:*", self.prefix))? {
+            let agent = key[plen + "agent:".len()..].to_string();
+            let fields: Vec<(String, Vec<u8>)> = match self.con.hgetall(&key) {
+                Ok(f) => f,
+                Err(e) => {
+                    l.skipped.push((
+                        key[plen..].to_string(),
+                        super::model::BadValue { what: "agent hash", why: e.to_string() },
+                    ));
+                    continue;
+                }
+            };
+            let mut routes = Vec::new();
+            for (proxy, b) in fields {
+                match AgentRoute::decode(&b) {
+                    Ok(r) => routes.push(r),
+                    Err(e) => l.skipped.push((format!("{} field {proxy}", &key[plen..]), e)),
+                }
+            }
+            l.agents.push((agent, routes));
+        }
+        let strategy: Option<Vec<u8>> = self.con.get(self.key("strategy"))?;
+        l.strategy = match strategy.map(|b| Strategy::decode(&b)) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                l.skipped.push(("strategy".into(), e));
+                None
+            }
+            None => None,
+        };
+        Ok(l)
+    }
+
+    fn read(&mut self, after: StreamId, block: Duration) -> anyhow::Result<Read> {
+        if after != StreamId::default() {
+            // Exact on Redis 7 (max-deleted-entry-id); on older servers a
+            // first entry past the cursor may mean a gap, so resync.
+            if let Some((mark, _exact)) = self.trim_mark()? {
+                if mark > after {
+                    return Ok(Read::Trimmed);
+                }
+            }
+        }
+        self.con.set_read_timeout(Some(block + IO_TIMEOUT))?;
+        let r: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(10_000)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(self.key("events"))
+            .arg(after.to_string())
+            .query(&mut self.con)?;
+        self.con.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reply: Option<redis::streams::StreamReadReply> = redis::from_redis_value(&r).ok();
+        let Some(reply) = reply.filter(|r| !r.keys.is_empty()) else { return Ok(Read::Timeout) };
+        let mut out = Vec::new();
+        for k in reply.keys {
+            for entry in k.ids {
+                let Some(id) = StreamId::parse(&entry.id) else { continue };
+                let ev = match entry.map.get("e").map(redis::from_redis_value::<Vec<u8>>) {
+                    Some(Ok(b)) => Event::decode(&b),
+                    _ => Err(super::model::BadValue { what: "RouteEvent", why: "entry has no field e".into() }),
+                };
+                out.push((id, ev));
+            }
+        }
+        Ok(if out.is_empty() { Read::Timeout } else { Read::Events(out) })
+    }
+}
