@@ -89,8 +89,46 @@ enum Cmd {
         #[arg(long)]
         serve: bool,
     },
+    /// Read or write the route backend.
+    Routes {
+        /// Backend URL, e.g. redis://127.0.0.1:6379 (with --cluster).
+        #[arg(long, global = true)]
+        backend: Option<String>,
+        /// Cluster name (with --backend).
+        #[arg(long, global = true)]
+        cluster: Option<String>,
+        /// Take backend and cluster from a proxy config instead.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: RoutesCmd,
+    },
     /// Load generator: direct TCP vs. through the proxy; JSON out.
     Bench(ringpeer::demo::bench::BenchOpts),
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    /// Every agent route.
+    List,
+    /// One agent's routes.
+    Get {
+        /// Agent id.
+        agent: String,
+    },
+    /// Registered proxies and the strategy.
+    Proxies,
+    /// Set the cluster's tunnel strategy.
+    SetStrategy {
+        /// agent_mesh or proxy_peering.
+        kind: String,
+        /// agent_connection_count (proxy_peering).
+        #[arg(long)]
+        count: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +221,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             ringpeer::demo::run(serve, sd)?;
         }
         Cmd::Bench(opts) => ringpeer::demo::bench::run(opts)?,
+        Cmd::Routes { backend, cluster, config, json, cmd } => {
+            use ringpeer::control::cli;
+            let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;
+            let out = match cmd {
+                RoutesCmd::List => cli::list(store.as_mut(), json)?,
+                RoutesCmd::Get { agent } => cli::get(store.as_mut(), &agent, json)?,
+                RoutesCmd::Proxies => cli::proxies(store.as_mut(), json)?,
+                RoutesCmd::SetStrategy { kind, count } => {
+                    let s = cli::parse_strategy(&kind, count)?;
+                    store.set_strategy(s)?;
+                    format!("strategy set to {s}\n")
+                }
+            };
+            print!("{out}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,7 @@
 //!   (capped, jittered); after a reconnect the whole local state is
 //!   republished, so the backend converges.
 
+pub mod cli;
 pub mod reader;
 pub mod view;
 
@@ -274,7 +275,11 @@ impl ControlLoop {
                 self.writer = Some(w);
                 let (me, ttl, seed) = (self.opts.me.clone(), self.opts.ttl, self.opts.strategy);
                 self.write("register proxy", |w| w.put_proxy(&me, ttl));
-                self.write("seed strategy", |w| w.seed_strategy(seed).map(|_| ()));
+                let mut in_force = None;
+                self.write("seed strategy", |w| w.seed_strategy(seed).map(|s| in_force = Some(s)));
+                if self.view.strategy.is_none() {
+                    self.view.strategy = in_force;
+                }
                 let agents: Vec<String> = self.local.keys().cloned().collect();
                 for a in agents {
                     self.publish_agent(&a);
@@ -343,9 +348,9 @@ impl ControlLoop {
                     Ok(ControlEvent::Stop) | Err(_) => break,
                     Ok(ev) => { self.on_local(ev); changed = true; }
                 },
-                recv(reader) -> msg => match msg {
-                    Ok(m) => { self.on_reader(m); changed = true; }
-                    Err(_) => {}
+                recv(reader) -> msg => if let Ok(m) = msg {
+                    self.on_reader(m);
+                    changed = true;
                 },
                 recv(tick) -> _ => {
                     self.tick();

@@ -139,22 +139,17 @@ impl AgentRoute {
 }
 
 /// The cluster's tunnel strategy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Strategy {
     /// Agents tunnel to every proxy.
+    #[default]
     AgentMesh,
     /// Agents tunnel to `agent_connection_count` proxies.
     ProxyPeering {
         /// Tunnels per agent.
         agent_connection_count: u32,
     },
-}
-
-impl Default for Strategy {
-    fn default() -> Self {
-        Strategy::AgentMesh
-    }
 }
 
 impl fmt::Display for Strategy {

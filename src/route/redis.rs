@@ -7,7 +7,8 @@
 //! Invariants: every connection has connect, read and write timeouts, so the
 //! control thread never hangs on a dead server; a value change and its event
 //! go out in one MULTI/EXEC; trimming past a reader's cursor is detected from
-//! `XINFO STREAM` (`max-deleted-entry-id`, or the first entry on Redis < 7).
+//! `XINFO STREAM` (oldest surviving entry, last generated id, and
+//! `max-deleted-entry-id` where Redis has it).
 
 use std::time::Duration;
 
@@ -90,11 +91,14 @@ impl RedisStore {
         }
     }
 
-    /// The highest trimmed id, or the first entry's id on Redis < 7.
-    fn trim_mark(&mut self) -> anyhow::Result<Option<(StreamId, bool)>> {
+    /// Whether events after `cursor` may have been trimmed or deleted:
+    /// the oldest surviving entry is newer than the cursor, or the stream is
+    /// empty although ids past the cursor were generated, or (Redis 7) an
+    /// entry past the cursor was deleted.
+    fn gap_after(&mut self, cursor: StreamId) -> anyhow::Result<bool> {
         let v: Value = match redis::cmd("XINFO").arg("STREAM").arg(self.key("events")).query(&mut self.con) {
             Ok(v) => v,
-            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            Err(e) if e.to_string().contains("no such key") => return Ok(false),
             Err(e) => return Err(e.into()),
         };
         let pairs: Vec<(String, Value)> = match v {
@@ -111,16 +115,20 @@ impl RedisStore {
             _ => Vec::new(),
         };
         let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        if let Some(v) = get("max-deleted-entry-id") {
-            let s: String = redis::from_redis_value(&v)?;
-            return Ok(StreamId::parse(&s).map(|id| (id, true)));
+        let id = |v: Option<Value>| {
+            v.and_then(|v| redis::from_redis_value::<String>(&v).ok()).and_then(|s| StreamId::parse(&s))
+        };
+        if id(get("max-deleted-entry-id")).is_some_and(|d| d > cursor) {
+            return Ok(true);
+        }
+        let length: i64 = get("length").and_then(|v| redis::from_redis_value(&v).ok()).unwrap_or(0);
+        if length == 0 {
+            return Ok(id(get("last-generated-id")).is_some_and(|l| l > cursor));
         }
         if let Some(Value::Array(entry)) = get("first-entry") {
-            if let Some(id) = entry.first().and_then(|v| redis::from_redis_value::<String>(v).ok()) {
-                return Ok(StreamId::parse(&id).map(|id| (id, false)));
-            }
+            return Ok(id(entry.first().cloned()).is_some_and(|first| first > cursor));
         }
-        Ok(None)
+        Ok(false)
     }
 }
 
@@ -169,7 +177,14 @@ impl RouteStore for RedisStore {
 
     fn seed_strategy(&mut self, s: Strategy) -> anyhow::Result<Strategy> {
         let key = self.key("strategy");
-        let _: Value = redis::cmd("SET").arg(&key).arg(s.encode()).arg("NX").query(&mut self.con)?;
+        let set: Value = redis::cmd("SET").arg(&key).arg(s.encode()).arg("NX").query(&mut self.con)?;
+        if set != Value::Nil {
+            // We seeded it: announce, so every proxy learns it at once.
+            let mut p = redis::pipe();
+            self.xadd(&mut p, &Event::Strategy(s));
+            p.query::<()>(&mut self.con)?;
+            return Ok(s);
+        }
         let cur: Vec<u8> = self.con.get(&key)?;
         Ok(Strategy::decode(&cur)?)
     }
@@ -239,14 +254,8 @@ impl RouteStore for RedisStore {
     }
 
     fn read(&mut self, after: StreamId, block: Duration) -> anyhow::Result<Read> {
-        if after != StreamId::default() {
-            // Exact on Redis 7 (max-deleted-entry-id); on older servers a
-            // first entry past the cursor may mean a gap, so resync.
-            if let Some((mark, _exact)) = self.trim_mark()? {
-                if mark > after {
-                    return Ok(Read::Trimmed);
-                }
-            }
+        if after != StreamId::default() && self.gap_after(after)? {
+            return Ok(Read::Trimmed);
         }
         self.con.set_read_timeout(Some(block + IO_TIMEOUT))?;
         let r: Value = redis::cmd("XREAD")

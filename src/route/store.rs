@@ -168,7 +168,14 @@ impl RouteStore for MemoryStore {
     }
 
     fn seed_strategy(&mut self, st: Strategy) -> anyhow::Result<Strategy> {
-        let cur = self.with(|s| s.strategy.get_or_insert_with(|| st.encode()).clone());
+        let cur = self.with(|s| match &s.strategy {
+            Some(b) => b.clone(),
+            None => {
+                s.strategy = Some(st.encode());
+                s.append(&Event::Strategy(st));
+                st.encode()
+            }
+        });
         Ok(Strategy::decode(&cur)?)
     }
 

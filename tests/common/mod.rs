@@ -2,6 +2,8 @@
 //! the production code paths, a client runner, and payload checksums.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,453 @@
+//! Route store stories against a real redis-server: proxies converge, Redis
+//! dies and comes back while streams run, a proxy killed with -9 expires,
+//! trimming forces a resync, garbage is skipped, and a plain Redis client
+//! (not our code) can write routes a proxy uses.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis_server::Redis;
+use common::{eventually, random_bytes, sha256};
+use prost::Message;
+use ringpeer::config::BackendKind;
+use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::demo::load::{echo_roundtrip, open};
+use ringpeer::demo::targets::{self, Kind};
+use ringpeer::route::model::Strategy;
+use ringpeer::wire::pb::v1 as pb;
+use ringpeer::wire::status::Code;
+use ringpeer::wire::DialTarget;
+
+fn t(s: &str) -> DialTarget {
+    DialTarget::parse(s).unwrap()
+}
+
+fn redis_proxy(certs: &CertDir, redis: &Redis, id: &str, ttl_ms: u64) -> ProxyHandle {
+    let mut cfg = proxy_config(&certs.path, id, 1);
+    cfg.backend.kind = BackendKind::Redis;
+    cfg.backend.url = Some(redis.url());
+    cfg.backend.proxy_ttl_ms = ttl_ms;
+    ProxyHandle::start(cfg).unwrap()
+}
+
+fn has_route(p: &ProxyHandle, agent: &str, via: &str) -> bool {
+    p.routes()
+        .get(agent)
+        .is_some_and(|r| r.remote.iter().any(|x| &*x.proxy == via) || (via == "local" && !r.local.is_empty()))
+}
+
+fn key(k: &str) -> String {
+    format!("ringpeer:{{demo}}:{k}")
+}
+
+#[test]
+fn an_agent_on_b_becomes_routable_on_a_and_leaves_cleanly() {
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 10_000);
+    let b = redis_proxy(&certs, &redis, "proxy-b", 10_000);
+    let agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
+    assert!(has_route(&b, "agent-1", "local"));
+    // A dial at A finds the route (peering is the next issue, so it says where the agent is).
+    let e = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
+        open(&c, &t("agent-1/echo")).await.err()
+    });
+    let e = e.expect("A has no peer link yet");
+    assert_eq!(e.code, Code::Unavailable);
+    assert!(e.message.contains("proxy \"proxy-b\""), "{e}");
+    // The agent leaves: the route disappears from A and from Redis.
+    drop(agent);
+    eventually("A drops the route", || a.routes().get("agent-1").is_none());
+    let n: usize = redis::Commands::hlen(&mut redis.con(), key("agent:agent-1")).unwrap();
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn redis_killed_and_restarted_while_streams_run_loses_nothing_and_converges() {
+    let mut redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 10_000);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[a.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    a.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<()>();
+    let data = random_bytes(8 << 20);
+    let sum = sha256(&data);
+    let client = {
+        let (addr, dir) = (a.client_addr, certs.path.clone());
+        std::thread::spawn(move || {
+            common::with_client(addr, &dir, "client", move |c| async move {
+                // A stream that is open across the outage.
+                let mut long = open(&c, &t("agent-1/echo")).await.unwrap();
+                let mut back = Vec::new();
+                for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                    if i == 2 {
+                        kill_tx.send(()).unwrap();
+                        killed_rx.recv().unwrap();
+                        // New dials still work while Redis is down.
+                        let again = echo_roundtrip(&c, &t("agent-1/echo"), b"during the outage").await.unwrap();
+                        assert_eq!(again, b"during the outage");
+                    }
+                    long.write(chunk).await.unwrap();
+                    let want = back.len() + chunk.len();
+                    long.read_exact(&mut back, want).await.unwrap();
+                }
+                long.close_write().unwrap();
+                while long.read().await.unwrap().is_some() {}
+                (back, long.status().await)
+            })
+        })
+    };
+    kill_rx.recv().unwrap();
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    killed_tx.send(()).unwrap();
+    let (back, status) = client.join().unwrap();
+    assert!(status.is_ok(), "{status}");
+    assert_eq!(sha256(&back), sum, "no data lost across the outage");
+    assert!(a.routes().get("agent-1").is_some_and(|r| !r.local.is_empty()), "local routes stay exact");
+    // Redis comes back empty; the proxy republishes and the backend converges.
+    redis.restart();
+    eventually("route republished", || {
+        redis::Commands::hexists(&mut redis.con(), key("agent:agent-1"), "proxy-a").unwrap_or(false)
+    });
+    eventually("proxy re-registered", || {
+        redis::Commands::exists(&mut redis.con(), key("proxy:proxy-a")).unwrap_or(false)
+    });
+}
+
+#[test]
+fn routes_written_by_a_plain_redis_client_are_used_and_garbage_is_skipped() {
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 10_000);
+    let mut con = redis.con();
+    // Garbage under our keys first: must be logged and skipped, never fatal.
+    redis::pipe()
+        .cmd("SET")
+        .arg(key("proxy:junk"))
+        .arg(b"\xff\xfe garbage".as_slice())
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("HSET")
+        .arg(key("agent:junk"))
+        .arg("proxy-z")
+        .arg(b"\x0a\xff".as_slice())
+        .ignore()
+        .cmd("XADD")
+        .arg(key("events"))
+        .arg("*")
+        .arg("e")
+        .arg(b"\x08\x63\xff".as_slice())
+        .ignore()
+        .query::<()>(&mut con)
+        .unwrap();
+    // Another control plane registers proxy-z holding agent ext-1, using
+    // only the documented schema: prost bytes under the documented keys.
+    let rec = pb::ProxyRecord {
+        id: "proxy-z".into(),
+        peer_addrs: vec!["10.9.9.9:3021".into()],
+        tunnel_addr: "10.9.9.9:3024".into(),
+        client_addr: "10.9.9.9:3080".into(),
+        version: 1,
+    };
+    let route = pb::AgentRoute {
+        proxy_id: "proxy-z".into(),
+        shard: 0,
+        services: vec!["ssh".into()],
+        expires_unix_ms: u64::MAX,
+    };
+    let proxy_up = pb::RouteEvent {
+        r#type: pb::route_event::Kind::ProxyUp as i32,
+        proxy_id: "proxy-z".into(),
+        proxy: Some(rec.clone()),
+        ttl_ms: 60_000,
+        ..Default::default()
+    };
+    let agent_up = pb::RouteEvent {
+        r#type: pb::route_event::Kind::AgentUp as i32,
+        agent_id: "ext-1".into(),
+        proxy_id: "proxy-z".into(),
+        route: Some(route.clone()),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(key("proxy:proxy-z"))
+        .arg(rec.encode_to_vec())
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("HSET")
+        .arg(key("agent:ext-1"))
+        .arg("proxy-z")
+        .arg(route.encode_to_vec())
+        .ignore()
+        .cmd("XADD")
+        .arg(key("events"))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(10_000)
+        .arg("*")
+        .arg("e")
+        .arg(proxy_up.encode_to_vec())
+        .ignore()
+        .cmd("XADD")
+        .arg(key("events"))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(10_000)
+        .arg("*")
+        .arg("e")
+        .arg(agent_up.encode_to_vec())
+        .ignore()
+        .query::<()>(&mut con)
+        .unwrap();
+    eventually("A sees ext-1 via proxy-z", || has_route(&a, "ext-1", "proxy-z"));
+    eprintln!("externally written route visible on A after {:?}", t0.elapsed());
+    let r = a.routes();
+    assert_eq!(r.get("ext-1").unwrap().remote[0].peer_addr.as_deref(), Some("10.9.9.9:3021"));
+    assert!(r.get("junk").is_none(), "the garbage route is skipped");
+    let e =
+        common::with_client(
+            a.client_addr,
+            &certs.path,
+            "client",
+            |c| async move { open(&c, &t("ext-1/ssh")).await.err() },
+        );
+    assert!(e.unwrap().message.contains("proxy-z"), "the proxy routes by the externally written record");
+    // routes list reads the same schema and warns about the garbage.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpeer"))
+        .args(["routes", "--backend", &redis.url(), "--cluster", "demo", "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("ext-1") && text.contains("proxy-z") && text.contains("skipped"), "{text}");
+}
+
+#[test]
+fn a_trimmed_event_stream_forces_a_full_resync_that_converges() {
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 10_000);
+    let b = redis_proxy(&certs, &redis, "proxy-b", 10_000);
+    eventually("A sees B", || a.routes().proxies.contains_key("proxy-b"));
+    // A route appears in the hashes, but its event is trimmed away in the
+    // same transaction it was added: A can only learn it by noticing the gap
+    // and resyncing fully.
+    let route = pb::AgentRoute {
+        proxy_id: "proxy-b".into(),
+        shard: 0,
+        services: vec!["echo".into()],
+        expires_unix_ms: u64::MAX,
+    };
+    let ev = pb::RouteEvent {
+        r#type: pb::route_event::Kind::AgentUp as i32,
+        agent_id: "silent-1".into(),
+        proxy_id: "proxy-b".into(),
+        route: Some(route.clone()),
+        ..Default::default()
+    };
+    redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg(key("agent:silent-1"))
+        .arg("proxy-b")
+        .arg(route.encode_to_vec())
+        .ignore()
+        .cmd("XADD")
+        .arg(key("events"))
+        .arg("*")
+        .arg("e")
+        .arg(ev.encode_to_vec())
+        .ignore()
+        .cmd("XTRIM")
+        .arg(key("events"))
+        .arg("MAXLEN")
+        .arg(0)
+        .ignore()
+        .query::<()>(&mut redis.con())
+        .unwrap();
+    let t0 = Instant::now();
+    eventually("A converged through a full resync", || has_route(&a, "silent-1", "proxy-b"));
+    eprintln!("trim detected and resynced after {:?}", t0.elapsed());
+    drop(b);
+}
+
+#[test]
+fn strategy_is_seeded_once_and_changes_propagate_to_every_proxy() {
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
+    cfg.backend.kind = BackendKind::Redis;
+    cfg.backend.url = Some(redis.url());
+    cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 2 };
+    let a = ProxyHandle::start(cfg).unwrap();
+    eventually("seeded", || a.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 });
+    // B's config says agent_mesh, but the cluster's strategy is already set.
+    let b = redis_proxy(&certs, &redis, "proxy-b", 10_000);
+    eventually("B follows the cluster", || b.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpeer"))
+        .args(["routes", "--backend", &redis.url(), "--cluster", "demo", "set-strategy", "agent_mesh"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t0 = Instant::now();
+    eventually("both switch", || {
+        a.routes().strategy == Strategy::AgentMesh && b.routes().strategy == Strategy::AgentMesh
+    });
+    eprintln!("strategy change visible on both proxies after {:?} (includes the CLI process exit)", t0.elapsed());
+}
+
+mod processes {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+
+    const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
+
+    struct Proc(Child);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    /// A proxy process on the Redis backend; returns it, its tunnel address
+    /// and its admin address.
+    fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64) -> (Proc, SocketAddr, SocketAddr) {
+        let admin = free_addr();
+        let d = dir.display();
+        let cfg = format!(
+            "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
+             admin_addr = \"{admin}\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
+             [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n",
+            redis.url()
+        );
+        let path = dir.join(format!("{id}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["proxy", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let line = lines.next().unwrap().unwrap();
+        std::thread::spawn(move || for _ in lines {});
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let tunnel = w[w.iter().position(|x| *x == "tunnel").unwrap() + 1].parse().unwrap();
+        (Proc(child), tunnel, admin)
+    }
+
+    fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {
+        let d = dir.display();
+        let cfg = format!(
+            "cluster = \"demo\"\nid = \"{id}\"\nproxies = [\"{proxy}\"]\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
+             key = \"{d}/{id}-key.pem\"\n[services]\necho = \"{echo}\"\n"
+        );
+        let path = dir.join(format!("{id}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        Proc(
+            Command::new(BIN)
+                .args(["agent", "--config", path.to_str().unwrap()])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn routes_json(admin: SocketAddr) -> serde_json::Value {
+        let Ok(mut s) = TcpStream::connect(admin) else { return serde_json::Value::Null };
+        let _ = s.write_all(b"GET /routes HTTP/1.0\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or("null");
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn routes_of(admin: SocketAddr, agent: &str) -> Vec<String> {
+        let v = routes_json(admin);
+        let r = &v["agents"][agent];
+        let mut out: Vec<String> = r["remote"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x["proxy"].as_str().unwrap_or("").to_string())
+            .collect();
+        if r["local"].as_array().is_some_and(|l| !l.is_empty()) {
+            out.push("local".into());
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn three_proxy_processes_converge_on_the_same_routes() {
+        let redis = Redis::start();
+        let certs = CertDir::temp().unwrap();
+        let dir = &certs.path;
+        let echo = targets::spawn(Kind::Echo).unwrap();
+        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 10_000);
+        let (_b, tb, admin_b) = proxy(dir, &redis, "proxy-b", 10_000);
+        let (_c, tc, admin_c) = proxy(dir, &redis, "proxy-c", 10_000);
+        let _g1 = agent(dir, "agent-1", tb, echo.addr);
+        let _g2 = agent(dir, "agent-2", tc, echo.addr);
+        eventually("every proxy knows both agents", || {
+            routes_of(admin_a, "agent-1") == ["proxy-b"]
+                && routes_of(admin_a, "agent-2") == ["proxy-c"]
+                && routes_of(admin_b, "agent-1") == ["local"]
+                && routes_of(admin_b, "agent-2") == ["proxy-c"]
+                && routes_of(admin_c, "agent-1") == ["proxy-b"]
+                && routes_of(admin_c, "agent-2") == ["local"]
+        });
+        let out = Command::new(BIN)
+            .args(["routes", "--backend", &redis.url(), "--cluster", "demo", "--json", "list"])
+            .output()
+            .unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+        let out = Command::new(BIN)
+            .args(["routes", "--backend", &redis.url(), "--cluster", "demo", "proxies"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(["proxy-a", "proxy-b", "proxy-c"].iter().all(|p| text.contains(p)), "{text}");
+    }
+
+    #[test]
+    fn a_proxy_killed_with_sigkill_has_its_routes_expire_everywhere() {
+        let redis = Redis::start();
+        let certs = CertDir::temp().unwrap();
+        let dir = &certs.path;
+        let echo = targets::spawn(Kind::Echo).unwrap();
+        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 1_500);
+        let (b, tb, _) = proxy(dir, &redis, "proxy-b", 1_500);
+        let _g1 = agent(dir, "agent-1", tb, echo.addr);
+        eventually("A routes agent-1 via B", || routes_of(admin_a, "agent-1") == ["proxy-b"]);
+        drop(b); // SIGKILL: B never cleans up.
+        let t0 = Instant::now();
+        eventually("B's routes expire on A", || routes_of(admin_a, "agent-1").is_empty());
+        let took = t0.elapsed();
+        assert!(took < Duration::from_millis(1_500 + 700), "expired after {took:?}, TTL is 1.5 s");
+        assert!(routes_json(admin_a)["proxies"]["proxy-b"].is_null());
+        eprintln!("proxy-b's routes left A's view {took:?} after kill -9 (TTL 1.5 s)");
+    }
+}
