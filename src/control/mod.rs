@@ -31,7 +31,7 @@ use crate::route::{LocalRoute, RouteTable};
 use crate::runtime::mailbox::Mailbox;
 use crate::tunnel::backoff::Backoff;
 use reader::FromReader;
-use view::{ClusterView, LocalTunnels};
+use view::{Affected, ClusterView, LocalTunnels};
 
 /// What shards tell the control thread.
 #[derive(Debug)]
@@ -137,6 +137,10 @@ struct ControlLoop {
     view: ClusterView,
     reader_up: bool,
     version: u64,
+    /// What changed since the last published snapshot.
+    pending: Affected,
+    /// The last published snapshot.
+    table: Arc<RouteTable>,
 }
 
 impl ControlLoop {
@@ -162,6 +166,8 @@ impl ControlLoop {
             view: ClusterView::default(),
             reader_up: false,
             version: 0,
+            pending: Affected { all: true, ..Default::default() },
+            table: Arc::default(),
         }
     }
 
@@ -208,6 +214,12 @@ impl ControlLoop {
     }
 
     fn on_local(&mut self, ev: ControlEvent) {
+        match &ev {
+            ControlEvent::TunnelUp { agent, .. } | ControlEvent::TunnelDown { agent, .. } => {
+                self.pending.merge(Affected::agent(agent))
+            }
+            ControlEvent::Stop => {}
+        }
         match ev {
             ControlEvent::TunnelUp { agent, shard, conn, services } => {
                 self.local.entry(agent.clone()).or_default().insert(0, (conn, LocalRoute { shard, services }));
@@ -241,13 +253,24 @@ impl ControlLoop {
                         "route backend synced"
                     );
                 }
-                self.view = ClusterView::from_loaded(&l, now);
+                let fresh = ClusterView::from_loaded(&l, now);
+                if self.reader_up {
+                    // Periodic resync: only what differs.
+                    let d = self.view.diff(&fresh);
+                    self.pending.merge(d);
+                } else {
+                    self.pending.all = true;
+                }
+                self.view = fresh;
                 self.reader_up = true;
             }
             FromReader::Events(evs) => {
                 for (id, e) in evs {
                     match e {
-                        Ok(e) => self.view.apply(e, now),
+                        Ok(e) => {
+                            let a = self.view.apply(e, now);
+                            self.pending.merge(a);
+                        }
                         Err(e) => tracing::error!(id = %id, error = %e, "skipping an event that does not decode"),
                     }
                 }
@@ -261,6 +284,7 @@ impl ControlLoop {
                     );
                 }
                 self.reader_up = false;
+                self.pending.cluster = true;
             }
         }
     }
@@ -319,7 +343,16 @@ impl ControlLoop {
 
     fn publish(&mut self) {
         self.version += 1;
-        let table = Arc::new(self.view.build(&self.opts.me.id, &self.local, self.version, self.reader_up));
+        let changed = std::mem::take(&mut self.pending);
+        let table = Arc::new(self.view.update(
+            &self.table,
+            &changed,
+            &self.opts.me.id,
+            &self.local,
+            self.version,
+            self.reader_up,
+        ));
+        self.table = table.clone();
         for m in &self.shards {
             let _ = m.post(ShardMsg::Routes(table.clone()));
         }
@@ -354,8 +387,9 @@ impl ControlLoop {
                 },
                 recv(tick) -> _ => {
                     self.tick();
-                    if self.reader_up && self.view.expire(Instant::now()) {
-                        changed = true;
+                    if self.reader_up {
+                        let gone = self.view.expire(Instant::now());
+                        self.pending.merge(gone);
                     }
                 },
             }
@@ -372,7 +406,7 @@ impl ControlLoop {
                 self.on_reader(m);
                 changed = true;
             }
-            if changed {
+            if changed || !self.pending.is_empty() {
                 self.publish();
             }
         }

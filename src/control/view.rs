@@ -6,7 +6,7 @@
 //! record is valid; while the backend is unreachable nothing expires, so
 //! proxies keep serving every route they knew.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,41 @@ pub struct ClusterView {
     pub agents: HashMap<String, HashMap<String, AgentRoute>>,
     /// The strategy, once known.
     pub strategy: Option<Strategy>,
+    /// Proxy → agents it holds routes for (to find what a proxy's arrival
+    /// or departure affects).
+    by_proxy: HashMap<String, HashSet<String>>,
+}
+
+/// Which agents' routes an update may have changed.
+#[derive(Debug, Default)]
+pub struct Affected {
+    /// Every agent (full load).
+    pub all: bool,
+    /// These agents.
+    pub agents: HashSet<String>,
+    /// Proxy set or strategy changed (cheap to copy into every snapshot).
+    pub cluster: bool,
+}
+
+impl Affected {
+    /// Merges another update's effects.
+    pub fn merge(&mut self, o: Affected) {
+        self.all |= o.all;
+        self.cluster |= o.cluster;
+        if !self.all {
+            self.agents.extend(o.agents);
+        }
+    }
+
+    /// Marks one agent.
+    pub fn agent(a: &str) -> Affected {
+        Affected { agents: HashSet::from([a.to_string()]), ..Default::default() }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.cluster && self.agents.is_empty()
+    }
 }
 
 impl ClusterView {
@@ -37,6 +72,9 @@ impl ClusterView {
         }
         for (agent, routes) in &l.agents {
             let m: HashMap<_, _> = routes.iter().map(|r| (r.proxy.clone(), r.clone())).collect();
+            for p in m.keys() {
+                v.by_proxy.entry(p.clone()).or_default().insert(agent.clone());
+            }
             if !m.is_empty() {
                 v.agents.insert(agent.clone(), m);
             }
@@ -44,11 +82,43 @@ impl ClusterView {
         v
     }
 
-    /// Folds one event in.
-    pub fn apply(&mut self, e: Event, now: Instant) {
+    /// What differs between this view and `new` (a fresh full load), so a
+    /// periodic resync that finds nothing new costs a comparison, not a
+    /// rebuild.
+    pub fn diff(&self, new: &ClusterView) -> Affected {
+        let mut a = Affected { cluster: self.strategy != new.strategy, ..Default::default() };
+        for (agent, routes) in &new.agents {
+            if self.agents.get(agent) != Some(routes) {
+                a.agents.insert(agent.clone());
+            }
+        }
+        for agent in self.agents.keys() {
+            if !new.agents.contains_key(agent) {
+                a.agents.insert(agent.clone());
+            }
+        }
+        let ids: HashSet<&String> = self.proxies.keys().chain(new.proxies.keys()).collect();
+        for id in ids {
+            if self.proxies.get(id).map(|(p, _)| p) != new.proxies.get(id).map(|(p, _)| p) {
+                a.cluster = true;
+                a.agents.extend(self.agents_of(id));
+                a.agents.extend(new.agents_of(id));
+            }
+        }
+        a
+    }
+
+    fn agents_of(&self, proxy: &str) -> HashSet<String> {
+        self.by_proxy.get(proxy).cloned().unwrap_or_default()
+    }
+
+    /// Folds one event in; returns what it may have changed.
+    pub fn apply(&mut self, e: Event, now: Instant) -> Affected {
         match e {
             Event::AgentUp { agent, route } => {
-                self.agents.entry(agent).or_default().insert(route.proxy.clone(), route);
+                self.by_proxy.entry(route.proxy.clone()).or_default().insert(agent.clone());
+                self.agents.entry(agent.clone()).or_default().insert(route.proxy.clone(), route);
+                Affected::agent(&agent)
             }
             Event::AgentDown { agent, proxy } => {
                 if let Some(m) = self.agents.get_mut(&agent) {
@@ -57,57 +127,176 @@ impl ClusterView {
                         self.agents.remove(&agent);
                     }
                 }
+                if let Some(s) = self.by_proxy.get_mut(&proxy) {
+                    s.remove(&agent);
+                }
+                Affected::agent(&agent)
             }
             Event::ProxyUp { info, ttl_ms } => {
-                self.proxies.insert(info.id.clone(), (info, now + Duration::from_millis(ttl_ms)));
+                let id = info.id.clone();
+                let known = self.proxies.get(&id).map(|(p, _)| p == &info).unwrap_or(false);
+                self.proxies.insert(id.clone(), (info, now + Duration::from_millis(ttl_ms)));
+                if known {
+                    // A heartbeat: nothing a snapshot shows changed.
+                    Affected::default()
+                } else {
+                    Affected { agents: self.agents_of(&id), cluster: true, all: false }
+                }
             }
             Event::ProxyDown { proxy } => {
                 self.proxies.remove(&proxy);
+                Affected { agents: self.agents_of(&proxy), cluster: true, all: false }
             }
-            Event::Strategy(s) => self.strategy = Some(s),
+            Event::Strategy(s) => {
+                self.strategy = Some(s);
+                Affected { cluster: true, ..Default::default() }
+            }
         }
     }
 
-    /// Drops proxies whose record lapsed; returns whether any did.
-    pub fn expire(&mut self, now: Instant) -> bool {
-        let before = self.proxies.len();
-        self.proxies.retain(|_, (_, until)| *until > now);
-        before != self.proxies.len()
+    /// Drops proxies whose record lapsed; returns what that changed.
+    pub fn expire(&mut self, now: Instant) -> Affected {
+        let gone: Vec<String> =
+            self.proxies.iter().filter(|(_, (_, until))| *until <= now).map(|(k, _)| k.clone()).collect();
+        let mut a = Affected::default();
+        for p in gone {
+            self.proxies.remove(&p);
+            a.merge(Affected { agents: self.agents_of(&p), cluster: true, all: false });
+        }
+        a
     }
 
-    /// Builds the snapshot the shards route with.
-    pub fn build(&self, me: &str, local: &LocalTunnels, version: u64, backend_up: bool) -> RouteTable {
-        let mut agents: HashMap<String, AgentRoutes> = HashMap::with_capacity(self.agents.len() + local.len());
-        let mut interned: HashMap<&str, Arc<str>> = HashMap::with_capacity(self.proxies.len());
-        for (agent, by_proxy) in &self.agents {
-            let mut remote = Vec::new();
+    /// The routes to one agent as the shards should see them.
+    pub fn routes_for(&self, agent: &str, me: &str, local: &LocalTunnels) -> Option<AgentRoutes> {
+        let mut out = AgentRoutes::default();
+        if let Some(by_proxy) = self.agents.get(agent) {
             for (proxy, r) in by_proxy {
                 if proxy == me {
                     continue;
                 }
                 let Some((info, _)) = self.proxies.get(proxy) else { continue };
-                let name = interned.entry(proxy.as_str()).or_insert_with(|| Arc::from(proxy.as_str())).clone();
-                remote.push(RemoteRoute {
-                    proxy: name,
+                out.remote.push(RemoteRoute {
+                    proxy: Arc::from(proxy.as_str()),
                     shard: r.shard,
                     peer_addr: info.peer_addrs.get(r.shard as usize).map(|a| Arc::from(a.as_str())),
                     services: r.services.clone().into(),
                 });
             }
-            if !remote.is_empty() {
-                agents.insert(agent.clone(), AgentRoutes { local: Vec::new(), remote });
-            }
         }
-        for (agent, tunnels) in local {
-            let e = agents.entry(agent.clone()).or_default();
-            e.local = tunnels.iter().map(|(_, r)| r.clone()).collect();
+        if let Some(t) = local.get(agent) {
+            out.local = t.iter().map(|(_, r)| r.clone()).collect();
+        }
+        (!out.local.is_empty() || !out.remote.is_empty()).then_some(out)
+    }
+
+    /// Derives the next snapshot from `prev`, recomputing only `changed`.
+    pub fn update(
+        &self,
+        prev: &RouteTable,
+        changed: &Affected,
+        me: &str,
+        local: &LocalTunnels,
+        version: u64,
+        backend_up: bool,
+    ) -> RouteTable {
+        if changed.all {
+            return self.build(me, local, version, backend_up);
+        }
+        let mut agents = prev.agents.clone();
+        for a in &changed.agents {
+            match self.routes_for(a, me, local) {
+                Some(r) => {
+                    agents.insert(a.clone(), r);
+                }
+                None => {
+                    agents.remove(a);
+                }
+            }
         }
         RouteTable {
             version,
             agents,
-            proxies: self.proxies.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect(),
+            proxies: if changed.cluster { self.proxy_map() } else { prev.proxies.clone() },
             strategy: self.strategy.unwrap_or_default(),
             backend_up,
         }
+    }
+
+    fn proxy_map(&self) -> HashMap<String, ProxyInfo> {
+        self.proxies.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect()
+    }
+
+    /// Builds the whole snapshot (start, full resync).
+    pub fn build(&self, me: &str, local: &LocalTunnels, version: u64, backend_up: bool) -> RouteTable {
+        let names = self.agents.keys().chain(local.keys());
+        let agents: imbl::HashMap<String, AgentRoutes> =
+            names.filter_map(|a| self.routes_for(a, me, local).map(|r| (a.clone(), r))).collect();
+        RouteTable {
+            version,
+            agents,
+            proxies: self.proxy_map(),
+            strategy: self.strategy.unwrap_or_default(),
+            backend_up,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(p: &str) -> AgentRoute {
+        AgentRoute { proxy: p.into(), shard: 0, services: vec![], expires_ms: u64::MAX }
+    }
+
+    fn info(id: &str) -> ProxyInfo {
+        ProxyInfo {
+            id: id.into(),
+            peer_addrs: vec!["x:1".into()],
+            tunnel_addr: String::new(),
+            client_addr: String::new(),
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn incremental_snapshots_equal_a_full_rebuild() {
+        let now = Instant::now();
+        let mut v = ClusterView::default();
+        let local = LocalTunnels::new();
+        let mut table = v.build("me", &local, 0, true);
+        let events = vec![
+            Event::ProxyUp { info: info("b"), ttl_ms: 10_000 },
+            Event::AgentUp { agent: "a1".into(), route: route("b") },
+            Event::AgentUp { agent: "a2".into(), route: route("c") },
+            Event::ProxyUp { info: info("c"), ttl_ms: 10_000 },
+            Event::ProxyUp { info: info("c"), ttl_ms: 10_000 },
+            Event::AgentDown { agent: "a1".into(), proxy: "b".into() },
+            Event::AgentUp { agent: "a3".into(), route: route("b") },
+            Event::ProxyDown { proxy: "c".into() },
+            Event::Strategy(Strategy::ProxyPeering { agent_connection_count: 2 }),
+        ];
+        for (i, e) in events.into_iter().enumerate() {
+            let a = v.apply(e, now);
+            table = v.update(&table, &a, "me", &local, i as u64, true);
+            let full = v.build("me", &local, i as u64, true);
+            assert_eq!(table.agents, full.agents, "after event {i}");
+            assert_eq!(table.proxies, full.proxies);
+            assert_eq!(table.strategy, full.strategy);
+        }
+        assert!(table.get("a3").is_some() && table.get("a2").is_none(), "c left, so a2 is unreachable");
+        // Expiry of b removes its agents.
+        let gone = v.expire(now + Duration::from_secs(11));
+        table = v.update(&table, &gone, "me", &local, 99, true);
+        assert!(table.is_empty());
+        // A resync that finds the same state changes nothing.
+        assert!(v
+            .diff(&ClusterView {
+                proxies: v.proxies.clone(),
+                agents: v.agents.clone(),
+                strategy: v.strategy,
+                by_proxy: Default::default()
+            })
+            .is_empty());
     }
 }

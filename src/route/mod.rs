@@ -2,8 +2,10 @@
 //! agent.
 //!
 //! Invariants: a [`RouteTable`] is immutable once built; the control thread
-//! builds a new one per batch of changes and hands an `Arc` of it to every
-//! shard, so a lookup on the hot path is one hash lookup with no lock. Local
+//! derives a new one per batch of changes and hands an `Arc` of it to every
+//! shard, so a lookup on the hot path is one hash lookup with no lock. The
+//! agent map is a persistent (structurally shared) map, so a new snapshot
+//! costs the changed agents, not the table size. Local
 //! routes come from this proxy's own tunnels and are always exact; remote
 //! routes come from the backend and only name proxies that are alive.
 
@@ -53,7 +55,7 @@ pub struct RouteTable {
     /// Increases with each snapshot.
     pub version: u64,
     /// Routes by agent.
-    pub agents: HashMap<String, AgentRoutes>,
+    pub agents: imbl::HashMap<String, AgentRoutes>,
     /// Live proxies, by id.
     pub proxies: HashMap<String, ProxyInfo>,
     /// The cluster's tunnel strategy.
