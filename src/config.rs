@@ -83,9 +83,14 @@ pub struct ProxyConfig {
     pub client_addr: String,
     /// Agent tunnel listen address.
     pub tunnel_addr: String,
-    /// Peer link listen address.
+    /// Peer link listen address of shard 0; shard i listens on port + i
+    /// (port 0: any free port per shard).
     #[serde(default = "default_peer_addr")]
     pub peer_addr: String,
+    /// Host other proxies dial to reach this one (default: the peer_addr
+    /// host; needed when that is a wildcard).
+    #[serde(default)]
+    pub advertise_host: Option<String>,
     /// Pin shard i to CPU i (mod cores).
     #[serde(default = "yes")]
     pub pin_cpus: bool,

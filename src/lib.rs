@@ -12,6 +12,7 @@ pub mod control;
 pub mod demo;
 pub mod forward;
 pub mod ingress;
+pub mod peer;
 pub mod proxy;
 pub mod relay;
 pub mod route;

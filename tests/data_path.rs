@@ -116,7 +116,8 @@ fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
     let cfg = proxy_config(&certs.path, "proxy-a", 2);
     let client = bind_group("127.0.0.1:0".parse().unwrap(), 1, "client").unwrap().pop();
     let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
-    let listeners = ringpeer::Listeners { client: vec![client, None], tunnel: vec![None, tunnel], admin: None };
+    let listeners =
+        ringpeer::Listeners { client: vec![client, None], tunnel: vec![None, tunnel], peer: vec![], admin: None };
     let proxy = ProxyHandle::start_with(cfg, listeners).unwrap();
     let _agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();

@@ -16,7 +16,6 @@ use ringpeer::demo::load::{echo_roundtrip, open};
 use ringpeer::demo::targets::{self, Kind};
 use ringpeer::route::model::Strategy;
 use ringpeer::wire::pb::v1 as pb;
-use ringpeer::wire::status::Code;
 use ringpeer::wire::DialTarget;
 
 fn t(s: &str) -> DialTarget {
@@ -52,13 +51,11 @@ fn an_agent_on_b_becomes_routable_on_a_and_leaves_cleanly() {
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
     assert!(has_route(&b, "agent-1", "local"));
-    // A dial at A finds the route (peering is the next issue, so it says where the agent is).
-    let e = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
-        open(&c, &t("agent-1/echo")).await.err()
+    // A dial at A follows the route learned from Redis, over the peer link to B.
+    let back = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
+        echo_roundtrip(&c, &t("agent-1/echo"), b"via redis and a peer link").await
     });
-    let e = e.expect("A has no peer link yet");
-    assert_eq!(e.code, Code::Unavailable);
-    assert!(e.message.contains("proxy \"proxy-b\""), "{e}");
+    assert_eq!(back.unwrap(), b"via redis and a peer link");
     // The agent leaves: the route disappears from A and from Redis.
     drop(agent);
     eventually("A drops the route", || a.routes().get("agent-1").is_none());
@@ -337,7 +334,7 @@ mod processes {
         let d = dir.display();
         let cfg = format!(
             "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
-             admin_addr = \"{admin}\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
+             admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
              [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n",
             redis.url()
         );

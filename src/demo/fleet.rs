@@ -32,6 +32,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         client_addr: "127.0.0.1:0".into(),
         tunnel_addr: "127.0.0.1:0".into(),
         peer_addr: "127.0.0.1:0".into(),
+        advertise_host: None,
         pin_cpus: false,
         dial_timeout_ms: 10_000,
         tls: TlsFiles::in_dir(dir, id),
@@ -92,6 +93,24 @@ impl ProxyHandle {
             .name(format!("proxy-{}", cfg.id))
             .spawn(move || run_with(cfg, listeners, sd, opts))?;
         Ok(ProxyHandle { client_addr, tunnel_addr, metrics, snapshot, shutdown, join: Some(join) })
+    }
+
+    /// This proxy's shard-0 peer address, once its record is published.
+    pub fn routes_eventually_self_peer_addr(&self) -> String {
+        let t0 = Instant::now();
+        loop {
+            let r = self.routes();
+            if let Some(a) = r
+                .proxies
+                .values()
+                .find(|p| p.client_addr == self.client_addr.to_string())
+                .and_then(|p| p.peer_addrs.first())
+            {
+                return a.clone();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "proxy record never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The latest route snapshot.

@@ -54,14 +54,33 @@ where
     }
 }
 
-/// The client edge accept loop of one shard.
-pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
-    accept_each(&shard.clone(), l, "client", |tcp| serve_client(shard.clone(), tcp)).await
+/// Which edge a connection came in on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Edge {
+    /// A client (`ringpeer.v1.Proxy/Dial`); may be routed through a peer.
+    Client,
+    /// A peer proxy (`proto.ProxyService/DialNode`); served from this
+    /// proxy's own tunnels only, so a dial crosses at most one peer link.
+    Peer,
 }
 
-async fn serve_client(shard: Rc<Shard>, tcp: TcpStream) {
+/// The client edge accept loop of one shard.
+pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
+    accept_each(&shard.clone(), l, "client", |tcp| serve_edge(shard.clone(), tcp, Edge::Client)).await
+}
+
+/// The peer accept loop of one shard.
+pub async fn peer_accept_loop(shard: Rc<Shard>, l: TcpListener) {
+    accept_each(&shard.clone(), l, "peer", |tcp| serve_edge(shard.clone(), tcp, Edge::Peer)).await
+}
+
+async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let h2cfg = &shard.shared.h2;
-    let (tls, peer) = match accept_tls(&shard.shared.client_tls, tcp, h2cfg.handshake_timeout()).await {
+    let acceptor = match edge {
+        Edge::Client => &shard.shared.client_tls,
+        Edge::Peer => &shard.shared.peer_tls,
+    };
+    let (tls, peer) = match accept_tls(acceptor, tcp, h2cfg.handshake_timeout()).await {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(error = %e, "client connection refused");
@@ -84,7 +103,7 @@ async fn serve_client(shard: Rc<Shard>, tcp: TcpStream) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             let _guard = guard;
-            handle_dial(shard, req, respond).await;
+            handle_dial(shard, req, respond, edge).await;
         })
         .detach();
     });
@@ -120,13 +139,18 @@ impl Drop for StreamCount<'_> {
     }
 }
 
-async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
+async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendResponse<Bytes>, edge: Edge) {
+    let path = match edge {
+        Edge::Client => paths::PROXY_DIAL,
+        Edge::Peer => paths::PEER_DIAL,
+    };
+    if edge == Edge::Peer && req.uri().path() == paths::PEER_PING {
+        return crate::peer::answer_ping(respond);
+    }
     shard.stats.dials.inc();
-    if req.uri().path() != paths::PROXY_DIAL {
-        let s = Status::new(
-            Code::Unimplemented,
-            format!("unknown method {}; this port serves {}", req.uri().path(), paths::PROXY_DIAL),
-        );
+    if req.uri().path() != path {
+        let s =
+            Status::new(Code::Unimplemented, format!("unknown method {}; this port serves {path}", req.uri().path()));
         return fail(&shard, respond, &s);
     }
     let mut rx = req.into_body();
@@ -139,14 +163,11 @@ async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendRe
     match shard.route(&target.agent) {
         Route::Local(t) => local_dial(&shard, t, target, rx, rest, respond).await,
         Route::Shard(k) => cross::entry_side(&shard, k, target, rx, rest, respond).await,
-        Route::Remote(r) => {
-            let s = Status::new(
-                Code::Unavailable,
-                format!(
-                    "agent {:?} is connected to proxy {:?}, and this proxy has no peer link to it",
-                    target.agent, r.proxy
-                ),
-            );
+        Route::Remote(routes) if edge == Edge::Client => {
+            crate::peer::dial(&shard, routes, target, rx, rest, respond).await
+        }
+        Route::Remote(_) => {
+            let s = Status::new(Code::NotFound, format!("agent {:?} has no tunnel to this proxy", target.agent));
             fail(&shard, respond, &s)
         }
         Route::None => {
@@ -165,7 +186,7 @@ async fn local_dial(
     target: DialTarget,
     rx: RecvStream,
     rest: Bytes,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
     shard.stats.dials_local.inc();
     let first = encode_msg(&target.to_frame());
@@ -174,6 +195,18 @@ async fn local_dial(
         Ok(o) => o,
         Err(s) => return fail(shard, respond, &s),
     };
+    relay_opened(shard, opened, rx, rest, respond).await
+}
+
+/// Answers the client and relays an established upstream dial (agent
+/// tunnel or peer link) until the call ends.
+pub async fn relay_opened(
+    shard: &Shard,
+    opened: crate::relay::handshake::Opened,
+    rx: RecvStream,
+    rest: Bytes,
+    mut respond: SendResponse<Bytes>,
+) {
     let Ok(tx) = respond_ok(&mut respond) else { return };
     let _count = StreamCount::new(shard);
     let mut down = H2Sink { tx, trailers: true };

@@ -38,6 +38,9 @@ pub struct Listeners {
     pub client: Vec<Option<TcpListener>>,
     /// Agent tunnel listeners by shard.
     pub tunnel: Vec<Option<TcpListener>>,
+    /// Peer link listeners by shard, each on its own port so a peer stream
+    /// lands on the shard that owns the tunnel.
+    pub peer: Vec<Option<TcpListener>>,
     /// Admin HTTP listener.
     pub admin: Option<TcpListener>,
 }
@@ -48,6 +51,16 @@ impl Listeners {
         let n = cfg.shard_count();
         let client = bind_group(parse_addr(&cfg.client_addr, "client_addr")?, n, "client_addr")?;
         let tunnel = bind_group(parse_addr(&cfg.tunnel_addr, "tunnel_addr")?, n, "tunnel_addr")?;
+        let peer_base = parse_addr(&cfg.peer_addr, "peer_addr")?;
+        let peer = (0..n)
+            .map(|i| {
+                let mut a = peer_base;
+                if a.port() != 0 {
+                    a.set_port(a.port() + i as u16);
+                }
+                Ok(bind_group(a, 1, "peer_addr")?.pop())
+            })
+            .collect::<Result<Vec<_>, BindError>>()?;
         let admin = match &cfg.admin_addr {
             Some(a) => bind_group(parse_addr(a, "admin_addr")?, 1, "admin_addr")?.pop(),
             None => None,
@@ -55,6 +68,7 @@ impl Listeners {
         Ok(Listeners {
             client: client.into_iter().map(Some).collect(),
             tunnel: tunnel.into_iter().map(Some).collect(),
+            peer,
             admin,
         })
     }
@@ -77,6 +91,18 @@ impl Listeners {
 fn to_glommio(l: TcpListener) -> glommio::net::TcpListener {
     // SAFETY: the descriptor is a bound, listening TCP socket we own.
     unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) }
+}
+
+/// The address peers should dial for a listener bound at `a`.
+fn advertise(a: SocketAddr, cfg: &ProxyConfig) -> String {
+    match &cfg.advertise_host {
+        Some(h) => format!("{h}:{}", a.port()),
+        None if a.ip().is_unspecified() => {
+            tracing::warn!(peer_addr = %a, "peer_addr is a wildcard and advertise_host is unset; advertising 127.0.0.1");
+            format!("127.0.0.1:{}", a.port())
+        }
+        None => a.to_string(),
+    }
 }
 
 /// Checks a config and loads its TLS identity: everything that can fail
@@ -140,6 +166,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
         tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
         tunnel_addr,
+        peer_tls: TlsAcceptor::from(tls.server_config(&[Role::Proxy])?),
+        tls: tls.clone(),
     });
     let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
     let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox()).unzip();
@@ -149,7 +177,11 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     };
     let me = ProxyInfo {
         id: cfg.id.clone(),
-        peer_addrs: vec![cfg.peer_addr.clone(); n],
+        peer_addrs: listeners
+            .peer
+            .iter()
+            .map(|l| l.as_ref().and_then(|l| l.local_addr().ok()).map(|a| advertise(a, &cfg)).unwrap_or_default())
+            .collect(),
         tunnel_addr: listeners.tunnel_addr().to_string(),
         client_addr: listeners.client_addr().to_string(),
         version: now_ms(),
@@ -174,10 +206,12 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let mut client = listeners.client;
     let mut tunnel = listeners.tunnel;
+    let mut peer = listeners.peer;
     client.resize_with(n, || None);
     tunnel.resize_with(n, || None);
+    peer.resize_with(n, || None);
     let mut handles = Vec::with_capacity(n);
-    for (i, ((inbox, cl), tl)) in inboxes.into_iter().zip(client).zip(tunnel).enumerate() {
+    for (i, (((inbox, cl), tl), pl)) in inboxes.into_iter().zip(client).zip(tunnel).zip(peer).enumerate() {
         let (shared, stats, boxes, events, sd) =
             (shared.clone(), metrics.shards[i].clone(), boxes.clone(), control.events.clone(), shutdown.clone());
         let cpu = cfg.pin_cpus.then_some(i % cpus);
@@ -190,6 +224,9 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             }
             if let Some(l) = tl {
                 tasks.push(glommio::spawn_local(crate::tunnel::accept::accept_loop(shard.clone(), to_glommio(l))));
+            }
+            if let Some(l) = pl {
+                tasks.push(glommio::spawn_local(crate::ingress::peer_accept_loop(shard.clone(), to_glommio(l))));
             }
             sd.wait().await;
             for t in tasks {

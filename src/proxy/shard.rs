@@ -62,8 +62,8 @@ pub enum Route {
     Local(TunnelRef),
     /// A tunnel on another shard of this proxy.
     Shard(u32),
-    /// A tunnel held by another proxy.
-    Remote(crate::route::RemoteRoute),
+    /// Tunnels held by other proxies, in the order to try them.
+    Remote(Vec<crate::route::RemoteRoute>),
     /// No route.
     None,
 }
@@ -82,6 +82,11 @@ pub struct ProxyShared {
     pub tunnel_tls: TlsAcceptor,
     /// Tunnel address announced to agents.
     pub tunnel_addr: String,
+    /// TLS acceptor for peer links (proxies only).
+    pub peer_tls: TlsAcceptor,
+    /// This proxy's TLS identity, for dialling peers (each dial checks the
+    /// peer's name against the route's proxy id).
+    pub tls: crate::transport::tls::TlsMaterial,
 }
 
 /// One shard.
@@ -104,6 +109,8 @@ pub struct Shard {
     pub closing: Shutdown,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     routes: RefCell<Arc<RouteTable>>,
+    /// Peer links of this shard, by peer address.
+    pub peers: crate::peer::PeerPool,
     next_conn: Cell<u64>,
 }
 
@@ -127,6 +134,7 @@ impl Shard {
             closing: Shutdown::new(),
             tunnels: RefCell::default(),
             routes: RefCell::default(),
+            peers: Default::default(),
             next_conn: Cell::new(0),
         }
     }
@@ -183,10 +191,10 @@ impl Shard {
         if let Some(l) = r.local.iter().find(|l| l.shard != self.index) {
             return Route::Shard(l.shard);
         }
-        match r.remote.first() {
-            Some(rr) => Route::Remote(rr.clone()),
-            None => Route::None,
+        if r.remote.is_empty() {
+            return Route::None;
         }
+        Route::Remote(r.remote.clone())
     }
 
     /// The current route snapshot.

@@ -74,6 +74,8 @@ pub struct ShardStats {
     pub dials_local: Counter,
     /// Dials that crossed to another shard.
     pub dials_cross_shard: Counter,
+    /// Dials sent through a peer link.
+    pub dials_peered: Counter,
     /// Dials that failed before being established.
     pub dials_failed: Counter,
     /// Payload bytes client → agent.
@@ -126,7 +128,8 @@ impl Metrics {
     pub fn render(&self, proxy: &str) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let rows: [Row; 9] = [
+        let rows: [Row; 10] = [
+            ("ringpeer_dials_peered_total", |s| s.dials_peered.get() as i64),
             ("ringpeer_dials_total", |s| s.dials.get() as i64),
             ("ringpeer_dials_local_total", |s| s.dials_local.get() as i64),
             ("ringpeer_dials_cross_shard_total", |s| s.dials_cross_shard.get() as i64),

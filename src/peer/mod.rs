@@ -1,0 +1,160 @@
+//! Peer links: persistent HTTP/2 connections from each shard to the shards
+//! of other proxies, carrying `proto.ProxyService/DialNode` streams
+//! (wire-compatible with Teleport's proxy peering API).
+//!
+//! Invariants:
+//! - A link is mTLS with role `proxy` on both sides, and the dialled peer's
+//!   name must equal the proxy id of the route being used.
+//! - Routes name the owning shard's peer address, so a peer stream lands on
+//!   the shard that holds the tunnel.
+//! - A dial tries the agent's proxies (live links first) and moves on when
+//!   one answers UNAVAILABLE or NOT_FOUND before ConnectionEstablished,
+//!   within the dial's deadline. The serving side never forwards to another
+//!   peer, so a dial crosses at most one peer link.
+//! - A link is dropped from the pool when its connection ends; the next dial
+//!   reconnects.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::server::SendResponse;
+use h2::RecvStream;
+
+use crate::ingress::{fail, relay_opened};
+use crate::proxy::shard::Shard;
+use crate::relay::handshake::{open_dial, respond_ok};
+use crate::route::RemoteRoute;
+use crate::runtime::timeout;
+use crate::transport::connect_tls;
+use crate::transport::h2conf::drive_client;
+use crate::transport::identity::Role;
+use crate::wire::codec::encode_msg;
+use crate::wire::paths;
+use crate::wire::pb::ProxyServicePingResponse;
+use crate::wire::status::{Code, Status};
+use crate::wire::DialTarget;
+
+#[derive(Clone)]
+struct Link {
+    send: SendRequest<Bytes>,
+    proxy: Rc<str>,
+    alive: Rc<Cell<bool>>,
+}
+
+/// One shard's peer links, by peer address.
+#[derive(Default)]
+pub struct PeerPool {
+    links: RefCell<HashMap<String, Link>>,
+}
+
+impl PeerPool {
+    /// Whether a live link to `addr` exists.
+    pub fn has(&self, addr: &str) -> bool {
+        self.links.borrow().get(addr).is_some_and(|l| l.alive.get())
+    }
+
+    /// Number of live links.
+    pub fn len(&self) -> usize {
+        self.links.borrow().values().filter(|l| l.alive.get()).count()
+    }
+
+    /// Whether there is no live link.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A stream handle on the link to `proxy` at `addr`, connecting if needed.
+    async fn get(
+        &self,
+        shard: &Rc<Shard>,
+        addr: &str,
+        proxy: &str,
+        deadline: Duration,
+    ) -> Result<SendRequest<Bytes>, Status> {
+        if let Some(l) = self.links.borrow().get(addr).filter(|l| l.alive.get() && &*l.proxy == proxy) {
+            return Ok(l.send.clone());
+        }
+        let unavailable = |e: String| Status::new(Code::Unavailable, format!("peer {proxy} at {addr}: {e}"));
+        let cfg = shard.shared.tls.client_config(Role::Proxy, Some(proxy)).map_err(|e| unavailable(e.to_string()))?;
+        let h2 = shard.shared.h2.clone();
+        let connect = async {
+            let (tls, _) = connect_tls(&cfg, addr, deadline).await.map_err(|e| unavailable(e.to_string()))?;
+            h2.client().handshake::<_, Bytes>(tls).await.map_err(|e| unavailable(e.to_string()))
+        };
+        let (send, conn) = timeout(deadline, connect).await.map_err(|_| unavailable("connect timed out".into()))??;
+        let alive = Rc::new(Cell::new(true));
+        let link = Link { send: send.clone(), proxy: Rc::from(proxy), alive: alive.clone() };
+        self.links.borrow_mut().insert(addr.to_string(), link);
+        let (shard2, addr2, proxy2) = (shard.clone(), addr.to_string(), proxy.to_string());
+        glommio::spawn_local(async move {
+            let why = futures_lite::future::or(drive_client(conn, &h2), async {
+                shard2.closing.wait().await;
+                "proxy_stopping"
+            })
+            .await;
+            alive.set(false);
+            let mut links = shard2.peers.links.borrow_mut();
+            if links.get(&addr2).is_some_and(|l| !l.alive.get()) {
+                links.remove(&addr2);
+            }
+            tracing::info!(peer = proxy2, addr = addr2, why, "peer link closed");
+        })
+        .detach();
+        tracing::info!(peer = proxy, addr, shard = shard.index, "peer link up");
+        Ok(send)
+    }
+}
+
+/// Dials `target` through the proxies that hold it and relays the call.
+pub async fn dial(
+    shard: &Rc<Shard>,
+    mut routes: Vec<RemoteRoute>,
+    target: DialTarget,
+    rx: RecvStream,
+    rest: Bytes,
+    respond: SendResponse<Bytes>,
+) {
+    shard.stats.dials_peered.inc();
+    // Live links first.
+    routes.sort_by_key(|r| !r.peer_addr.as_deref().is_some_and(|a| shard.peers.has(a)));
+    let end = Instant::now() + shard.shared.dial_timeout;
+    let mut last = Status::new(Code::Unavailable, format!("no peer address for agent {:?}", target.agent));
+    for r in routes {
+        let Some(addr) = r.peer_addr.as_deref() else { continue };
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut send = match shard.peers.get(shard, addr, &r.proxy, left).await {
+            Ok(s) => s,
+            Err(s) => {
+                last = s;
+                continue;
+            }
+        };
+        let first = encode_msg(&target.to_frame());
+        match open_dial(&mut send, &r.proxy, paths::PEER_DIAL, first, end.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(opened) => return relay_opened(shard, opened, rx, rest, respond).await,
+            Err(s) if matches!(s.code, Code::Unavailable | Code::NotFound) => {
+                tracing::debug!(agent = target.agent, peer = &*r.proxy, status = %s, "peer refused the dial; trying the next");
+                last = s;
+            }
+            Err(s) => return fail(shard, respond, &s),
+        }
+    }
+    fail(shard, respond, &last)
+}
+
+/// Answers `proto.ProxyService/Ping`.
+pub fn answer_ping(mut respond: SendResponse<Bytes>) {
+    if let Ok(mut tx) = respond_ok(&mut respond) {
+        let _ = tx.send_data(encode_msg(&ProxyServicePingResponse {}), false);
+        let _ = tx.send_trailers(Status::ok().to_trailers());
+    }
+}

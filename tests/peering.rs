@@ -1,0 +1,120 @@
+//! Peering stories: proxies reach agents held by other proxies over
+//! persistent HTTP/2 peer links (mTLS, role proxy).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, random_bytes, sha256};
+use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::demo::load::echo_roundtrip;
+use ringpeer::demo::targets::{self, Kind};
+use ringpeer::route::store::{MemoryStore, StoreFactory};
+use ringpeer::wire::DialTarget;
+
+fn t(s: &str) -> DialTarget {
+    DialTarget::parse(s).unwrap()
+}
+
+fn start(certs: &CertDir, store: &Arc<dyn StoreFactory>, id: &str, shards: usize) -> ProxyHandle {
+    let cfg = proxy_config(&certs.path, id, shards);
+    let l = ringpeer::Listeners::bind(&cfg).unwrap();
+    ProxyHandle::start_full(cfg, l, Some(store.clone())).unwrap()
+}
+
+#[test]
+fn an_agent_connected_only_to_c_is_reached_from_a_and_b_with_16_mib_intact() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = start(&certs, &store, "proxy-a", 2);
+    let b = start(&certs, &store, "proxy-b", 1);
+    let c = start(&certs, &store, "proxy-c", 2);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    c.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    for p in [&a, &b] {
+        eventually("route via proxy-c", || p.routes().get("agent-1").is_some_and(|r| !r.remote.is_empty()));
+    }
+    let data = Arc::new(random_bytes(16 << 20));
+    let sum = sha256(&data);
+    for p in [&a, &b] {
+        let d = data.clone();
+        let back = common::with_client(p.client_addr, &certs.path, "client", move |cl| async move {
+            echo_roundtrip(&cl, &t("agent-1/echo"), &d).await
+        });
+        assert_eq!(sha256(&back.expect("dial through the peer link")), sum);
+        assert_eq!(p.metrics.sum(|s| s.dials_peered.get()), 1);
+    }
+    assert!(c.metrics.sum(|s| s.dials.get()) >= 2, "C served the peer dials");
+}
+
+#[test]
+fn a_thousand_concurrent_streams_share_one_peer_link() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = start(&certs, &store, "proxy-a", 1);
+    let c = start(&certs, &store, "proxy-c", 1);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("route via proxy-c", || a.routes().get("agent-1").is_some_and(|r| !r.remote.is_empty()));
+    let ok = common::with_client(a.client_addr, &certs.path, "client", |cl| async move {
+        let tasks: Vec<_> = (0..1000usize)
+            .map(|i| {
+                let cl = cl.clone();
+                glommio::spawn_local(async move {
+                    let payload: Vec<u8> = (0..1024 + i).map(|j| (i + j) as u8).collect();
+                    echo_roundtrip(&cl, &t("agent-1/echo"), &payload).await.map(|b| b == payload)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            if task.await == Ok(true) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(ok, 1000);
+    assert_eq!(a.metrics.sum(|s| s.dials_peered.get()), 1000);
+}
+
+#[test]
+fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let a = start(&certs, &store, "proxy-a", 1);
+    let peer_addr = a.routes_eventually_self_peer_addr();
+    for name in ["client", "agent-1"] {
+        let role = if name == "client" {
+            ringpeer::transport::identity::Role::Client
+        } else {
+            ringpeer::transport::identity::Role::Agent
+        };
+        let m = ringpeer::transport::tls::TlsMaterial::load(
+            &ringpeer::transport::tls::TlsFiles::in_dir(&certs.path, name),
+            "demo",
+            role,
+        )
+        .unwrap();
+        let cfg = m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap();
+        let addr = peer_addr.clone();
+        let r = ringpeer::runtime::block_on("rogue-peer", move || async move {
+            match ringpeer::forward::Client::connect(&addr, &cfg, &Default::default()).await {
+                Ok(c) => {
+                    c.dial(&t("agent-1/echo"), Duration::from_secs(2)).await.map(|_| ()).map_err(|s| s.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .unwrap();
+        assert!(r.is_err(), "{name} must not talk to the peer port");
+    }
+    eventually("refusals counted", || a.metrics.sum(|s| s.error_count("tls_handshake")) >= 2);
+}
