@@ -10,6 +10,7 @@ use common::{eventually, random_bytes, sha256};
 use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
 use ringpeer::demo::load::echo_roundtrip;
 use ringpeer::demo::targets::{self, Kind};
+use ringpeer::route::model::Strategy;
 use ringpeer::route::store::{MemoryStore, StoreFactory};
 use ringpeer::wire::DialTarget;
 
@@ -17,8 +18,11 @@ fn t(s: &str) -> DialTarget {
     DialTarget::parse(s).unwrap()
 }
 
+/// A proxy of a `proxy_peering` cluster (one tunnel per agent unless a test
+/// changes it) sharing `store` with the others.
 fn start(certs: &CertDir, store: &Arc<dyn StoreFactory>, id: &str, shards: usize) -> ProxyHandle {
-    let cfg = proxy_config(&certs.path, id, shards);
+    let mut cfg = proxy_config(&certs.path, id, shards);
+    cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 1 };
     let l = ringpeer::Listeners::bind(&cfg).unwrap();
     ProxyHandle::start_full(cfg, l, Some(store.clone())).unwrap()
 }
@@ -117,4 +121,68 @@ fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
         assert!(r.is_err(), "{name} must not talk to the peer port");
     }
     eventually("refusals counted", || a.metrics.sum(|s| s.error_count("tls_handshake")) >= 2);
+}
+
+fn tunnels(ps: &[&ProxyHandle]) -> Vec<i64> {
+    ps.iter().map(|p| p.metrics.shards.iter().map(|s| s.tunnels.get()).sum()).collect()
+}
+
+#[test]
+fn the_agent_keeps_the_strategy_s_tunnel_count_and_follows_runtime_changes_without_breaking_streams() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let mem = MemoryStore::new(10_000);
+    let store: Arc<dyn StoreFactory> = Arc::new(mem.clone());
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = start(&certs, &store, "proxy-a", 1);
+    let b = start(&certs, &store, "proxy-b", 1);
+    let c = start(&certs, &store, "proxy-c", 1);
+    let all = [&a, &b, &c];
+    eventually("A knows the fleet", || a.routes().proxies.len() == 3);
+    {
+        use ringpeer::route::store::RouteStore;
+        let mut s = mem.clone();
+        s.set_strategy(Strategy::ProxyPeering { agent_connection_count: 2 }).unwrap();
+    }
+    eventually("strategy everywhere", || {
+        all.iter().all(|p| p.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 })
+    });
+    // The agent is configured with A only, and discovers the rest.
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[a.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("exactly two tunnels", || {
+        tunnels(&all).iter().sum::<i64>() == 2 && tunnels(&all).iter().all(|n| *n <= 1)
+    });
+    // A stream stays open across two strategy switches.
+    let (addr, dir) = (c.client_addr, certs.path.clone());
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let streamer = std::thread::spawn(move || {
+        common::with_client(addr, &dir, "client", move |cl| async move {
+            let mut d = ringpeer::demo::load::open(&cl, &t("agent-1/echo")).await.unwrap();
+            let mut back = Vec::new();
+            d.write(b"before").await.unwrap();
+            d.read_exact(&mut back, 6).await.unwrap();
+            ready_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            d.write(b" after").await.unwrap();
+            d.read_exact(&mut back, 12).await.unwrap();
+            d.close_write().unwrap();
+            while d.read().await.unwrap().is_some() {}
+            (back, d.status().await)
+        })
+    });
+    ready_rx.recv().unwrap();
+    {
+        use ringpeer::route::store::RouteStore;
+        let mut s = mem.clone();
+        s.set_strategy(Strategy::AgentMesh).unwrap();
+        eventually("mesh: a tunnel to every proxy", || tunnels(&all) == vec![1, 1, 1]);
+        s.set_strategy(Strategy::ProxyPeering { agent_connection_count: 1 }).unwrap();
+        eventually("peering 1: one tunnel", || tunnels(&all).iter().sum::<i64>() == 1);
+    }
+    go_tx.send(()).unwrap();
+    let (back, status) = streamer.join().unwrap();
+    assert_eq!(back, b"before after", "the open stream survived both switches");
+    assert!(status.is_ok(), "{status}");
 }

@@ -335,7 +335,8 @@ mod processes {
         let cfg = format!(
             "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
              admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
-             [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n",
+             [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n\
+             [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = 1\n",
             redis.url()
         );
         let path = dir.join(format!("{id}.toml"));
@@ -441,10 +442,12 @@ mod processes {
         eventually("A routes agent-1 via B", || routes_of(admin_a, "agent-1") == ["proxy-b"]);
         drop(b); // SIGKILL: B never cleans up.
         let t0 = Instant::now();
-        eventually("B's routes expire on A", || routes_of(admin_a, "agent-1").is_empty());
+        eventually("B's routes expire on A", || !routes_of(admin_a, "agent-1").contains(&"proxy-b".to_string()));
         let took = t0.elapsed();
         assert!(took < Duration::from_millis(1_500 + 700), "expired after {took:?}, TTL is 1.5 s");
         assert!(routes_json(admin_a)["proxies"]["proxy-b"].is_null());
+        // With agent_connection_count = 1 the agent replaces its lost tunnel.
+        eventually("the agent moved to A", || routes_of(admin_a, "agent-1") == ["local"]);
         eprintln!("proxy-b's routes left A's view {took:?} after kill -9 (TTL 1.5 s)");
     }
 }

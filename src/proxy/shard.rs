@@ -111,6 +111,8 @@ pub struct Shard {
     routes: RefCell<Arc<RouteTable>>,
     /// Peer links of this shard, by peer address.
     pub peers: crate::peer::PeerPool,
+    /// Tasks waiting for the next route snapshot.
+    route_waiters: RefCell<Vec<std::task::Waker>>,
     next_conn: Cell<u64>,
 }
 
@@ -135,6 +137,7 @@ impl Shard {
             tunnels: RefCell::default(),
             routes: RefCell::default(),
             peers: Default::default(),
+            route_waiters: RefCell::default(),
             next_conn: Cell::new(0),
         }
     }
@@ -202,6 +205,22 @@ impl Shard {
         self.routes.borrow().clone()
     }
 
+    /// The first snapshot newer than `version`.
+    pub async fn next_routes(&self, version: u64) -> Arc<RouteTable> {
+        std::future::poll_fn(|cx| {
+            let cur = self.routes.borrow().clone();
+            if cur.version > version {
+                return std::task::Poll::Ready(cur);
+            }
+            let mut ws = self.route_waiters.borrow_mut();
+            if !ws.iter().any(|w| w.will_wake(cx.waker())) {
+                ws.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
     /// Handles this shard's mailbox until the shard stops.
     pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg>) {
         loop {
@@ -210,6 +229,10 @@ impl Shard {
                     let mut cur = self.routes.borrow_mut();
                     if t.version > cur.version {
                         *cur = t;
+                        drop(cur);
+                        for w in self.route_waiters.borrow_mut().drain(..) {
+                            w.wake();
+                        }
                     }
                 }
                 ShardMsg::Dial(d) => {

@@ -18,15 +18,15 @@ use h2::{RecvStream, SendStream};
 use http::Request;
 
 use crate::proxy::shard::{Shard, TunnelRef};
+use crate::route::model::Strategy;
+use crate::route::RouteTable;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
 use crate::transport::h2conf::drive_client;
 use crate::transport::identity::valid_name;
 use crate::wire::codec::{encode_msg, MsgDecoder};
 use crate::wire::paths;
-use crate::wire::pb::v1::{
-    agent_message, control_message, tunnel_strategy, AgentMessage, ControlMessage, ProxyEntry, ProxySet, TunnelStrategy,
-};
+use crate::wire::pb::v1::{agent_message, control_message, AgentMessage, ControlMessage, ProxyEntry, ProxySet};
 
 /// Most services an agent may announce.
 pub const MAX_SERVICES: usize = 1024;
@@ -57,7 +57,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         }
     };
     let driver = glommio::spawn_local(async move { drive_client(conn, &h2cfg).await });
-    let (services, ctrl_rx, _ctrl_tx) =
+    let (services, ctrl_rx, mut ctrl_tx) =
         match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -72,35 +72,68 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let conn_id = shard.next_conn_id();
     shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
-    let ended = or(driver, async {
-        watch_control(ctrl_rx).await;
-        "control_stream_closed"
-    });
-    let why = or(ended, async {
+    let sent = membership(&shard, &shard.routes());
+    let mut driver = driver;
+    let closing = || async {
         shard.closing.wait().await;
         "proxy_stopping"
-    })
-    .await;
+    };
+    let control_ended = async {
+        or(watch_control(ctrl_rx), push_membership(&shard, &mut ctrl_tx, sent)).await;
+        "control_stream_closed"
+    };
+    let why = or(or(&mut driver, control_ended), closing()).await;
     shard.remove_tunnel(&agent, conn_id);
+    if why == "control_stream_closed" {
+        // The agent is draining this tunnel: no new dials, but the streams
+        // already on it finish.
+        tracing::info!(agent, shard = shard.index, "agent tunnel draining");
+        let _ = or(&mut driver, closing()).await;
+    }
     tracing::info!(agent, shard = shard.index, why, "agent tunnel down");
 }
 
-fn control_frames(shard: &Shard) -> Bytes {
+/// What agents are told: the live proxies (id, tunnel address) and the
+/// cluster's strategy.
+fn membership(shard: &Shard, t: &RouteTable) -> (Vec<(String, String)>, Strategy) {
+    let mut proxies: Vec<(String, String)> =
+        t.proxies.values().map(|p| (p.id.clone(), p.tunnel_addr.clone())).collect();
+    if !proxies.iter().any(|(id, _)| *id == shard.shared.id) {
+        proxies.push((shard.shared.id.clone(), shard.shared.tunnel_addr.clone()));
+    }
+    proxies.sort();
+    (proxies, t.strategy)
+}
+
+fn control_frames(shard: &Shard, m: &(Vec<(String, String)>, Strategy)) -> Bytes {
     let set = ControlMessage {
         message: Some(control_message::Message::ProxySet(ProxySet {
             self_: shard.shared.id.clone(),
-            proxies: vec![ProxyEntry { id: shard.shared.id.clone(), tunnel_addr: shard.shared.tunnel_addr.clone() }],
+            proxies: m.0.iter().map(|(id, addr)| ProxyEntry { id: id.clone(), tunnel_addr: addr.clone() }).collect(),
         })),
     };
-    let strategy = ControlMessage {
-        message: Some(control_message::Message::Strategy(TunnelStrategy {
-            r#type: tunnel_strategy::Kind::AgentMesh as i32,
-            agent_connection_count: 1,
-        })),
-    };
+    let strategy = ControlMessage { message: Some(control_message::Message::Strategy(m.1.to_pb())) };
     let mut b = encode_msg(&set).to_vec();
     b.extend_from_slice(&encode_msg(&strategy));
     b.into()
+}
+
+/// Tells the agent whenever the proxy set or the strategy changes.
+async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (Vec<(String, String)>, Strategy)) {
+    // Version 0: compare with the current snapshot first, in case it
+    // changed since the first frames went out.
+    let mut version = 0;
+    loop {
+        let t = shard.next_routes(version).await;
+        version = t.version;
+        let m = membership(shard, &t);
+        if m != sent {
+            if tx.send_data(control_frames(shard, &m), false).is_err() {
+                return;
+            }
+            sent = m;
+        }
+    }
 }
 
 /// Opens Agent/Control, tells the agent the proxy set and strategy, and
@@ -116,7 +149,7 @@ async fn open_control(
         .body(())
         .map_err(|e| e.to_string())?;
     let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    tx.send_data(control_frames(shard), false).map_err(|e| e.to_string())?;
+    tx.send_data(control_frames(shard, &membership(shard, &shard.routes())), false).map_err(|e| e.to_string())?;
     let resp = resp.await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("agent answered HTTP {}", resp.status()));

@@ -1,12 +1,14 @@
-//! The agent: dials out to proxies (it never listens), keeps a reverse
-//! tunnel to each, and serves dials by connecting to its local services.
+//! The agent: dials out to proxies (it never listens), keeps reverse
+//! tunnels to the proxies its strategy asks for ([`super::strategy`]), and
+//! serves dials by connecting to its local services.
 //!
 //! Invariants: each tunnel reconnects with capped jittered backoff and logs
 //! once per state change, not once per retry; a dial for an unknown service
 //! or a refusing target ends with NOT_FOUND / UNAVAILABLE and a message that
 //! names them; bytes go target ↔ tunnel through [`splice`].
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,11 +23,14 @@ use h2::RecvStream;
 use http::Request;
 
 use super::backoff::Backoff;
+use super::strategy::{desired, Membership, Slot};
 use crate::config::AgentConfig;
 use crate::relay::handshake::{read_dial_request, respond_ok, respond_status};
 use crate::relay::splice::{splice, split_tcp, Side};
+use crate::route::model::Strategy;
 use crate::runtime::{timeout, Shutdown};
 use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
+use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
 use crate::transport::{connect_tls, resolve, ClientTls};
@@ -41,6 +46,7 @@ struct AgentCtx {
     h2: H2Tuning,
     connect_timeout: Duration,
     shutdown: Shutdown,
+    membership: RefCell<Membership>,
 }
 
 /// Runs an agent until `shutdown` fires.
@@ -66,25 +72,81 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             h2: cfg.h2,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             shutdown,
+            membership: RefCell::default(),
         });
-        let loops: Vec<_> = proxies.into_iter().map(|p| glommio::spawn_local(tunnel_loop(ctx.clone(), p))).collect();
-        for l in loops {
-            l.await;
-        }
+        manage(ctx, proxies).await;
     })?;
     Ok(())
 }
 
-async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String) {
+/// Keeps the set of tunnels the strategy asks for, until shutdown.
+async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
+    let mut slots: HashMap<String, (Slot, glommio::task::JoinHandle<()>)> = HashMap::new();
+    let mut last: Option<(u64, Vec<String>)> = None;
+    while !ctx.shutdown.is_triggered() {
+        slots.retain(|_, (s, _)| !s.ended.get());
+        let now = Instant::now();
+        let view: HashMap<String, Slot> = slots
+            .iter()
+            .map(|(a, (s, _))| {
+                let v = Slot {
+                    stop: s.stop.clone(),
+                    up: s.up.clone(),
+                    since: s.since.clone(),
+                    proxy: s.proxy.clone(),
+                    ended: s.ended.clone(),
+                };
+                (a.clone(), v)
+            })
+            .collect();
+        let want = desired(&ctx.id, &ctx.membership.borrow(), &seeds, &view, now);
+        for a in &want {
+            if !slots.contains_key(a) {
+                let slot = Slot::new();
+                let copy = Slot {
+                    stop: slot.stop.clone(),
+                    up: slot.up.clone(),
+                    since: slot.since.clone(),
+                    proxy: slot.proxy.clone(),
+                    ended: slot.ended.clone(),
+                };
+                let task = glommio::spawn_local(tunnel_loop(ctx.clone(), a.clone(), copy)).detach();
+                slots.insert(a.clone(), (slot, task));
+            }
+        }
+        for (a, (s, _)) in &slots {
+            if !want.contains(a) && !s.stop.is_triggered() {
+                tracing::info!(agent = ctx.id, addr = a, "draining tunnel: no longer wanted by the strategy");
+                s.stop.trigger();
+            }
+        }
+        let generation = ctx.membership.borrow().generation;
+        if last.as_ref() != Some(&(generation, want.clone())) {
+            tracing::debug!(agent = ctx.id, ?want, strategy = %ctx.membership.borrow().strategy, "tunnel set");
+            last = Some((generation, want));
+        }
+        or(glommio::timer::sleep(Duration::from_millis(100)), ctx.shutdown.wait()).await;
+    }
+    for (_, (s, _)) in slots {
+        s.stop.trigger();
+    }
+}
+
+async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut last_error: Option<String> = None;
-    while !ctx.shutdown.is_triggered() {
+    while !ctx.shutdown.is_triggered() && !slot.stop.is_triggered() {
         let started = Instant::now();
         match connect_tls(&ctx.tls, &addr, ctx.h2.handshake_timeout()).await {
             Ok((tls, proxy)) => {
                 last_error = None;
+                *slot.proxy.borrow_mut() = Some(proxy.name.clone());
+                slot.up.set(true);
+                slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, "tunnel up");
-                let why = serve_tunnel(ctx.clone(), tls).await;
+                let why = serve_tunnel(ctx.clone(), tls, &slot.stop).await;
+                slot.up.set(false);
+                slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, why, "tunnel down");
                 if started.elapsed() > Duration::from_secs(5) {
                     backoff.reset();
@@ -98,23 +160,34 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String) {
                 }
             }
         }
-        or(glommio::timer::sleep(backoff.next_delay()), ctx.shutdown.wait()).await;
+        let wait = or(glommio::timer::sleep(backoff.next_delay()), ctx.shutdown.wait());
+        or(wait, slot.stop.wait()).await;
     }
+    slot.ended.set(true);
 }
 
-async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls) -> &'static str {
+async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'static str {
     let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(tls)).await {
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",
     };
     let active = ActiveStreams::default();
-    serve(conn, &ctx.h2, &ctx.shutdown, &active, true, |req, respond| {
-        let (ctx, guard) = (ctx.clone(), active.enter());
+    // Drain on agent shutdown or when the strategy no longer wants this tunnel.
+    let drain = Shutdown::new();
+    let d = drain.clone();
+    let (sd, st) = (ctx.shutdown.clone(), stop.clone());
+    glommio::spawn_local(async move {
+        or(sd.wait(), st.wait()).await;
+        d.trigger();
+    })
+    .detach();
+    serve(conn, &ctx.h2, &drain, &active, true, |req, respond| {
+        let (ctx, guard, drain) = (ctx.clone(), active.enter(), drain.clone());
         glommio::spawn_local(async move {
             let _guard = guard;
             match req.uri().path() {
                 paths::AGENT_DIAL => handle_dial(ctx, req, respond).await,
-                paths::AGENT_CONTROL => handle_control(ctx, req, respond).await,
+                paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
                 other => respond_status(respond, &Status::new(Code::Unimplemented, format!("unknown method {other}"))),
             }
         })
@@ -123,7 +196,14 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls) -> &'static str {
     .await
 }
 
-async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// Serves Agent/Control until the proxy closes it or the tunnel drains
+/// (ending it first tells the proxy to stop routing new dials here).
+async fn handle_control(
+    ctx: Rc<AgentCtx>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    drain: Shutdown,
+) {
     let Ok(mut tx) = respond_ok(&mut respond) else { return };
     let hello = AgentMessage {
         message: Some(agent_message::Message::Hello(AgentHello {
@@ -140,7 +220,7 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
         // On shutdown the control stream ends first, so the proxy stops
         // routing here and the tunnel drains.
         let next = or(async { poll_fn(|cx| rx.poll_data(cx)).await }, async {
-            ctx.shutdown.wait().await;
+            drain.wait().await;
             None
         });
         let Some(Ok(c)) = next.await else { break };
@@ -150,11 +230,30 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
             match dec.decode_next::<ControlMessage>() {
                 Ok(Some(m)) => match m.message {
                     Some(control_message::Message::ProxySet(s)) => {
-                        tracing::debug!(agent = ctx.id, proxy = s.self_, proxies = s.proxies.len(), "proxy set")
+                        let set: BTreeMap<String, String> = s
+                            .proxies
+                            .into_iter()
+                            .filter(|p| valid_name(&p.id) && !p.tunnel_addr.is_empty())
+                            .map(|p| (p.id, p.tunnel_addr))
+                            .collect();
+                        let mut m = ctx.membership.borrow_mut();
+                        if m.proxies != set {
+                            tracing::info!(agent = ctx.id, from = s.self_, proxies = ?set.keys().collect::<Vec<_>>(), "proxy set");
+                            m.proxies = set;
+                            m.generation += 1;
+                        }
                     }
-                    Some(control_message::Message::Strategy(s)) => {
-                        tracing::debug!(agent = ctx.id, ?s, "tunnel strategy")
-                    }
+                    Some(control_message::Message::Strategy(s)) => match Strategy::from_pb(&s) {
+                        Ok(s) => {
+                            let mut m = ctx.membership.borrow_mut();
+                            if m.strategy != s {
+                                tracing::info!(agent = ctx.id, strategy = %s, "tunnel strategy");
+                                m.strategy = s;
+                                m.generation += 1;
+                            }
+                        }
+                        Err(e) => tracing::warn!(agent = ctx.id, error = %e, "ignoring a bad strategy"),
+                    },
                     None => {}
                 },
                 Ok(None) => break,

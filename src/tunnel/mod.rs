@@ -6,3 +6,4 @@
 pub mod accept;
 pub mod agent;
 pub mod backoff;
+pub mod strategy;

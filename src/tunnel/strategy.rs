@@ -1,0 +1,156 @@
+//! The agent's tunnel manager: which proxies to keep tunnels to.
+//!
+//! Invariants:
+//! - `agent_mesh`: a tunnel to every known proxy. `proxy_peering`: tunnels
+//!   to exactly `agent_connection_count` distinct proxies, as long as that
+//!   many exist.
+//! - The proxy set and strategy come from the proxies over `Agent/Control`;
+//!   the configured addresses only seed discovery.
+//! - A tunnel that has been down longer than [`FAILED_AFTER`] is replaced
+//!   when another proxy is available.
+//! - A tunnel that is no longer wanted drains (GOAWAY): its open streams
+//!   finish, and no new ones start.
+//! - Proxies are chosen in an order hashed from the agent id, so a fleet of
+//!   agents spreads over the proxies.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::route::model::Strategy;
+use crate::runtime::Shutdown;
+
+/// A tunnel down this long counts as failed and is replaced.
+pub const FAILED_AFTER: Duration = Duration::from_secs(2);
+
+/// What the proxies told the agent.
+#[derive(Debug, Default)]
+pub struct Membership {
+    /// The strategy in force.
+    pub strategy: Strategy,
+    /// Known proxies: id → tunnel address.
+    pub proxies: BTreeMap<String, String>,
+    /// Bumped on every change.
+    pub generation: u64,
+}
+
+/// One tunnel the agent runs, keyed by address.
+#[derive(Clone)]
+pub struct Slot {
+    /// Fires to drain and end this tunnel.
+    pub stop: Shutdown,
+    /// Whether the tunnel is established.
+    pub up: Rc<Cell<bool>>,
+    /// When `up` last changed.
+    pub since: Rc<Cell<Instant>>,
+    /// The proxy's id, once connected.
+    pub proxy: Rc<RefCell<Option<String>>>,
+    /// Set when the tunnel task has ended.
+    pub ended: Rc<Cell<bool>>,
+}
+
+impl Slot {
+    /// A fresh slot (connecting).
+    pub fn new() -> Slot {
+        Slot {
+            stop: Shutdown::new(),
+            up: Rc::default(),
+            since: Rc::new(Cell::new(Instant::now())),
+            proxy: Rc::default(),
+            ended: Rc::default(),
+        }
+    }
+
+    /// Whether the slot is up, or still within its grace period.
+    pub fn healthy(&self, now: Instant) -> bool {
+        self.up.get() || now.duration_since(self.since.get()) < FAILED_AFTER
+    }
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot::new()
+    }
+}
+
+fn spread(agent: &str, addr: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (agent, addr).hash(&mut h);
+    h.finish()
+}
+
+/// The tunnel addresses the agent should hold now.
+pub fn desired(
+    agent: &str,
+    m: &Membership,
+    seeds: &[String],
+    slots: &HashMap<String, Slot>,
+    now: Instant,
+) -> Vec<String> {
+    let mut candidates: Vec<String> =
+        if m.proxies.is_empty() { seeds.to_vec() } else { m.proxies.values().cloned().collect() };
+    candidates.sort_by_key(|a| spread(agent, a));
+    candidates.dedup();
+    let want = match m.strategy {
+        Strategy::AgentMesh => return candidates,
+        Strategy::ProxyPeering { agent_connection_count } => agent_connection_count.max(1) as usize,
+    };
+    // Keep healthy tunnels first (up ones before connecting ones), then add
+    // new proxies, then fall back to failed ones if nothing else exists.
+    let mut keep: Vec<String> = Vec::with_capacity(want);
+    let mut ranked: Vec<&String> = candidates.iter().collect();
+    ranked.sort_by_key(|a| match slots.get(*a) {
+        Some(s) if s.up.get() => 0,
+        Some(s) if s.healthy(now) => 1,
+        None => 2,
+        Some(_) => 3,
+    });
+    for a in ranked {
+        if keep.len() == want {
+            break;
+        }
+        keep.push(a.clone());
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(strategy: Strategy, n: usize) -> Membership {
+        Membership {
+            strategy,
+            proxies: (0..n).map(|i| (format!("p{i}"), format!("10.0.0.{i}:3024"))).collect(),
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn mesh_takes_all_and_peering_takes_n_replacing_failed_ones() {
+        let now = Instant::now();
+        let mut slots = HashMap::new();
+        assert_eq!(desired("a", &m(Strategy::AgentMesh, 3), &[], &slots, now).len(), 3);
+        let peering = m(Strategy::ProxyPeering { agent_connection_count: 2 }, 3);
+        let first = desired("a", &peering, &[], &slots, now);
+        assert_eq!(first.len(), 2);
+        for a in &first {
+            let s = Slot::new();
+            s.up.set(true);
+            slots.insert(a.clone(), s);
+        }
+        assert_eq!(desired("a", &peering, &[], &slots, now), first, "stable while healthy");
+        // One tunnel fails for longer than the grace period: it is replaced.
+        let failed = &first[0];
+        slots[failed].up.set(false);
+        slots[failed].since.set(now - FAILED_AFTER * 2);
+        let next = desired("a", &peering, &[], &slots, now);
+        assert_eq!(next.len(), 2);
+        assert!(!next.contains(failed) && next.contains(&first[1]));
+        // With no proxies known yet, the configured seeds are used.
+        let seeds = vec!["seed:1".to_string()];
+        assert_eq!(desired("a", &Membership::default(), &seeds, &HashMap::new(), now), seeds);
+    }
+}
