@@ -186,3 +186,83 @@ fn the_agent_keeps_the_strategy_s_tunnel_count_and_follows_runtime_changes_witho
     assert_eq!(back, b"before after", "the open stream survived both switches");
     assert!(status.is_ok(), "{status}");
 }
+
+#[test]
+fn killing_one_of_the_agent_s_two_proxies_keeps_dials_working_and_the_agent_restores_two_tunnels() {
+    use common::procs::{agent, proxy, routes_json, routes_of};
+    use common::redis_server::Redis;
+    use std::time::Instant;
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let dir = &certs.path;
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let mut procs = std::collections::HashMap::new();
+    let mut admins = std::collections::HashMap::new();
+    let mut seed = None;
+    for id in ["proxy-a", "proxy-b", "proxy-c"] {
+        let (p, tunnel, admin) = proxy(dir, &redis, id, 1_500, 2);
+        seed.get_or_insert(tunnel);
+        procs.insert(id, p);
+        admins.insert(id, admin);
+    }
+    let _agent = agent(dir, "agent-1", seed.unwrap(), echo.addr);
+    // Which two proxies hold the agent? Enter at the third.
+    let holders = || -> Vec<&'static str> {
+        ["proxy-a", "proxy-b", "proxy-c"]
+            .into_iter()
+            .filter(|id| {
+                routes_of(admins[id], "agent-1") == ["local"]
+                    || routes_of(admins[id], "agent-1").contains(&"local".to_string())
+            })
+            .collect()
+    };
+    eventually("two tunnels", || holders().len() == 2);
+    let held = holders();
+    let entry = ["proxy-a", "proxy-b", "proxy-c"].into_iter().find(|id| !held.contains(id)).unwrap();
+    let victim = held[0];
+    let client: std::net::SocketAddr =
+        routes_json(admins[entry])["proxies"][entry]["client_addr"].as_str().unwrap().parse().unwrap();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let dir2 = dir.clone();
+    let dialer = std::thread::spawn(move || {
+        common::with_client(client, &dir2, "client", move |cl| async move {
+            let t0 = Instant::now();
+            let mut results = Vec::new();
+            while t0.elapsed() < Duration::from_secs(6) {
+                if t0.elapsed() > Duration::from_secs(1) {
+                    let _ = kill_tx.send(());
+                }
+                let at = t0.elapsed();
+                let dial = ringpeer::runtime::timeout(
+                    Duration::from_secs(2),
+                    echo_roundtrip(&cl, &t("agent-1/echo"), b"ping"),
+                )
+                .await;
+                results.push((at, matches!(dial, Ok(Ok(ref b)) if b == b"ping")));
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            results
+        })
+    });
+    kill_rx.recv().unwrap();
+    drop(procs.remove(victim)); // kill -9
+    let killed_at = Instant::now();
+    // The agent replaces the lost tunnel (after FAILED_AFTER): two live proxies hold it again.
+    eventually("two tunnels again", || {
+        let live: Vec<_> = ["proxy-a", "proxy-b", "proxy-c"].into_iter().filter(|id| *id != victim).collect();
+        live.iter().all(|id| routes_of(admins[id], "agent-1").contains(&"local".to_string()))
+    });
+    let restored = killed_at.elapsed();
+    let results = dialer.join().unwrap();
+    let failed = results.iter().filter(|(_, ok)| !ok).count();
+    // Longest gap between two successful dials.
+    let oks: Vec<Duration> = results.iter().filter(|(_, ok)| *ok).map(|(at, _)| *at).collect();
+    let gap = oks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    eprintln!(
+        "{} dials, {failed} failed; longest gap between successful dials {gap:?} ({entry} -> peers, {victim} killed)",
+        results.len()
+    );
+    assert!(oks.len() > results.len() / 2, "most dials succeed");
+    assert!(gap < Duration::from_secs(3), "longest failed-dial window {gap:?}");
+    eprintln!("agent back to two tunnels {restored:?} after the kill");
+}

@@ -308,94 +308,10 @@ fn strategy_is_seeded_once_and_changes_propagate_to_every_proxy() {
 
 mod processes {
     use super::*;
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{SocketAddr, TcpStream};
-    use std::path::Path;
-    use std::process::{Child, Command, Stdio};
+    use common::procs::{agent, proxy, routes_json, routes_of};
+    use std::process::Command;
 
     const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
-
-    struct Proc(Child);
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn free_addr() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-    }
-
-    /// A proxy process on the Redis backend; returns it, its tunnel address
-    /// and its admin address.
-    fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64) -> (Proc, SocketAddr, SocketAddr) {
-        let admin = free_addr();
-        let d = dir.display();
-        let cfg = format!(
-            "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
-             admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
-             [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n\
-             [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = 1\n",
-            redis.url()
-        );
-        let path = dir.join(format!("{id}.toml"));
-        std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["proxy", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let line = lines.next().unwrap().unwrap();
-        std::thread::spawn(move || for _ in lines {});
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let tunnel = w[w.iter().position(|x| *x == "tunnel").unwrap() + 1].parse().unwrap();
-        (Proc(child), tunnel, admin)
-    }
-
-    fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {
-        let d = dir.display();
-        let cfg = format!(
-            "cluster = \"demo\"\nid = \"{id}\"\nproxies = [\"{proxy}\"]\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
-             key = \"{d}/{id}-key.pem\"\n[services]\necho = \"{echo}\"\n"
-        );
-        let path = dir.join(format!("{id}.toml"));
-        std::fs::write(&path, cfg).unwrap();
-        Proc(
-            Command::new(BIN)
-                .args(["agent", "--config", path.to_str().unwrap()])
-                .env("RUST_LOG", "warn")
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn routes_json(admin: SocketAddr) -> serde_json::Value {
-        let Ok(mut s) = TcpStream::connect(admin) else { return serde_json::Value::Null };
-        let _ = s.write_all(b"GET /routes HTTP/1.0\r\n\r\n");
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        let json = body.split("\r\n\r\n").nth(1).unwrap_or("null");
-        serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn routes_of(admin: SocketAddr, agent: &str) -> Vec<String> {
-        let v = routes_json(admin);
-        let r = &v["agents"][agent];
-        let mut out: Vec<String> = r["remote"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| x["proxy"].as_str().unwrap_or("").to_string())
-            .collect();
-        if r["local"].as_array().is_some_and(|l| !l.is_empty()) {
-            out.push("local".into());
-        }
-        out.sort();
-        out
-    }
 
     #[test]
     fn three_proxy_processes_converge_on_the_same_routes() {
@@ -403,9 +319,9 @@ mod processes {
         let certs = CertDir::temp().unwrap();
         let dir = &certs.path;
         let echo = targets::spawn(Kind::Echo).unwrap();
-        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 10_000);
-        let (_b, tb, admin_b) = proxy(dir, &redis, "proxy-b", 10_000);
-        let (_c, tc, admin_c) = proxy(dir, &redis, "proxy-c", 10_000);
+        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 10_000, 1);
+        let (_b, tb, admin_b) = proxy(dir, &redis, "proxy-b", 10_000, 1);
+        let (_c, tc, admin_c) = proxy(dir, &redis, "proxy-c", 10_000, 1);
         let _g1 = agent(dir, "agent-1", tb, echo.addr);
         let _g2 = agent(dir, "agent-2", tc, echo.addr);
         eventually("every proxy knows both agents", || {
@@ -436,8 +352,8 @@ mod processes {
         let certs = CertDir::temp().unwrap();
         let dir = &certs.path;
         let echo = targets::spawn(Kind::Echo).unwrap();
-        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 1_500);
-        let (b, tb, _) = proxy(dir, &redis, "proxy-b", 1_500);
+        let (_a, _, admin_a) = proxy(dir, &redis, "proxy-a", 1_500, 1);
+        let (b, tb, _) = proxy(dir, &redis, "proxy-b", 1_500, 1);
         let _g1 = agent(dir, "agent-1", tb, echo.addr);
         eventually("A routes agent-1 via B", || routes_of(admin_a, "agent-1") == ["proxy-b"]);
         drop(b); // SIGKILL: B never cleans up.

@@ -2,6 +2,7 @@
 //! the production code paths, a client runner, and payload checksums.
 #![allow(dead_code)]
 
+pub mod procs;
 pub mod redis_server;
 
 use std::future::Future;
