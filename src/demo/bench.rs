@@ -1,8 +1,9 @@
-//! `ringpeer bench`: the load generator. In one invocation it measures
-//! direct TCP and the path client → proxy → agent → target on 127.0.0.1:
-//! 64-byte ping-pong latency (HDR percentiles) and single-stream bulk
-//! throughput, repeated `--runs` times; it prints medians and the ratio of
-//! each figure to direct, and writes JSON.
+//! `ringpeer bench`: the load generator. In one invocation it measures, on
+//! 127.0.0.1, direct TCP, the one-proxy path (client → B → agent → target)
+//! and the two-proxy path (client → A → peer link → B → agent → target):
+//! 64-byte ping-pong latency (HDR percentiles), bulk throughput over 1 and
+//! 16 streams, and stream-setup rate, repeated `--runs` times; it prints
+//! medians and each figure's ratio to direct, and writes JSON.
 //!
 //! Invariant: direct and proxied runs alternate within one process, against
 //! the same targets, so machine noise hits both alike.
@@ -14,7 +15,10 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use super::load::{bulk_direct, bulk_proxy, gbps, pingpong_direct, pingpong_direct_blocking, pingpong_proxy};
+use super::load::{
+    bulk_direct, bulk_direct_n, bulk_proxy, bulk_proxy_n, gbps, pingpong_direct, pingpong_direct_blocking,
+    pingpong_proxy, setup_rate_direct, setup_rate_proxy,
+};
 use super::targets::{self, Kind};
 use crate::forward::Client;
 use crate::transport::h2conf::H2Tuning;
@@ -27,7 +31,7 @@ pub struct BenchOpts {
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Ping-pong round trips per run.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     pub iters: usize,
     /// Ping-pong message size, bytes.
     #[arg(long, default_value_t = 64)]
@@ -69,6 +73,10 @@ pub struct PathReport {
     pub round_trip: Latency,
     /// Single-stream bulk throughput, Gbit/s (median over runs).
     pub bulk_gbps: f64,
+    /// 16-stream aggregate bulk throughput, Gbit/s (median over runs).
+    pub bulk16_gbps: f64,
+    /// Streams set up per second (open, 1-byte echo, close; 16 loops).
+    pub setup_per_s: f64,
 }
 
 /// The whole report.
@@ -93,8 +101,12 @@ pub struct Report {
     pub direct: PathReport,
     /// client → proxy → agent → target.
     pub proxy: PathReport,
-    /// proxy / direct for latency p50, p99, p99.9; direct / proxy for throughput.
+    /// client → proxy A → peer link → proxy B → agent → target.
+    pub two_proxy: PathReport,
+    /// One-proxy path relative to direct.
     pub ratio: Ratios,
+    /// Two-proxy path relative to direct.
+    pub ratio_two_proxy: Ratios,
 }
 
 /// Ratios of the proxied path to direct.
@@ -108,6 +120,23 @@ pub struct Ratios {
     pub p999: f64,
     /// Throughput, proxy / direct.
     pub bulk: f64,
+    /// 16-stream throughput, proxy / direct.
+    pub bulk16: f64,
+    /// Setup rate, proxy / direct.
+    pub setup: f64,
+}
+
+impl Ratios {
+    fn of(p: &PathReport, d: &PathReport) -> Ratios {
+        Ratios {
+            p50: p.one_way.p50_us / d.one_way.p50_us,
+            p99: p.one_way.p99_us / d.one_way.p99_us,
+            p999: p.one_way.p999_us / d.one_way.p999_us,
+            bulk: p.bulk_gbps / d.bulk_gbps,
+            bulk16: p.bulk16_gbps / d.bulk16_gbps,
+            setup: p.setup_per_s / d.setup_per_s,
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -123,6 +152,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Samples {
     p: [Vec<f64>; 4],
     bulk: Vec<f64>,
+    bulk16: Vec<f64>,
+    setup: Vec<f64>,
 }
 
 impl Samples {
@@ -137,7 +168,13 @@ impl Samples {
         let [p50, p99, p999, max] = self.p.map(median);
         let rt = Latency { p50_us: p50, p99_us: p99, p999_us: p999, max_us: max };
         let ow = Latency { p50_us: p50 / 2.0, p99_us: p99 / 2.0, p999_us: p999 / 2.0, max_us: max / 2.0 };
-        PathReport { one_way: ow, round_trip: rt, bulk_gbps: median(self.bulk) }
+        PathReport {
+            one_way: ow,
+            round_trip: rt,
+            bulk_gbps: median(self.bulk),
+            bulk16_gbps: median(self.bulk16),
+            setup_per_s: median(self.setup),
+        }
     }
 }
 
@@ -148,44 +185,72 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     let echo = targets::spawn(Kind::Echo)?;
     let sink = targets::spawn(Kind::Sink)?;
     let h2 = if o.h2 == "tuned" { H2Tuning::default() } else { H2Tuning::h2_crate_defaults() };
-    let mut pc = proxy_config(&dir, "proxy-a", o.shards);
-    pc.h2 = h2.clone();
-    let proxy = ProxyHandle::start(pc)?;
-    let mut ac = agent_config(&dir, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr), ("sink", sink.addr)]);
+    // Two proxies sharing one route store; the agent keeps one tunnel, to B.
+    let store: std::sync::Arc<dyn crate::route::store::StoreFactory> =
+        std::sync::Arc::new(crate::route::store::MemoryStore::new(10_000));
+    let start = |id: &str| -> anyhow::Result<ProxyHandle> {
+        let mut pc = proxy_config(&dir, id, o.shards);
+        pc.h2 = h2.clone();
+        pc.strategy = crate::route::model::Strategy::ProxyPeering { agent_connection_count: 1 };
+        let l = crate::proxy::Listeners::bind(&pc)?;
+        ProxyHandle::start_full(pc, l, Some(store.clone()))
+    };
+    let b = start("proxy-b")?;
+    let a = start("proxy-a")?;
+    let mut ac = agent_config(&dir, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr), ("sink", sink.addr)]);
     ac.h2 = h2.clone();
-    let _agent = AgentHandle::start(ac)?;
-    proxy.wait_tunnels(1, Duration::from_secs(10))?;
+    let agent = AgentHandle::start(ac)?;
+    b.wait_tunnels(1, Duration::from_secs(10))?;
+    let t0 = std::time::Instant::now();
+    while a.routes().get("agent-1").is_none_or(|r| r.remote.is_empty()) {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "proxy-a never learned the route");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let tls = crate::forward::client_tls(&dir, "client")?;
-    let (addr, echo_addr, sink_addr) = (proxy.client_addr.to_string(), echo.addr, sink.addr);
+    let (addr_a, addr_b, echo_addr, sink_addr) =
+        (a.client_addr.to_string(), b.client_addr.to_string(), echo.addr, sink.addr);
     let opts = o.clone();
     let client_h2 = h2.clone();
-    let (direct, via) = crate::runtime::block_on("bench-client", move || async move {
-        let c = Client::connect(&addr, &tls, &client_h2).await.map_err(|e| e.to_string())?;
+    let (direct, one, two) = crate::runtime::block_on("bench-client", move || async move {
+        let e = |s: crate::wire::status::Status| s.to_string();
+        let cb = Client::connect(&addr_b, &tls, &client_h2).await.map_err(|e| e.to_string())?;
+        let ca = Client::connect(&addr_a, &tls, &client_h2).await.map_err(|e| e.to_string())?;
         let (echo_t, sink_t) = (DialTarget::parse("agent-1/echo").unwrap(), DialTarget::parse("agent-1/sink").unwrap());
-        let (mut d, mut p) = (Samples::default(), Samples::default());
+        let (mut d, mut p1, mut p2) = (Samples::default(), Samples::default(), Samples::default());
         let bytes = opts.bulk_mib << 20;
-        // Warm-up: connections, TLS sessions, allocator.
-        pingpong_proxy(&c, &echo_t, 1000, opts.size).await.map_err(|s| s.to_string())?;
-        pingpong_direct(echo_addr, 1000, opts.size).await.map_err(|s| s.to_string())?;
+        let each = (bytes / 16).max(1 << 20);
+        // Warm-up: connections, peer link, TLS sessions, allocator.
+        pingpong_proxy(&cb, &echo_t, 500, opts.size).await.map_err(e)?;
+        pingpong_proxy(&ca, &echo_t, 500, opts.size).await.map_err(e)?;
+        pingpong_direct(echo_addr, 500, opts.size).await.map_err(e)?;
         for run in 0..opts.runs {
-            let hd = pingpong_direct(echo_addr, opts.iters, opts.size).await.map_err(|s| s.to_string())?;
-            let hp = pingpong_proxy(&c, &echo_t, opts.iters, opts.size).await.map_err(|s| s.to_string())?;
+            let hd = pingpong_direct(echo_addr, opts.iters, opts.size).await.map_err(e)?;
+            let h1 = pingpong_proxy(&cb, &echo_t, opts.iters, opts.size).await.map_err(e)?;
+            let h2p = pingpong_proxy(&ca, &echo_t, opts.iters, opts.size).await.map_err(e)?;
             d.add(&hd);
-            p.add(&hp);
-            let bd = bulk_direct(sink_addr, bytes).await.map_err(|s| s.to_string())?;
-            let bp = bulk_proxy(&c, &sink_t, bytes).await.map_err(|s| s.to_string())?;
-            d.bulk.push(gbps(bytes, bd));
-            p.bulk.push(gbps(bytes, bp));
+            p1.add(&h1);
+            p2.add(&h2p);
+            d.bulk.push(gbps(bytes, bulk_direct(sink_addr, bytes).await.map_err(e)?));
+            p1.bulk.push(gbps(bytes, bulk_proxy(&cb, &sink_t, bytes).await.map_err(e)?));
+            p2.bulk.push(gbps(bytes, bulk_proxy(&ca, &sink_t, bytes).await.map_err(e)?));
+            d.bulk16.push(gbps(each * 16, bulk_direct_n(sink_addr, each, 16).await.map_err(e)?));
+            p1.bulk16.push(gbps(each * 16, bulk_proxy_n(&cb, &sink_t, each, 16).await.map_err(e)?));
+            p2.bulk16.push(gbps(each * 16, bulk_proxy_n(&ca, &sink_t, each, 16).await.map_err(e)?));
+            d.setup.push(setup_rate_direct(echo_addr, 2000, 16).await.map_err(e)?);
+            p1.setup.push(setup_rate_proxy(&cb, &echo_t, 2000, 16).await.map_err(e)?);
+            p2.setup.push(setup_rate_proxy(&ca, &echo_t, 2000, 16).await.map_err(e)?);
             eprintln!(
-                "run {}: rtt p50 direct {:.1} us proxy {:.1} us; bulk direct {:.2} Gbit/s proxy {:.2} Gbit/s",
+                "run {}: rtt p50 direct {:.1} / 1 proxy {:.1} / 2 proxies {:.1} us; bulk {:.2} / {:.2} / {:.2} Gbit/s",
                 run + 1,
                 hd.value_at_quantile(0.5) as f64 / 1000.0,
-                hp.value_at_quantile(0.5) as f64 / 1000.0,
-                gbps(bytes, bd),
-                gbps(bytes, bp)
+                h1.value_at_quantile(0.5) as f64 / 1000.0,
+                h2p.value_at_quantile(0.5) as f64 / 1000.0,
+                d.bulk[run],
+                p1.bulk[run],
+                p2.bulk[run]
             );
         }
-        Ok::<_, String>((d.report(), p.report()))
+        Ok::<_, String>((d.report(), p1.report(), p2.report()))
     })?
     .map_err(anyhow::Error::msg)
     .context("benchmark failed")?;
@@ -194,13 +259,6 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     for _ in 0..o.runs {
         blocking.add(&pingpong_direct_blocking(blocking_echo, o.iters, o.size)?);
     }
-    let direct_blocking = blocking.report().one_way;
-    let ratio = Ratios {
-        p50: via.one_way.p50_us / direct.one_way.p50_us,
-        p99: via.one_way.p99_us / direct.one_way.p99_us,
-        p999: via.one_way.p999_us / direct.one_way.p999_us,
-        bulk: via.bulk_gbps / direct.bulk_gbps,
-    };
     let r = Report {
         runs: o.runs,
         iters: o.iters,
@@ -208,37 +266,50 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         bulk_mib: o.bulk_mib,
         shards: o.shards,
         h2: o.h2.clone(),
-        direct_blocking,
+        direct_blocking: blocking.report().one_way,
+        ratio: Ratios::of(&one, &direct),
+        ratio_two_proxy: Ratios::of(&two, &direct),
         direct,
-        proxy: via,
-        ratio,
+        proxy: one,
+        two_proxy: two,
     };
-    println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>12}",
-        "path (one-way = RTT/2, medians)", "p50 us", "p99 us", "p99.9 us", "max us", "bulk Gbit/s"
-    );
-    let b = &r.direct_blocking;
-    println!(
-        "{:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12}",
-        "direct TCP, blocking client+echo", b.p50_us, b.p99_us, b.p999_us, b.max_us, "-"
-    );
-    for (name, p) in [("direct TCP, glommio client", &r.direct), ("client→proxy→agent→target (mTLS)", &r.proxy)] {
-        let l = &p.one_way;
-        println!(
-            "{name:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.2}",
-            l.p50_us, l.p99_us, l.p999_us, l.max_us, p.bulk_gbps
-        );
-    }
-    println!(
-        "ratio proxy/direct: latency p50 {:.2}x  p99 {:.2}x  p99.9 {:.2}x;  throughput {:.2}x",
-        r.ratio.p50, r.ratio.p99, r.ratio.p999, r.ratio.bulk
-    );
+    print_report(&r);
     let json = serde_json::to_string_pretty(&r)?;
     if let Some(p) = &o.json {
         std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
     } else {
         println!("{json}");
     }
-    drop(_agent);
-    proxy.stop()
+    drop(agent);
+    a.stop()?;
+    b.stop()
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "path (one-way = RTT/2, medians)", "p50 us", "p99 us", "p99.9 us", "max us", "1x Gb/s", "16x Gb/s", "setup/s"
+    );
+    let b = &r.direct_blocking;
+    println!(
+        "{:<40} {:>8.1} {:>8.1} {:>9.1} {:>9.1}",
+        "direct TCP, blocking client+echo", b.p50_us, b.p99_us, b.p999_us, b.max_us
+    );
+    for (name, p) in [
+        ("direct TCP, glommio client", &r.direct),
+        ("client→B→agent→target (mTLS)", &r.proxy),
+        ("client→A→peer→B→agent→target (mTLS)", &r.two_proxy),
+    ] {
+        let l = &p.one_way;
+        println!(
+            "{name:<40} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9.2} {:>10.2} {:>9.0}",
+            l.p50_us, l.p99_us, l.p999_us, l.max_us, p.bulk_gbps, p.bulk16_gbps, p.setup_per_s
+        );
+    }
+    for (name, x) in [("1 proxy", &r.ratio), ("2 proxies", &r.ratio_two_proxy)] {
+        println!(
+            "ratio {name}/direct: latency p50 {:.2}x p99 {:.2}x p99.9 {:.2}x; throughput 1x {:.2}x 16x {:.2}x; setup {:.2}x",
+            x.p50, x.p99, x.p999, x.bulk, x.bulk16, x.setup
+        );
+    }
 }

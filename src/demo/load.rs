@@ -158,3 +158,77 @@ pub async fn echo_roundtrip(client: &Client, target: &DialTarget, data: &[u8]) -
 pub fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
 }
+
+/// `n` concurrent bulk transfers of `bytes` each through the fleet; returns
+/// the wall time until every sink confirmed.
+pub async fn bulk_proxy_n(client: &Client, target: &DialTarget, bytes: u64, n: usize) -> Result<Duration, Status> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, t) = (client.clone(), target.clone());
+            glommio::spawn_local(async move { bulk_proxy(&c, &t, bytes).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// `n` concurrent direct bulk transfers of `bytes` each.
+pub async fn bulk_direct_n(addr: SocketAddr, bytes: u64, n: usize) -> Result<Duration, Status> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n).map(|_| glommio::spawn_local(bulk_direct(addr, bytes))).collect();
+    for task in tasks {
+        task.await?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Streams set up per second: `count` dials (open, 1-byte echo, close) run
+/// by `concurrency` loops over one client connection.
+pub async fn setup_rate_proxy(
+    client: &Client,
+    target: &DialTarget,
+    count: usize,
+    concurrency: usize,
+) -> Result<f64, Status> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (c, t) = (client.clone(), target.clone());
+            glommio::spawn_local(async move {
+                for _ in 0..count / concurrency {
+                    echo_roundtrip(&c, &t, b"x").await?;
+                }
+                Ok::<_, Status>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    Ok((count / concurrency * concurrency) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// TCP connections set up per second (connect, 1-byte echo, close).
+pub async fn setup_rate_direct(addr: SocketAddr, count: usize, concurrency: usize) -> Result<f64, Status> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            glommio::spawn_local(async move {
+                for _ in 0..count / concurrency {
+                    let mut s = TcpStream::connect(addr).await.map_err(|e| io_status(e.into()))?;
+                    s.write_all(b"x").await.map_err(io_status)?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.map_err(io_status)?;
+                }
+                Ok::<_, Status>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    Ok((count / concurrency * concurrency) as f64 / t0.elapsed().as_secs_f64())
+}
