@@ -266,3 +266,23 @@ fn killing_one_of_the_agent_s_two_proxies_keeps_dials_working_and_the_agent_rest
     assert!(gap < Duration::from_secs(3), "longest failed-dial window {gap:?}");
     eprintln!("agent back to two tunnels {restored:?} after the kill");
 }
+
+#[test]
+fn a_standard_grpc_client_dials_an_agent_through_the_peer_port() {
+    // Python grpcio with only proto/proxyservice.proto; scripts/test installs it.
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let c = start(&certs, &store, "proxy-c", 1);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    c.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    let peer = c.routes_eventually_self_peer_addr();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_dial.py");
+    let out = std::process::Command::new("python3")
+        .args([script, &peer, certs.path.to_str().unwrap(), "proxy-b", "agent-1", "echo"])
+        .output()
+        .expect("python3");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("ok"), "grpcio client failed:\n{stdout}\n{stderr}");
+}
