@@ -140,6 +140,11 @@ pub struct AgentConfig {
     /// Target connect deadline, ms.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// Tunnels this agent keeps under `proxy_peering`, overriding the
+    /// cluster's `agent_connection_count` (e.g. 2 for an agent that must
+    /// survive a proxy loss).
+    #[serde(default)]
+    pub agent_connection_count: Option<u32>,
     /// HTTP/2 tuning.
     #[serde(default)]
     pub h2: H2Tuning,

@@ -264,3 +264,11 @@ fn operator_errors_are_one_clear_line_and_a_nonzero_exit() {
     let out = ringpeer(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--role", "admin", "--name", "x"]);
     assert!(one_line(&out).contains("unknown role"));
 }
+
+#[test]
+fn the_demo_runs_a_three_proxy_fleet_and_passes_its_checks() {
+    let out = Command::new(BIN).arg("demo").env("RUST_LOG", "warn").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("peer link -> proxy-c") && text.contains("demo: all checks passed"), "{text}");
+}

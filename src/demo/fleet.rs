@@ -52,6 +52,7 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         tls: TlsFiles::in_dir(dir, id),
         services: services.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect::<BTreeMap<_, _>>(),
         connect_timeout_ms: 2_000,
+        agent_connection_count: None,
         h2: H2Tuning::default(),
     }
 }

@@ -173,7 +173,7 @@ async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendRe
         Route::None => {
             let s = Status::new(
                 Code::NotFound,
-                format!("no route to agent {:?}: it has no tunnel to this proxy", target.agent),
+                format!("no route to agent {:?}: no proxy holds a tunnel to it", target.agent),
             );
             fail(&shard, respond, &s)
         }

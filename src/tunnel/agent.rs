@@ -47,6 +47,8 @@ struct AgentCtx {
     connect_timeout: Duration,
     shutdown: Shutdown,
     membership: RefCell<Membership>,
+    /// Per-agent override of the cluster's agent_connection_count.
+    count_override: Option<u32>,
 }
 
 /// Runs an agent until `shutdown` fires.
@@ -73,6 +75,7 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             shutdown,
             membership: RefCell::default(),
+            count_override: cfg.agent_connection_count,
         });
         manage(ctx, proxies).await;
     })?;
@@ -99,7 +102,14 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
                 (a.clone(), v)
             })
             .collect();
-        let want = desired(&ctx.id, &ctx.membership.borrow(), &seeds, &view, now);
+        let want = {
+            let m = ctx.membership.borrow();
+            let strategy = match (m.strategy, ctx.count_override) {
+                (Strategy::ProxyPeering { .. }, Some(n)) => Strategy::ProxyPeering { agent_connection_count: n.max(1) },
+                (s, _) => s,
+            };
+            desired(&ctx.id, strategy, &m, &seeds, &view, now)
+        };
         for a in &want {
             if !slots.contains_key(a) {
                 let slot = Slot::new();

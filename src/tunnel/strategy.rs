@@ -81,9 +81,11 @@ fn spread(agent: &str, addr: &str) -> u64 {
     h.finish()
 }
 
-/// The tunnel addresses the agent should hold now.
+/// The tunnel addresses the agent should hold now under `strategy` (the
+/// cluster's, or the agent's own count override).
 pub fn desired(
     agent: &str,
+    strategy: Strategy,
     m: &Membership,
     seeds: &[String],
     slots: &HashMap<String, Slot>,
@@ -93,7 +95,7 @@ pub fn desired(
         if m.proxies.is_empty() { seeds.to_vec() } else { m.proxies.values().cloned().collect() };
     candidates.sort_by_key(|a| spread(agent, a));
     candidates.dedup();
-    let want = match m.strategy {
+    let want = match strategy {
         Strategy::AgentMesh => return candidates,
         Strategy::ProxyPeering { agent_connection_count } => agent_connection_count.max(1) as usize,
     };
@@ -132,25 +134,25 @@ mod tests {
     fn mesh_takes_all_and_peering_takes_n_replacing_failed_ones() {
         let now = Instant::now();
         let mut slots = HashMap::new();
-        assert_eq!(desired("a", &m(Strategy::AgentMesh, 3), &[], &slots, now).len(), 3);
+        assert_eq!(desired("a", Strategy::AgentMesh, &m(Strategy::AgentMesh, 3), &[], &slots, now).len(), 3);
         let peering = m(Strategy::ProxyPeering { agent_connection_count: 2 }, 3);
-        let first = desired("a", &peering, &[], &slots, now);
+        let first = desired("a", peering.strategy, &peering, &[], &slots, now);
         assert_eq!(first.len(), 2);
         for a in &first {
             let s = Slot::new();
             s.up.set(true);
             slots.insert(a.clone(), s);
         }
-        assert_eq!(desired("a", &peering, &[], &slots, now), first, "stable while healthy");
+        assert_eq!(desired("a", peering.strategy, &peering, &[], &slots, now), first, "stable while healthy");
         // One tunnel fails for longer than the grace period: it is replaced.
         let failed = &first[0];
         slots[failed].up.set(false);
         slots[failed].since.set(now - FAILED_AFTER * 2);
-        let next = desired("a", &peering, &[], &slots, now);
+        let next = desired("a", peering.strategy, &peering, &[], &slots, now);
         assert_eq!(next.len(), 2);
         assert!(!next.contains(failed) && next.contains(&first[1]));
         // With no proxies known yet, the configured seeds are used.
         let seeds = vec!["seed:1".to_string()];
-        assert_eq!(desired("a", &Membership::default(), &seeds, &HashMap::new(), now), seeds);
+        assert_eq!(desired("a", Strategy::AgentMesh, &Membership::default(), &seeds, &HashMap::new(), now), seeds);
     }
 }
