@@ -286,3 +286,44 @@ fn a_standard_grpc_client_dials_an_agent_through_the_peer_port() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("ok"), "grpcio client failed:\n{stdout}\n{stderr}");
 }
+
+#[test]
+fn a_restarted_proxy_gets_its_peer_links_back() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = start(&certs, &store, "proxy-a", 1);
+    let c = start(&certs, &store, "proxy-c", 1);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("route via proxy-c", || {
+        a.routes().get("agent-1").is_some_and(|r| r.remote.iter().any(|x| &*x.proxy == "proxy-c"))
+    });
+    let dial_via_a = |msg: &'static [u8]| {
+        common::with_client(a.client_addr, &certs.path, "client", move |cl| async move {
+            echo_roundtrip(&cl, &t("agent-1/echo"), msg).await.ok()
+        })
+    };
+    assert_eq!(dial_via_a(b"before").as_deref(), Some(&b"before"[..]));
+    // Restart proxy-c on the same client, tunnel and peer ports.
+    let peer = c.routes_eventually_self_peer_addr();
+    let (client_addr, tunnel_addr) = (c.client_addr, c.tunnel_addr);
+    c.stop().unwrap();
+    let mut cfg = proxy_config(&certs.path, "proxy-c", 1);
+    cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 1 };
+    cfg.client_addr = client_addr.to_string();
+    cfg.tunnel_addr = tunnel_addr.to_string();
+    cfg.peer_addr = peer.clone();
+    let l = ringpeer::Listeners::bind(&cfg).unwrap();
+    let c2 = ProxyHandle::start_full(cfg, l, Some(store.clone())).unwrap();
+    c2.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    // A's old link to C died with it; the next dial opens a new one.
+    let mut back = None;
+    eventually("a dial from A reaches the agent through the new proxy-c", || {
+        back = dial_via_a(b"after");
+        back.is_some()
+    });
+    assert_eq!(back.as_deref(), Some(&b"after"[..]));
+    assert!(c2.metrics.sum(|s| s.dials.get()) >= 1, "the restarted proxy-c served it");
+}

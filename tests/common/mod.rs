@@ -93,7 +93,7 @@ pub fn sha256(b: &[u8]) -> [u8; 32] {
 
 /// Waits up to 5 s for `cond` (server-side counters are updated after the
 /// client already saw the outcome).
-pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
         assert!(t0.elapsed() < Duration::from_secs(5), "timed out waiting for: {what}");
