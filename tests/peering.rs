@@ -327,3 +327,51 @@ fn a_restarted_proxy_gets_its_peer_links_back() {
     assert_eq!(back.as_deref(), Some(&b"after"[..]));
     assert!(c2.metrics.sum(|s| s.dials.get()) >= 1, "the restarted proxy-c served it");
 }
+
+#[test]
+fn a_full_peer_link_gets_a_sibling_connection() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = start(&certs, &store, "proxy-a", 1);
+    // proxy-c lets a peer open only 50 streams per connection.
+    let mut cfg = proxy_config(&certs.path, "proxy-c", 1);
+    cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 1 };
+    cfg.h2.max_concurrent_streams = 50;
+    let l = ringpeer::Listeners::bind(&cfg).unwrap();
+    let c = ProxyHandle::start_full(cfg, l, Some(store.clone())).unwrap();
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("route via proxy-c", || a.routes().get("agent-1").is_some_and(|r| !r.remote.is_empty()));
+    // Open the first link and let it learn C's limit.
+    let ok = common::with_client(a.client_addr, &certs.path, "client", |cl| async move {
+        echo_roundtrip(&cl, &t("agent-1/echo"), b"warm").await.unwrap();
+        let tasks: Vec<_> = (0..200usize)
+            .map(|i| {
+                let cl = cl.clone();
+                glommio::spawn_local(async move {
+                    // Hold each stream open long enough for all 200 to overlap.
+                    let mut d = ringpeer::demo::load::open(&cl, &t("agent-1/echo")).await.ok()?;
+                    glommio::timer::sleep(Duration::from_millis(300)).await;
+                    let msg = vec![i as u8; 100];
+                    d.write(&msg).await.ok()?;
+                    let mut back = Vec::new();
+                    d.read_exact(&mut back, 100).await.ok()?;
+                    d.close_write().ok()?;
+                    Some(back == msg)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            if task.await == Some(true) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(ok, 200, "every stream intact");
+    let links: i64 = a.metrics.shards.iter().map(|s| s.peer_links.get()).sum();
+    assert!(links >= 4, "200 concurrent streams over links of 50 need at least 4 connections, saw {links}");
+}

@@ -11,8 +11,12 @@
 //!   one answers UNAVAILABLE or NOT_FOUND before ConnectionEstablished,
 //!   within the dial's deadline. The serving side never forwards to another
 //!   peer, so a dial crosses at most one peer link.
-//! - A link is dropped from the pool when its connection ends; the next dial
-//!   reconnects.
+//! - A link is dropped from the pool when its connection ends, and when its
+//!   proxy leaves the registry (it then drains: open streams finish); the
+//!   next dial reconnects, no more often than a capped, jittered backoff
+//!   allows after a failure, so dials skip a dead peer instead of waiting.
+//! - Streams are counted per link against the peer's
+//!   `max_concurrent_streams`; a full link gets a sibling connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -43,23 +47,48 @@ struct Link {
     send: SendRequest<Bytes>,
     proxy: Rc<str>,
     alive: Rc<Cell<bool>>,
+    /// Streams this shard has open on the link.
+    active: Rc<Cell<usize>>,
 }
 
-/// One shard's peer links, by peer address.
+impl Link {
+    fn saturated(&self) -> bool {
+        self.active.get() >= self.send.current_max_send_streams()
+    }
+}
+
+/// Counts a stream open on a link until dropped.
+pub struct LinkStream(Rc<Cell<usize>>);
+
+impl Drop for LinkStream {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// A peer address that failed to connect, and when to try it again.
+struct Backoffs {
+    next_try: Instant,
+    backoff: crate::tunnel::backoff::Backoff,
+}
+
+/// One shard's peer links, by peer address (several per address when one
+/// connection's stream limit is reached).
 #[derive(Default)]
 pub struct PeerPool {
-    links: RefCell<HashMap<String, Link>>,
+    links: RefCell<HashMap<String, Vec<Link>>>,
+    failing: RefCell<HashMap<String, Backoffs>>,
 }
 
 impl PeerPool {
     /// Whether a live link to `addr` exists.
     pub fn has(&self, addr: &str) -> bool {
-        self.links.borrow().get(addr).is_some_and(|l| l.alive.get())
+        self.links.borrow().get(addr).is_some_and(|v| v.iter().any(|l| l.alive.get()))
     }
 
     /// Number of live links.
     pub fn len(&self) -> usize {
-        self.links.borrow().values().filter(|l| l.alive.get()).count()
+        self.links.borrow().values().flatten().filter(|l| l.alive.get()).count()
     }
 
     /// Whether there is no live link.
@@ -67,17 +96,64 @@ impl PeerPool {
         self.len() == 0
     }
 
-    /// A stream handle on the link to `proxy` at `addr`, connecting if needed.
+    /// Drops links to proxies that left the registry. Dropping our handle
+    /// lets the connection finish the streams it carries, then close.
+    pub fn retain_proxies(&self, live: &std::collections::HashMap<String, crate::route::model::ProxyInfo>) {
+        self.links.borrow_mut().retain(|addr, v| {
+            v.retain(|l| live.contains_key(&*l.proxy));
+            if v.is_empty() {
+                tracing::debug!(addr, "peer left the registry; its links drain");
+            }
+            !v.is_empty()
+        });
+    }
+
+    fn pick(&self, addr: &str, proxy: &str) -> Option<(SendRequest<Bytes>, LinkStream)> {
+        let links = self.links.borrow();
+        let l = links.get(addr)?.iter().find(|l| l.alive.get() && &*l.proxy == proxy && !l.saturated())?;
+        l.active.set(l.active.get() + 1);
+        Some((l.send.clone(), LinkStream(l.active.clone())))
+    }
+
+    /// A stream handle on a link to `proxy` at `addr`: an existing link with
+    /// room, or a new connection (never more often than the address's
+    /// backoff allows after a failure).
     async fn get(
         &self,
         shard: &Rc<Shard>,
         addr: &str,
         proxy: &str,
         deadline: Duration,
-    ) -> Result<SendRequest<Bytes>, Status> {
-        if let Some(l) = self.links.borrow().get(addr).filter(|l| l.alive.get() && &*l.proxy == proxy) {
-            return Ok(l.send.clone());
+    ) -> Result<(SendRequest<Bytes>, LinkStream), Status> {
+        if let Some(l) = self.pick(addr, proxy) {
+            return Ok(l);
         }
+        let unavailable = |e: String| Status::new(Code::Unavailable, format!("peer {proxy} at {addr}: {e}"));
+        if let Some(b) = self.failing.borrow().get(addr) {
+            if Instant::now() < b.next_try {
+                return Err(unavailable("unreachable; backing off".into()));
+            }
+        }
+        let r = self.connect(shard, addr, proxy, deadline).await;
+        let mut failing = self.failing.borrow_mut();
+        match &r {
+            Ok(_) => {
+                failing.remove(addr);
+            }
+            Err(_) => {
+                let b = failing.entry(addr.to_string()).or_insert_with(|| Backoffs {
+                    next_try: Instant::now(),
+                    backoff: crate::tunnel::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+                });
+                b.next_try = Instant::now() + b.backoff.next_delay();
+            }
+        }
+        drop(failing);
+        r?;
+        self.pick(addr, proxy).ok_or_else(|| unavailable("link closed at once".into()))
+    }
+
+    async fn connect(&self, shard: &Rc<Shard>, addr: &str, proxy: &str, deadline: Duration) -> Result<(), Status> {
         let unavailable = |e: String| Status::new(Code::Unavailable, format!("peer {proxy} at {addr}: {e}"));
         let cfg = shard.shared.tls.client_config(Role::Proxy, Some(proxy)).map_err(|e| unavailable(e.to_string()))?;
         let h2 = shard.shared.h2.clone();
@@ -87,9 +163,15 @@ impl PeerPool {
         };
         let (send, conn) = timeout(deadline, connect).await.map_err(|_| unavailable("connect timed out".into()))??;
         let alive = Rc::new(Cell::new(true));
-        let link = Link { send: send.clone(), proxy: Rc::from(proxy), alive: alive.clone() };
-        self.links.borrow_mut().insert(addr.to_string(), link);
+        let link = Link { send, proxy: Rc::from(proxy), alive: alive.clone(), active: Rc::default() };
+        let n = {
+            let mut links = self.links.borrow_mut();
+            let v = links.entry(addr.to_string()).or_default();
+            v.push(link);
+            v.len()
+        };
         let (shard2, addr2, proxy2) = (shard.clone(), addr.to_string(), proxy.to_string());
+        shard.stats.peer_links.add(1);
         glommio::spawn_local(async move {
             let why = futures_lite::future::or(drive_client(conn, &h2), async {
                 shard2.closing.wait().await;
@@ -97,15 +179,19 @@ impl PeerPool {
             })
             .await;
             alive.set(false);
+            shard2.stats.peer_links.add(-1);
             let mut links = shard2.peers.links.borrow_mut();
-            if links.get(&addr2).is_some_and(|l| !l.alive.get()) {
-                links.remove(&addr2);
+            if let Some(v) = links.get_mut(&addr2) {
+                v.retain(|l| l.alive.get());
+                if v.is_empty() {
+                    links.remove(&addr2);
+                }
             }
             tracing::info!(peer = proxy2, addr = addr2, why, "peer link closed");
         })
         .detach();
-        tracing::info!(peer = proxy, addr, shard = shard.index, "peer link up");
-        Ok(send)
+        tracing::info!(peer = proxy, addr, shard = shard.index, links = n, "peer link up");
+        Ok(())
     }
 }
 
@@ -129,7 +215,7 @@ pub async fn dial(
         if left.is_zero() {
             break;
         }
-        let mut send = match shard.peers.get(shard, addr, &r.proxy, left).await {
+        let (mut send, _stream) = match shard.peers.get(shard, addr, &r.proxy, left).await {
             Ok(s) => s,
             Err(s) => {
                 last = s;

@@ -228,6 +228,7 @@ impl Shard {
                 ShardMsg::Routes(t) => {
                     let mut cur = self.routes.borrow_mut();
                     if t.version > cur.version {
+                        self.peers.retain_proxies(&t.proxies);
                         *cur = t;
                         drop(cur);
                         for w in self.route_waiters.borrow_mut().drain(..) {

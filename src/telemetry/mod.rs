@@ -86,6 +86,8 @@ pub struct ShardStats {
     pub active_streams: Gauge,
     /// Agent tunnels held.
     pub tunnels: Gauge,
+    /// Peer links open from this shard.
+    pub peer_links: Gauge,
     /// Client edge connections accepted.
     pub client_conns: Counter,
     errors: [Counter; 17],
@@ -128,7 +130,8 @@ impl Metrics {
     pub fn render(&self, proxy: &str) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let rows: [Row; 10] = [
+        let rows: [Row; 11] = [
+            ("ringpeer_peer_links", |s| s.peer_links.get()),
             ("ringpeer_dials_peered_total", |s| s.dials_peered.get() as i64),
             ("ringpeer_dials_total", |s| s.dials.get() as i64),
             ("ringpeer_dials_local_total", |s| s.dials_local.get() as i64),
