@@ -27,6 +27,8 @@ fn redis_proxy(certs: &CertDir, redis: &Redis, id: &str, ttl_ms: u64) -> ProxyHa
     cfg.backend.kind = BackendKind::Redis;
     cfg.backend.url = Some(redis.url());
     cfg.backend.proxy_ttl_ms = ttl_ms;
+    // One tunnel per agent, so an agent stays on the proxy it dialled.
+    cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 1 };
     ProxyHandle::start(cfg).unwrap()
 }
 
@@ -50,7 +52,7 @@ fn an_agent_on_b_becomes_routable_on_a_and_leaves_cleanly() {
     let agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
-    assert!(has_route(&b, "agent-1", "local"));
+    eventually("B's own snapshot has the tunnel", || has_route(&b, "agent-1", "local"));
     // A dial at A follows the route learned from Redis, over the peer link to B.
     let back = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
         echo_roundtrip(&c, &t("agent-1/echo"), b"via redis and a peer link").await
@@ -291,7 +293,7 @@ fn strategy_is_seeded_once_and_changes_propagate_to_every_proxy() {
     cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 2 };
     let a = ProxyHandle::start(cfg).unwrap();
     eventually("seeded", || a.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 });
-    // B's config says agent_mesh, but the cluster's strategy is already set.
+    // B's config asks for proxy_peering 1, but the cluster's strategy is already set.
     let b = redis_proxy(&certs, &redis, "proxy-b", 10_000);
     eventually("B follows the cluster", || b.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 });
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpeer"))

@@ -83,8 +83,8 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
     while proxies.iter().map(tunnels).sum::<i64>() != 3
         || !proxies.iter().all(|p| p.routes().get("agent-1").is_some() && p.routes().get("agent-2").is_some())
     {
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("agents did not settle on their tunnels within 10 s");
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("agents did not settle on their tunnels within 20 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

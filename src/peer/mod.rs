@@ -30,7 +30,7 @@ use h2::RecvStream;
 
 use crate::ingress::{fail, relay_opened};
 use crate::proxy::shard::Shard;
-use crate::relay::handshake::{open_dial, respond_ok};
+use crate::relay::handshake::{open_dial, respond_ok, REFUSED};
 use crate::route::RemoteRoute;
 use crate::runtime::timeout;
 use crate::transport::connect_tls;
@@ -209,8 +209,13 @@ pub async fn dial(
     routes.sort_by_key(|r| !r.peer_addr.as_deref().is_some_and(|a| shard.peers.has(a)));
     let end = Instant::now() + shard.shared.dial_timeout;
     let mut last = Status::new(Code::Unavailable, format!("no peer address for agent {:?}", target.agent));
-    for r in routes {
-        let Some(addr) = r.peer_addr.as_deref() else { continue };
+    let mut routes = routes.into_iter().peekable();
+    let mut refused = 0;
+    while let Some(r) = routes.peek() {
+        let Some(addr) = r.peer_addr.as_deref() else {
+            routes.next();
+            continue;
+        };
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -219,6 +224,7 @@ pub async fn dial(
             Ok(s) => s,
             Err(s) => {
                 last = s;
+                routes.next();
                 continue;
             }
         };
@@ -227,9 +233,16 @@ pub async fn dial(
             .await
         {
             Ok(opened) => return relay_opened(shard, opened, rx, rest, respond).await,
+            // Refused unprocessed (a new link that had not yet learned the
+            // peer's stream limit): retry, on a link with room.
+            Err(s) if s.message == REFUSED && refused < 8 => {
+                refused += 1;
+                last = s;
+            }
             Err(s) if matches!(s.code, Code::Unavailable | Code::NotFound) => {
                 tracing::debug!(agent = target.agent, peer = &*r.proxy, status = %s, "peer refused the dial; trying the next");
                 last = s;
+                routes.next();
             }
             Err(s) => return fail(shard, respond, &s),
         }

@@ -77,8 +77,19 @@ pub struct Opened {
     pub dec: FrameDecoder,
 }
 
+/// Message of the status for a stream the callee refused before
+/// processing it (over its stream limit): safe to retry elsewhere.
+pub const REFUSED: &str = "the callee refused the stream unprocessed (stream limit)";
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Status {
     Status::new(Code::Unavailable, format!("{what}: {e}"))
+}
+
+fn h2_failed(what: &str, e: h2::Error) -> Status {
+    if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Status::new(Code::Unavailable, REFUSED);
+    }
+    unavailable(what, e)
 }
 
 /// Opens a dial stream on `send` at `path` (`authority` names the callee),
@@ -100,7 +111,7 @@ pub async fn open_dial(
             .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
         let (resp, mut tx) = send.send_request(req, false).map_err(|e| unavailable("cannot open stream", e))?;
         tx.send_data(first, false).map_err(|e| unavailable("cannot send DialRequest", e))?;
-        let resp = resp.await.map_err(|e| unavailable("stream failed", e))?;
+        let resp = resp.await.map_err(|e| h2_failed("stream failed", e))?;
         if resp.status() != 200 {
             return Err(Status::new(Code::Unavailable, format!("callee answered HTTP {}", resp.status())));
         }

@@ -120,7 +120,9 @@ impl H2Tuning {
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.max_header_list_size)
             .max_send_buffer_size(self.max_send_buffer)
-            .initial_max_send_streams(1000)
+            // Until the peer's SETTINGS arrive; a peer with a lower limit
+            // refuses the excess unprocessed (retried by the caller).
+            .initial_max_send_streams(100)
             .max_concurrent_reset_streams(1024)
             .enable_push(false);
         b

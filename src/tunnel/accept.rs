@@ -124,7 +124,12 @@ async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (V
     // changed since the first frames went out.
     let mut version = 0;
     loop {
-        let t = shard.next_routes(version).await;
+        // Woken by each new snapshot; also re-checked every second.
+        let t = futures_lite::future::or(shard.next_routes(version), async {
+            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            shard.routes()
+        })
+        .await;
         version = t.version;
         let m = membership(shard, &t);
         if m != sent {

@@ -91,12 +91,12 @@ pub fn sha256(b: &[u8]) -> [u8; 32] {
     Sha256::digest(b).into()
 }
 
-/// Waits up to 5 s for `cond` (server-side counters are updated after the
+/// Waits up to 15 s for `cond` (server-side counters are updated after the
 /// client already saw the outcome).
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "timed out waiting for: {what}");
+        assert!(t0.elapsed() < Duration::from_secs(15), "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
