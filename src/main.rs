@@ -106,6 +106,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
+    /// Run a test target (echo or sink) as a standalone process, for
+    /// side-by-side benchmarks against other proxies.
+    Target {
+        /// echo or sink.
+        kind: String,
+        /// Listen address.
+        #[arg(long)]
+        listen: String,
+    },
     /// Load generator: direct TCP vs. through the proxy; JSON out.
     Bench(ringpeer::demo::bench::BenchOpts),
 }
@@ -221,6 +230,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             ringpeer::demo::run(serve, sd)?;
         }
         Cmd::Bench(opts) => ringpeer::demo::bench::run(opts)?,
+        Cmd::Target { kind, listen } => {
+            use ringpeer::demo::targets::{spawn_at, Kind};
+            let kind = match kind.as_str() {
+                "echo" => Kind::Echo,
+                "sink" => Kind::Sink,
+                _ => anyhow::bail!("unknown target {kind:?}: use echo or sink"),
+            };
+            let addr = ringpeer::runtime::listeners::parse_addr(&listen, "--listen")?;
+            let t = spawn_at(kind, addr)?;
+            eprintln!("ringpeer: {kind:?} target on {}", t.addr);
+            shutdown_on_signals()?.wait_blocking();
+        }
         Cmd::Routes { backend, cluster, config, json, cmd } => {
             use ringpeer::control::cli;
             let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;

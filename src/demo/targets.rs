@@ -63,10 +63,12 @@ async fn serve_conn(kind: Kind, mut s: TcpStream) {
 
 /// Starts a target on 127.0.0.1 (port 0).
 pub fn spawn(kind: Kind) -> std::io::Result<Target> {
-    let l = bind_group("127.0.0.1:0".parse().expect("addr"), 1, "target")
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .pop()
-        .expect("one");
+    spawn_at(kind, "127.0.0.1:0".parse().expect("addr"))
+}
+
+/// Starts a target listening on `addr`.
+pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
+    let l = bind_group(addr, 1, "target").map_err(|e| std::io::Error::other(e.to_string()))?.pop().expect("one");
     let addr = l.local_addr()?;
     let shutdown = Shutdown::new();
     let sd = shutdown.clone();
