@@ -91,6 +91,11 @@ pub struct ProxyConfig {
     /// host; needed when that is a wildcard).
     #[serde(default)]
     pub advertise_host: Option<String>,
+    /// Advertise each shard's own peer port, so peer streams land on the
+    /// shard that owns the tunnel. Off: every shard advertises shard 0's
+    /// port and the stream crosses shards there (for comparison).
+    #[serde(default = "yes")]
+    pub shard_aware_peering: bool,
     /// Pin shard i to CPU i (mod cores).
     #[serde(default = "yes")]
     pub pin_cpus: bool,

@@ -46,6 +46,10 @@ pub struct BenchOpts {
     /// `h2-defaults` (the h2 crate's 64 KiB windows and 16 KiB frames).
     #[arg(long, default_value = "tuned", value_parser = ["tuned", "h2-defaults"])]
     pub h2: String,
+    /// Advertise only shard 0's peer port (peer streams then cross shards
+    /// on the receiving proxy), to measure what shard-aware routing saves.
+    #[arg(long)]
+    pub no_shard_aware: bool,
     /// Measure an external TCP path instead of the fleet (e.g. a haproxy
     /// chain): its echo front; needs --external-sink, --direct-echo, --direct-sink.
     #[arg(long)]
@@ -110,6 +114,8 @@ pub struct Report {
     pub shards: usize,
     /// HTTP/2 profile.
     pub h2: String,
+    /// Whether peer streams landed on the owning shard directly.
+    pub shard_aware: bool,
     /// Blocking client and blocking echo server, no glommio anywhere
     /// (reference for absolute figures, latency only).
     pub direct_blocking: Latency,
@@ -283,7 +289,15 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         let mut pc = proxy_config(&dir, id, o.shards);
         pc.h2 = h2.clone();
         pc.strategy = crate::route::model::Strategy::ProxyPeering { agent_connection_count: 1 };
-        let l = crate::proxy::Listeners::bind(&pc)?;
+        pc.shard_aware_peering = !o.no_shard_aware;
+        let mut l = crate::proxy::Listeners::bind(&pc)?;
+        if id == "proxy-b" && l.tunnel.len() > 1 {
+            // Pin the agent's tunnel to B's last shard, so a peer stream
+            // that lands on shard 0 must cross shards.
+            for t in l.tunnel.iter_mut().take(o.shards - 1) {
+                *t = None;
+            }
+        }
         ProxyHandle::start_full(pc, l, Some(store.clone()))
     };
     let b = start("proxy-b")?;
@@ -345,6 +359,12 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     })?
     .map_err(anyhow::Error::msg)
     .context("benchmark failed")?;
+    eprintln!(
+        "proxy-b: {} dials, {} crossed shards (shard-aware peering {})",
+        b.metrics.sum(|s| s.dials.get()),
+        b.metrics.sum(|s| s.dials_cross_shard.get()),
+        if o.no_shard_aware { "off" } else { "on" }
+    );
     let mut blocking = Samples::default();
     let blocking_echo = targets::spawn_blocking_echo()?;
     for _ in 0..o.runs {
@@ -357,6 +377,7 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         bulk_mib: o.bulk_mib,
         shards: o.shards,
         h2: o.h2.clone(),
+        shard_aware: !o.no_shard_aware,
         direct_blocking: blocking.report().one_way,
         ratio: Ratios::of(&one, &direct),
         ratio_two_proxy: Ratios::of(&two, &direct),

@@ -33,6 +33,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         tunnel_addr: "127.0.0.1:0".into(),
         peer_addr: "127.0.0.1:0".into(),
         advertise_host: None,
+        shard_aware_peering: true,
         pin_cpus: false,
         dial_timeout_ms: 10_000,
         tls: TlsFiles::in_dir(dir, id),

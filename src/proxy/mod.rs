@@ -177,11 +177,18 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     };
     let me = ProxyInfo {
         id: cfg.id.clone(),
-        peer_addrs: listeners
-            .peer
-            .iter()
-            .map(|l| l.as_ref().and_then(|l| l.local_addr().ok()).map(|a| advertise(a, &cfg)).unwrap_or_default())
-            .collect(),
+        peer_addrs: {
+            let addrs: Vec<String> = listeners
+                .peer
+                .iter()
+                .map(|l| l.as_ref().and_then(|l| l.local_addr().ok()).map(|a| advertise(a, &cfg)).unwrap_or_default())
+                .collect();
+            if cfg.shard_aware_peering {
+                addrs
+            } else {
+                vec![addrs.first().cloned().unwrap_or_default(); addrs.len()]
+            }
+        },
         tunnel_addr: listeners.tunnel_addr().to_string(),
         client_addr: listeners.client_addr().to_string(),
         version: now_ms(),
