@@ -375,3 +375,34 @@ fn a_full_peer_link_gets_a_sibling_connection() {
     let links: i64 = a.metrics.shards.iter().map(|s| s.peer_links.get()).sum();
     assert!(links >= 4, "200 concurrent streams over links of 50 need at least 4 connections, saw {links}");
 }
+
+#[test]
+fn a_dial_that_already_crossed_a_peer_link_is_not_forwarded_again() {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let c = start(&certs, &store, "proxy-c", 1);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    c.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    let peer = c.routes_eventually_self_peer_addr();
+    let m = ringpeer::transport::tls::TlsMaterial::load(
+        &ringpeer::transport::tls::TlsFiles::in_dir(&certs.path, "proxy-a"),
+        "demo",
+        ringpeer::transport::identity::Role::Proxy,
+    )
+    .unwrap();
+    let cfg = m.client_config(ringpeer::transport::identity::Role::Proxy, Some("proxy-c")).unwrap();
+    let (one, two) = ringpeer::runtime::block_on("peer", move || async move {
+        let c = ringpeer::forward::Client::connect(&peer, &cfg, &Default::default()).await.unwrap();
+        let path = ringpeer::wire::paths::PEER_DIAL;
+        let one = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 1).await.map(|_| ());
+        let two = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 2).await.map(|_| ());
+        (one, two)
+    })
+    .unwrap();
+    assert!(one.is_ok(), "one hop is a normal peer dial: {one:?}");
+    let e = two.expect_err("two hops is a loop");
+    assert_eq!(e.code, ringpeer::wire::status::Code::InvalidArgument, "{e}");
+}

@@ -66,6 +66,20 @@ impl Client {
         open_dial(&mut send, &self.proxy, paths::PROXY_DIAL, encode_msg(&target.to_frame()), deadline).await
     }
 
+    /// Opens a dial on another gRPC path (e.g. a peer port's DialNode),
+    /// marked as having crossed `hops` peer links.
+    pub async fn dial_path(
+        &self,
+        path: &str,
+        target: &DialTarget,
+        deadline: Duration,
+        hops: u8,
+    ) -> Result<Opened, Status> {
+        let mut send = self.send.clone();
+        let first = encode_msg(&target.to_frame());
+        crate::relay::handshake::open_dial_hops(&mut send, &self.proxy, path, first, deadline, hops).await
+    }
+
     /// Dials and splices the dial to a TCP connection until the call ends.
     pub async fn dial_tcp(&self, target: &DialTarget, tcp: TcpStream, deadline: Duration) -> Result<Status, Status> {
         let o = self.dial(target, deadline).await?;

@@ -148,6 +148,15 @@ async fn handle_dial(shard: Rc<Shard>, req: Request<RecvStream>, respond: SendRe
         return crate::peer::answer_ping(respond);
     }
     shard.stats.dials.inc();
+    // A dial arriving over a peer link has crossed one; one that claims more
+    // would be a forwarding loop.
+    let hops =
+        req.headers().get(crate::relay::handshake::HOPS_HEADER).and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
+    if edge == Edge::Peer && hops.unwrap_or(1) > 1 {
+        let s =
+            Status::new(Code::InvalidArgument, "dial has already crossed a peer link; refusing to forward it again");
+        return fail(&shard, respond, &s);
+    }
     if req.uri().path() != path {
         let s =
             Status::new(Code::Unimplemented, format!("unknown method {}; this port serves {path}", req.uri().path()));

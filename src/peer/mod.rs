@@ -30,7 +30,7 @@ use h2::RecvStream;
 
 use crate::ingress::{fail, relay_opened};
 use crate::proxy::shard::Shard;
-use crate::relay::handshake::{open_dial, respond_ok, REFUSED};
+use crate::relay::handshake::{open_dial_hops, respond_ok, REFUSED};
 use crate::route::RemoteRoute;
 use crate::runtime::timeout;
 use crate::transport::connect_tls;
@@ -84,6 +84,11 @@ impl PeerPool {
     /// Whether a live link to `addr` exists.
     pub fn has(&self, addr: &str) -> bool {
         self.links.borrow().get(addr).is_some_and(|v| v.iter().any(|l| l.alive.get()))
+    }
+
+    /// Streams this shard has open towards `addr`.
+    pub fn load(&self, addr: &str) -> usize {
+        self.links.borrow().get(addr).map(|v| v.iter().map(|l| l.active.get()).sum()).unwrap_or(0)
     }
 
     /// Number of live links.
@@ -205,8 +210,11 @@ pub async fn dial(
     respond: SendResponse<Bytes>,
 ) {
     shard.stats.dials_peered.inc();
-    // Live links first.
-    routes.sort_by_key(|r| !r.peer_addr.as_deref().is_some_and(|a| shard.peers.has(a)));
+    // Live links first, then the least loaded.
+    routes.sort_by_key(|r| {
+        let addr = r.peer_addr.as_deref().unwrap_or_default();
+        (!shard.peers.has(addr), shard.peers.load(addr))
+    });
     let end = Instant::now() + shard.shared.dial_timeout;
     let mut last = Status::new(Code::Unavailable, format!("no peer address for agent {:?}", target.agent));
     let mut routes = routes.into_iter().peekable();
@@ -229,9 +237,8 @@ pub async fn dial(
             }
         };
         let first = encode_msg(&target.to_frame());
-        match open_dial(&mut send, &r.proxy, paths::PEER_DIAL, first, end.saturating_duration_since(Instant::now()))
-            .await
-        {
+        let left = end.saturating_duration_since(Instant::now());
+        match open_dial_hops(&mut send, &r.proxy, paths::PEER_DIAL, first, left, 1).await {
             Ok(opened) => return relay_opened(shard, opened, rx, rest, respond).await,
             // Refused unprocessed (a new link that had not yet learned the
             // peer's stream limit): retry, on a link with room.

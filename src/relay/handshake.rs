@@ -102,13 +102,30 @@ pub async fn open_dial(
     first: Bytes,
     deadline: Duration,
 ) -> Result<Opened, Status> {
+    open_dial_hops(send, authority, path, first, deadline, 0).await
+}
+
+/// Header carrying how many peer links a dial has crossed.
+pub const HOPS_HEADER: &str = "ringpeer-hops";
+
+/// [`open_dial`], marking the dial as having crossed `hops` peer links.
+pub async fn open_dial_hops(
+    send: &mut SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    first: Bytes,
+    deadline: Duration,
+    hops: u8,
+) -> Result<Opened, Status> {
+    const HOPS: [&str; 4] = ["0", "1", "2", "3"];
     let fut = async {
         poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| unavailable("connection closed", e))?;
-        let req = Request::post(format!("https://{authority}{path}"))
-            .header("content-type", GRPC)
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+        let mut req =
+            Request::post(format!("https://{authority}{path}")).header("content-type", GRPC).header("te", "trailers");
+        if hops > 0 {
+            req = req.header(HOPS_HEADER, HOPS[usize::from(hops.min(3))]);
+        }
+        let req = req.body(()).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
         let (resp, mut tx) = send.send_request(req, false).map_err(|e| unavailable("cannot open stream", e))?;
         tx.send_data(first, false).map_err(|e| unavailable("cannot send DialRequest", e))?;
         let resp = resp.await.map_err(|e| h2_failed("stream failed", e))?;
