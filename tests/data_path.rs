@@ -167,15 +167,7 @@ fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_
     // A client presenting an agent certificate: wrong role.
     let dir = fleet.dir().to_path_buf();
     let addr = fleet.proxy.client_addr.to_string();
-    let tls = {
-        let m = ringpeer::transport::tls::TlsMaterial::load(
-            &ringpeer::transport::tls::TlsFiles::in_dir(&dir, "agent-1"),
-            "demo",
-            ringpeer::transport::identity::Role::Agent,
-        )
-        .unwrap();
-        m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap()
-    };
+    let tls = common::client_config_as(&dir, "agent-1", ringpeer::transport::identity::Role::Agent, None);
     let r = ringpeer::runtime::block_on("wrong-role", move || async move {
         match ringpeer::forward::Client::connect(&addr, &tls, &Default::default()).await {
             // TLS 1.3: the server's verdict on our certificate may arrive
@@ -199,15 +191,10 @@ fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_
 #[test]
 fn a_handshake_without_alpn_h2_is_refused() {
     let fleet = Fleet::start(1);
-    let m = ringpeer::transport::tls::TlsMaterial::load(
-        &ringpeer::transport::tls::TlsFiles::in_dir(fleet.dir(), "client"),
-        "demo",
-        ringpeer::transport::identity::Role::Client,
-    )
-    .unwrap();
+    let base = common::client_config_as(fleet.dir(), "client", ringpeer::transport::identity::Role::Client, None);
     let addr = fleet.proxy.client_addr;
     for alpn in [vec![], vec![b"http/1.1".to_vec()]] {
-        let mut cfg = (*m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap()).clone();
+        let mut cfg = (*base).clone();
         cfg.alpn_protocols = alpn.clone();
         let cfg = std::sync::Arc::new(cfg);
         let served = ringpeer::runtime::block_on("alpn", move || async move {

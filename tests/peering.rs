@@ -29,10 +29,7 @@ fn start(certs: &CertDir, store: &Arc<dyn StoreFactory>, id: &str, shards: usize
 
 #[test]
 fn an_agent_connected_only_to_c_is_reached_from_a_and_b_with_16_mib_intact() {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
-    let echo = targets::spawn(Kind::Echo).unwrap();
+    let Fx { certs, store, echo } = Fx::new();
     let a = start(&certs, &store, "proxy-a", 2);
     let b = start(&certs, &store, "proxy-b", 1);
     let c = start(&certs, &store, "proxy-c", 2);
@@ -57,10 +54,7 @@ fn an_agent_connected_only_to_c_is_reached_from_a_and_b_with_16_mib_intact() {
 
 #[test]
 fn a_thousand_concurrent_streams_share_one_peer_link() {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
-    let echo = targets::spawn(Kind::Echo).unwrap();
+    let Fx { certs, store, echo } = Fx::new();
     let a = start(&certs, &store, "proxy-a", 1);
     let c = start(&certs, &store, "proxy-c", 1);
     let _agent =
@@ -101,13 +95,7 @@ fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
         } else {
             ringpeer::transport::identity::Role::Agent
         };
-        let m = ringpeer::transport::tls::TlsMaterial::load(
-            &ringpeer::transport::tls::TlsFiles::in_dir(&certs.path, name),
-            "demo",
-            role,
-        )
-        .unwrap();
-        let cfg = m.client_config(ringpeer::transport::identity::Role::Proxy, None).unwrap();
+        let cfg = common::client_config_as(&certs.path, name, role, None);
         let addr = peer_addr.clone();
         let r = ringpeer::runtime::block_on("rogue-peer", move || async move {
             match ringpeer::forward::Client::connect(&addr, &cfg, &Default::default()).await {
@@ -121,6 +109,24 @@ fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
         assert!(r.is_err(), "{name} must not talk to the peer port");
     }
     eventually("refusals counted", || a.metrics.sum(|s| s.error_count("tls_handshake")) >= 2);
+}
+
+/// Certificates, a shared memory route store and an echo target.
+struct Fx {
+    certs: CertDir,
+    store: Arc<dyn StoreFactory>,
+    echo: targets::Target,
+}
+
+impl Fx {
+    fn new() -> Fx {
+        ringpeer::runtime::raise_memlock();
+        Fx {
+            certs: CertDir::temp().unwrap(),
+            store: Arc::new(MemoryStore::new(10_000)),
+            echo: targets::spawn(Kind::Echo).unwrap(),
+        }
+    }
 }
 
 fn tunnels(ps: &[&ProxyHandle]) -> Vec<i64> {
@@ -289,10 +295,7 @@ fn a_standard_grpc_client_dials_an_agent_through_the_peer_port() {
 
 #[test]
 fn a_restarted_proxy_gets_its_peer_links_back() {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
-    let echo = targets::spawn(Kind::Echo).unwrap();
+    let Fx { certs, store, echo } = Fx::new();
     let a = start(&certs, &store, "proxy-a", 1);
     let c = start(&certs, &store, "proxy-c", 1);
     let _agent =
@@ -330,10 +333,7 @@ fn a_restarted_proxy_gets_its_peer_links_back() {
 
 #[test]
 fn a_full_peer_link_gets_a_sibling_connection() {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
-    let echo = targets::spawn(Kind::Echo).unwrap();
+    let Fx { certs, store, echo } = Fx::new();
     let a = start(&certs, &store, "proxy-a", 1);
     // proxy-c lets a peer open only 50 streams per connection.
     let mut cfg = proxy_config(&certs.path, "proxy-c", 1);
@@ -378,22 +378,14 @@ fn a_full_peer_link_gets_a_sibling_connection() {
 
 #[test]
 fn a_dial_that_already_crossed_a_peer_link_is_not_forwarded_again() {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let store: Arc<dyn StoreFactory> = Arc::new(MemoryStore::new(10_000));
-    let echo = targets::spawn(Kind::Echo).unwrap();
+    let Fx { certs, store, echo } = Fx::new();
     let c = start(&certs, &store, "proxy-c", 1);
     let _agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[c.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     c.wait_tunnels(1, Duration::from_secs(10)).unwrap();
     let peer = c.routes_eventually_self_peer_addr();
-    let m = ringpeer::transport::tls::TlsMaterial::load(
-        &ringpeer::transport::tls::TlsFiles::in_dir(&certs.path, "proxy-a"),
-        "demo",
-        ringpeer::transport::identity::Role::Proxy,
-    )
-    .unwrap();
-    let cfg = m.client_config(ringpeer::transport::identity::Role::Proxy, Some("proxy-c")).unwrap();
+    let cfg =
+        common::client_config_as(&certs.path, "proxy-a", ringpeer::transport::identity::Role::Proxy, Some("proxy-c"));
     let (one, two) = ringpeer::runtime::block_on("peer", move || async move {
         let c = ringpeer::forward::Client::connect(&peer, &cfg, &Default::default()).await.unwrap();
         let path = ringpeer::wire::paths::PEER_DIAL;

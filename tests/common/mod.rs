@@ -100,3 +100,20 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A client TLS config presenting certificate `name` (of `role`) from
+/// `dir`, expecting a proxy (named `expect`, when given).
+pub fn client_config_as(
+    dir: &Path,
+    name: &str,
+    role: ringpeer::transport::identity::Role,
+    expect: Option<&str>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let m = ringpeer::transport::tls::TlsMaterial::load(
+        &ringpeer::transport::tls::TlsFiles::in_dir(dir, name),
+        "demo",
+        role,
+    )
+    .unwrap();
+    m.client_config(ringpeer::transport::identity::Role::Proxy, expect).unwrap()
+}
