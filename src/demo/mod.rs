@@ -84,7 +84,20 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
         || !proxies.iter().all(|p| p.routes().get("agent-1").is_some() && p.routes().get("agent-2").is_some())
     {
         if t0.elapsed() > Duration::from_secs(20) {
-            bail!("agents did not settle on their tunnels within 20 s");
+            let views: Vec<String> = proxies
+                .iter()
+                .map(|p| {
+                    let r = p.routes();
+                    format!(
+                        "v{} proxies {:?} agents {:?} tunnels {}",
+                        r.version,
+                        r.proxies.keys().collect::<Vec<_>>(),
+                        r.agents.keys().collect::<Vec<_>>(),
+                        tunnels(p)
+                    )
+                })
+                .collect();
+            bail!("agents did not settle on their tunnels within 20 s; views: {views:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

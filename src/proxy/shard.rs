@@ -224,16 +224,7 @@ impl Shard {
     /// Handles this shard's mailbox until the shard stops.
     pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg>) {
         loop {
-            // The queue is re-checked every 50 ms even without a wake-up: a
-            // cross-thread wake that goes missing then costs 50 ms, not a
-            // shard that never sees another route snapshot. (A stalled
-            // snapshot was seen once under load; the cause is not confirmed.)
-            let msg = futures_lite::future::or(async { Some(inbox.recv().await) }, async {
-                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-                None
-            })
-            .await;
-            let Some(msg) = msg.or_else(|| inbox.try_recv()) else { continue };
+            let msg = inbox.recv().await;
             match msg {
                 ShardMsg::Routes(t) => {
                     let mut cur = self.routes.borrow_mut();

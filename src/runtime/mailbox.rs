@@ -50,11 +50,6 @@ impl<T> Mailbox<T> {
 }
 
 impl<T> Inbox<T> {
-    /// A message if one is queued.
-    pub fn try_recv(&mut self) -> Option<T> {
-        self.0.q.pop()
-    }
-
     /// The next message.
     pub async fn recv(&mut self) -> T {
         poll_fn(|cx| {

@@ -57,8 +57,11 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         }
     };
     let driver = glommio::spawn_local(async move { drive_client(conn, &h2cfg).await });
+    // What the agent is first told is exactly what later pushes compare
+    // against (computed once: the snapshot may change meanwhile).
+    let sent = membership(&shard, &shard.routes());
     let (services, ctrl_rx, mut ctrl_tx) =
-        match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard)).await {
+        match timeout(shard.shared.h2.handshake_timeout(), open_control(&mut send, &shard, &sent)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 tracing::warn!(agent, error = %e, "agent control stream failed");
@@ -72,7 +75,6 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let conn_id = shard.next_conn_id();
     shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
-    let sent = membership(&shard, &shard.routes());
     let mut driver = driver;
     let closing = || async {
         shard.closing.wait().await;
@@ -124,12 +126,7 @@ async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (V
     // changed since the first frames went out.
     let mut version = 0;
     loop {
-        // Woken by each new snapshot; also re-checked every second.
-        let t = futures_lite::future::or(shard.next_routes(version), async {
-            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
-            shard.routes()
-        })
-        .await;
+        let t = shard.next_routes(version).await;
         version = t.version;
         let m = membership(shard, &t);
         if m != sent {
@@ -146,6 +143,7 @@ async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (V
 async fn open_control(
     send: &mut SendRequest<Bytes>,
     shard: &Shard,
+    first: &(Vec<(String, String)>, Strategy),
 ) -> Result<(Arc<[String]>, RecvStream, SendStream<Bytes>), String> {
     poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| e.to_string())?;
     let req = Request::post(format!("https://agent{}", paths::AGENT_CONTROL))
@@ -154,7 +152,7 @@ async fn open_control(
         .body(())
         .map_err(|e| e.to_string())?;
     let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    tx.send_data(control_frames(shard, &membership(shard, &shard.routes())), false).map_err(|e| e.to_string())?;
+    tx.send_data(control_frames(shard, first), false).map_err(|e| e.to_string())?;
     let resp = resp.await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("agent answered HTTP {}", resp.status()));
