@@ -7,6 +7,7 @@
 //! Invariant: the demo exits 0 only if every check it prints passed.
 
 pub mod bench;
+pub mod bench_external;
 pub mod fleet;
 pub mod load;
 pub mod targets;
