@@ -47,15 +47,8 @@ enum Cmd {
     Dial {
         /// AGENT[/SERVICE]
         target: String,
-        /// Proxy client address.
-        #[arg(long)]
-        proxy: String,
-        /// Certificates directory (ca.pem, <name>.pem, <name>-key.pem).
-        #[arg(long)]
-        certs: PathBuf,
-        /// Client certificate name in the directory.
-        #[arg(long, default_value = "client")]
-        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Dial deadline, ms.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
@@ -68,15 +61,8 @@ enum Cmd {
         /// AGENT[/SERVICE]
         #[arg(long)]
         to: String,
-        /// Proxy client address.
-        #[arg(long)]
-        proxy: String,
-        /// Certificates directory.
-        #[arg(long)]
-        certs: PathBuf,
-        /// Client certificate name in the directory.
-        #[arg(long, default_value = "client")]
-        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Development certificates.
     Certs {
@@ -117,6 +103,20 @@ enum Cmd {
     },
     /// Load generator: direct TCP vs. through the proxy; JSON out.
     Bench(ringpeer::demo::bench::BenchOpts),
+}
+
+/// How `dial` and `forward` reach the fleet.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Proxy client address.
+    #[arg(long)]
+    proxy: String,
+    /// Certificates directory (ca.pem, <name>.pem, <name>-key.pem).
+    #[arg(long)]
+    certs: PathBuf,
+    /// Client certificate name in the directory.
+    #[arg(long, default_value = "client")]
+    name: String,
 }
 
 #[derive(Subcommand)]
@@ -199,7 +199,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = AgentConfig::load(&config)?;
             ringpeer::tunnel::agent::run(cfg, shutdown_on_signals()?)?;
         }
-        Cmd::Dial { target, proxy, certs, name, timeout_ms } => {
+        Cmd::Dial { target, client: ClientArgs { proxy, certs, name }, timeout_ms } => {
             let t = DialTarget::parse(&target).map_err(|s| anyhow::anyhow!("{target:?}: {}", s.message))?;
             let tls = ringpeer::forward::client_tls(&certs, &name)?;
             let status = ringpeer::forward::stdio::dial_stdio(proxy, t, tls, Duration::from_millis(timeout_ms))?;
@@ -208,7 +208,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Cmd::Forward { listen, to, proxy, certs, name } => {
+        Cmd::Forward { listen, to, client: ClientArgs { proxy, certs, name } } => {
             let target = DialTarget::parse(&to).map_err(|s| anyhow::anyhow!("{to:?}: {}", s.message))?;
             let tls = ringpeer::forward::client_tls(&certs, &name)?;
             let opts = ringpeer::forward::ForwardOpts { listen, target, proxy, tls, deadline: Duration::from_secs(10) };

@@ -7,7 +7,9 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
+use common::procs::Proc;
 use std::time::{Duration, Instant};
 
 use ringpeer::demo::targets::{self, Kind};
@@ -45,16 +47,6 @@ fn agent_toml(dir: &Path, tunnel: SocketAddr, echo: SocketAddr, sink: SocketAddr
         "cluster = \"c1\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
          cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\nsink = \"{sink}\"\n"
     )
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Starts a proxy process; returns it with its client and tunnel addresses

@@ -375,15 +375,13 @@ impl ControlLoop {
         self.publish();
         let tick = crossbeam::channel::tick(Duration::from_millis(100));
         loop {
-            let mut changed = false;
             crossbeam::select! {
                 recv(events) -> ev => match ev {
                     Ok(ControlEvent::Stop) | Err(_) => break,
-                    Ok(ev) => { self.on_local(ev); changed = true; }
+                    Ok(ev) => self.on_local(ev),
                 },
                 recv(reader) -> msg => if let Ok(m) = msg {
                     self.on_reader(m);
-                    changed = true;
                 },
                 recv(tick) -> _ => {
                     self.tick();
@@ -400,13 +398,13 @@ impl ControlLoop {
                     return;
                 }
                 self.on_local(ev);
-                changed = true;
             }
             while let Ok(m) = reader.try_recv() {
                 self.on_reader(m);
-                changed = true;
             }
-            if changed || !self.pending.is_empty() {
+            // Every visible change is recorded in `pending` (heartbeats of
+            // known proxies are not), so unchanged snapshots are not re-sent.
+            if !self.pending.is_empty() {
                 self.publish();
             }
         }

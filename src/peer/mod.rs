@@ -91,16 +91,6 @@ impl PeerPool {
         self.links.borrow().get(addr).map(|v| v.iter().map(|l| l.active.get()).sum()).unwrap_or(0)
     }
 
-    /// Number of live links.
-    pub fn len(&self) -> usize {
-        self.links.borrow().values().flatten().filter(|l| l.alive.get()).count()
-    }
-
-    /// Whether there is no live link.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Drops links to proxies that left the registry. Dropping our handle
     /// lets the connection finish the streams it carries, then close.
     pub fn retain_proxies(&self, live: &std::collections::HashMap<String, crate::route::model::ProxyInfo>) {

@@ -109,16 +109,7 @@ fn advertise(a: SocketAddr, cfg: &ProxyConfig) -> String {
 /// before a socket is bound.
 pub fn preflight(cfg: &ProxyConfig) -> anyhow::Result<TlsMaterial> {
     cfg.validate()?;
-    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Proxy)?;
-    if tls.id.name != cfg.id {
-        bail!(
-            "certificate {} is for proxy {:?}, but the config's id is {:?}",
-            cfg.tls.cert.display(),
-            tls.id.name,
-            cfg.id
-        );
-    }
-    Ok(tls)
+    Ok(TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Proxy, &cfg.id)?)
 }
 
 /// What an embedding program (demo, tests) may share with a proxy.

@@ -70,6 +70,18 @@ pub enum TlsError {
         /// Cluster configured.
         cluster: String,
     },
+    /// Our certificate names another process than the config's id.
+    #[error("certificate {path} is for {role} {found:?}, but the config's id is {id:?}")]
+    WrongName {
+        /// Certificate path.
+        path: String,
+        /// Role.
+        role: Role,
+        /// Name in the certificate.
+        found: String,
+        /// Configured id.
+        id: String,
+    },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
@@ -94,6 +106,20 @@ impl TlsMaterial {
     /// names `cluster` and `role`.
     pub fn load(files: &TlsFiles, cluster: &str, role: Role) -> Result<TlsMaterial, TlsError> {
         Self::load_checked(files, Some(cluster), role)
+    }
+
+    /// [`load`](Self::load), also checking that the certificate names `id`.
+    pub fn load_as(files: &TlsFiles, cluster: &str, role: Role, id: &str) -> Result<TlsMaterial, TlsError> {
+        let m = Self::load(files, cluster, role)?;
+        if m.id.name != id {
+            return Err(TlsError::WrongName {
+                path: files.cert.display().to_string(),
+                role,
+                found: m.id.name.clone(),
+                id: id.to_string(),
+            });
+        }
+        Ok(m)
     }
 
     /// Like [`load`](Self::load), taking the cluster from the certificate.

@@ -14,7 +14,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use bytes::Bytes;
 use futures_lite::future::or;
 use glommio::net::TcpStream;
@@ -54,15 +53,7 @@ struct AgentCtx {
 /// Runs an agent until `shutdown` fires.
 pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     cfg.validate()?;
-    let tls = TlsMaterial::load(&cfg.tls, &cfg.cluster, Role::Agent)?;
-    if tls.id.name != cfg.id {
-        bail!(
-            "certificate {} is for agent {:?}, but the config's id is {:?}",
-            cfg.tls.cert.display(),
-            tls.id.name,
-            cfg.id
-        );
-    }
+    let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;
     let client = tls.client_config(Role::Proxy, None)?;
     let proxies = cfg.proxies.clone();
     let name = format!("agent-{}", cfg.id);

@@ -11,6 +11,7 @@ use super::redis_server::Redis;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
 
+/// A child process, killed (SIGKILL) on drop.
 pub struct Proc(pub Child);
 impl Drop for Proc {
     fn drop(&mut self) {
