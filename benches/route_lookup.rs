@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use ringpeer::control::view::{ClusterView, LocalTunnels};
+use ringpeer::proxy::control::view::{ClusterView, LocalTunnels};
 use ringpeer::route::model::{AgentRoute, ProxyInfo};
 
 fn view(n: usize) -> ClusterView {
@@ -65,7 +65,7 @@ fn main() {
             let prev = v.build("proxy-self", &local, 1, true);
             let mut inc: Vec<f64> = (0..101)
                 .map(|i| {
-                    let changed = ringpeer::control::view::Affected::agent(&format!("agent-{}", i * 7 % n));
+                    let changed = ringpeer::proxy::control::view::Affected::agent(&format!("agent-{}", i * 7 % n));
                     let t0 = Instant::now();
                     black_box(v.update(&prev, &changed, "proxy-self", &local, 2, true));
                     t0.elapsed().as_secs_f64() * 1e6

@@ -11,14 +11,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringpeer::control::{Control, ControlEvent, ControlOpts};
-use ringpeer::proxy::shard::ShardMsg;
+use crossbeam::channel::Receiver;
+use ringpeer::proxy::control::{Control, ControlOpts};
+use ringpeer::route::feed::TunnelEvent;
 use ringpeer::route::model::{ProxyInfo, Strategy};
 use ringpeer::route::redis::RedisFactory;
-use ringpeer::runtime::mailbox::{mailbox, Inbox};
+use ringpeer::route::RouteTable;
 
-fn control(id: &str, url: &str) -> (Control, Inbox<ShardMsg>) {
-    let (mb, inbox) = mailbox();
+type Tables = Receiver<Arc<RouteTable>>;
+
+fn control(id: &str, url: &str) -> (Control, Tables) {
+    let (tx, rx) = crossbeam::channel::unbounded();
     let opts = ControlOpts {
         me: ProxyInfo {
             id: id.into(),
@@ -32,15 +35,16 @@ fn control(id: &str, url: &str) -> (Control, Inbox<ShardMsg>) {
         strategy: Strategy::AgentMesh,
     };
     let f = Arc::new(RedisFactory::new(url, "bench", 10_000).unwrap());
-    (Control::spawn(opts, f, vec![mb], Default::default()).unwrap(), inbox)
+    let publish = Box::new(move |t| {
+        let _ = tx.send(t);
+    });
+    (Control::spawn(opts, f, publish, Default::default()).unwrap(), rx)
 }
 
-fn wait_until(inbox: &mut Inbox<ShardMsg>, pred: impl Fn(&ringpeer::route::RouteTable) -> bool) {
-    loop {
-        if let ShardMsg::Routes(t) = futures_lite::future::block_on(inbox.recv()) {
-            if pred(&t) {
-                return;
-            }
+fn wait_until(tables: &mut Tables, pred: impl Fn(&RouteTable) -> bool) {
+    while let Ok(t) = tables.recv() {
+        if pred(&t) {
+            return;
         }
     }
 }
@@ -64,7 +68,7 @@ fn main() {
         let agent = format!("agent-{i}");
         let t0 = Instant::now();
         b.events
-            .send(ControlEvent::TunnelUp {
+            .send(TunnelEvent::TunnelUp {
                 agent: agent.clone(),
                 shard: 1,
                 conn: i,
@@ -74,7 +78,7 @@ fn main() {
         wait_until(&mut a_in, |t| t.get(&agent).is_some_and(|r| r.remote.iter().any(|x| &*x.proxy == "proxy-b")));
         up.record(t0.elapsed().as_micros() as u64).ok();
         let t0 = Instant::now();
-        b.events.send(ControlEvent::TunnelDown { agent: agent.clone(), conn: i }).unwrap();
+        b.events.send(TunnelEvent::TunnelDown { agent: agent.clone(), conn: i }).unwrap();
         wait_until(&mut a_in, |t| t.get(&agent).is_none());
         down.record(t0.elapsed().as_micros() as u64).ok();
     }

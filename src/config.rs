@@ -102,6 +102,11 @@ pub struct ProxyConfig {
     /// Deadline for a dial to be established, ms.
     #[serde(default = "default_dial_timeout")]
     pub dial_timeout_ms: u64,
+    /// Deadline for connecting a peer link (TCP + TLS + HTTP/2), ms. A dial
+    /// gives a connect at most this, or what is left of its own deadline, so
+    /// one black-holed peer leaves time to try the next.
+    #[serde(default = "default_peer_connect_timeout")]
+    pub peer_connect_timeout_ms: u64,
     /// TLS files.
     pub tls: TlsFiles,
     /// Route backend.
@@ -123,6 +128,9 @@ fn default_peer_addr() -> String {
 }
 fn default_dial_timeout() -> u64 {
     10_000
+}
+fn default_peer_connect_timeout() -> u64 {
+    1_000
 }
 fn yes() -> bool {
     true
@@ -197,6 +205,9 @@ impl ProxyConfig {
         }
         if self.backend.proxy_ttl_ms < 300 || self.backend.resync_interval_ms < 100 || self.backend.events_maxlen == 0 {
             bail!("backend.proxy_ttl_ms must be >= 300, resync_interval_ms >= 100, events_maxlen >= 1");
+        }
+        if self.dial_timeout_ms == 0 || self.peer_connect_timeout_ms == 0 {
+            bail!("dial_timeout_ms and peer_connect_timeout_ms must be > 0");
         }
         self.h2.validate().map_err(anyhow::Error::msg)
     }

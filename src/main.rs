@@ -102,7 +102,7 @@ enum Cmd {
         listen: String,
     },
     /// Load generator: direct TCP vs. through the proxy; JSON out.
-    Bench(ringpeer::demo::bench::BenchOpts),
+    Bench(ringpeer::tools::bench::BenchOpts),
 }
 
 /// How `dial` and `forward` reach the fleet.
@@ -197,12 +197,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Agent { config } => {
             let cfg = AgentConfig::load(&config)?;
-            ringpeer::tunnel::agent::run(cfg, shutdown_on_signals()?)?;
+            ringpeer::agent::run(cfg, shutdown_on_signals()?)?;
         }
         Cmd::Dial { target, client: ClientArgs { proxy, certs, name }, timeout_ms } => {
             let t = DialTarget::parse(&target).map_err(|s| anyhow::anyhow!("{target:?}: {}", s.message))?;
-            let tls = ringpeer::forward::client_tls(&certs, &name)?;
-            let status = ringpeer::forward::stdio::dial_stdio(proxy, t, tls, Duration::from_millis(timeout_ms))?;
+            let tls = ringpeer::client::client_tls(&certs, &name)?;
+            let status = ringpeer::client::stdio::dial_stdio(proxy, t, tls, Duration::from_millis(timeout_ms))?;
             if !status.is_ok() {
                 eprintln!("ringpeer: dial {target}: {status}");
                 return Ok(ExitCode::from(1));
@@ -210,9 +210,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Forward { listen, to, client: ClientArgs { proxy, certs, name } } => {
             let target = DialTarget::parse(&to).map_err(|s| anyhow::anyhow!("{to:?}: {}", s.message))?;
-            let tls = ringpeer::forward::client_tls(&certs, &name)?;
-            let opts = ringpeer::forward::ForwardOpts { listen, target, proxy, tls, deadline: Duration::from_secs(10) };
-            ringpeer::forward::forward(opts, shutdown_on_signals()?)?;
+            let tls = ringpeer::client::client_tls(&certs, &name)?;
+            let opts = ringpeer::client::ForwardOpts { listen, target, proxy, tls, deadline: Duration::from_secs(10) };
+            ringpeer::client::forward(opts, shutdown_on_signals()?)?;
         }
         Cmd::Certs { cmd: CertsCmd::Init { dir, cluster } } => {
             let files = ringpeer::transport::certs::init(&dir, &cluster)?;
@@ -227,11 +227,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Demo { serve } => {
             let sd = if serve { shutdown_on_signals()? } else { Shutdown::new() };
-            ringpeer::demo::run(serve, sd)?;
+            ringpeer::tools::demo::run(serve, sd)?;
         }
-        Cmd::Bench(opts) => ringpeer::demo::bench::run(opts)?,
+        Cmd::Bench(opts) => ringpeer::tools::bench::run(opts)?,
         Cmd::Target { kind, listen } => {
-            use ringpeer::demo::targets::{spawn_at, Kind};
+            use ringpeer::tools::target::{spawn_at, Kind};
             let kind = match kind.as_str() {
                 "echo" => Kind::Echo,
                 "sink" => Kind::Sink,
@@ -243,7 +243,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             shutdown_on_signals()?.wait_blocking();
         }
         Cmd::Routes { backend, cluster, config, json, cmd } => {
-            use ringpeer::control::cli;
+            use ringpeer::tools::routes as cli;
             let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;
             let out = match cmd {
                 RoutesCmd::List => cli::list(store.as_mut(), json)?,

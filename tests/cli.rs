@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use common::procs::Proc;
 use std::time::{Duration, Instant};
 
-use ringpeer::demo::targets::{self, Kind};
+use ringpeer::tools::target::{self as targets, Kind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
 

@@ -6,10 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::{random_bytes, sha256, Fleet};
-use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use ringpeer::demo::load::{echo_roundtrip, open};
-use ringpeer::demo::targets::{self, Kind};
 use ringpeer::runtime::listeners::bind_group;
+use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::tools::load::{echo_roundtrip, open};
+use ringpeer::tools::target::{self as targets, Kind};
+use ringpeer::wire::error::Label;
 use ringpeer::wire::status::Code;
 use ringpeer::wire::DialTarget;
 
@@ -102,8 +103,8 @@ fn dial_errors_are_grpc_statuses_with_clear_messages() {
     assert!(e.message.contains("service refused at"), "{e}");
     let e = get("agent-1");
     assert_eq!(e.code, Code::NotFound, "agent-1 has several services, so one must be named: {e}");
-    assert_eq!(fleet.proxy.metrics.sum(|s| s.error_count("not_found")), 3);
-    assert_eq!(fleet.proxy.metrics.sum(|s| s.error_count("unavailable")), 1);
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.code_count(Code::NotFound)), 3);
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.code_count(Code::Unavailable)), 1);
 }
 
 #[test]
@@ -147,18 +148,15 @@ fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
 fn a_client_certificate_from_another_ca_is_refused() {
     let fleet = Fleet::start(1);
     let other = CertDir::temp().unwrap();
-    let tls = ringpeer::forward::client_tls(&other.path, "client").unwrap();
+    let tls = ringpeer::client::client_tls(&other.path, "client").unwrap();
     let addr = fleet.proxy.client_addr.to_string();
     let r = ringpeer::runtime::block_on("rogue", move || async move {
-        ringpeer::forward::Client::connect(&addr, &tls, &Default::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        ringpeer::client::Client::connect(&addr, &tls, &Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
     })
     .unwrap();
     let e = r.expect_err("a foreign CA must not connect");
     assert!(e.contains("TLS handshake"), "{e}");
-    common::eventually("refusal counted", || fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+    common::eventually("refusal counted", || fleet.proxy.metrics.sum(|s| s.error_count(Label::TlsHandshake)) >= 1);
 }
 
 #[test]
@@ -169,7 +167,7 @@ fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_
     let addr = fleet.proxy.client_addr.to_string();
     let tls = common::client_config_as(&dir, "agent-1", ringpeer::transport::identity::Role::Agent, None);
     let r = ringpeer::runtime::block_on("wrong-role", move || async move {
-        match ringpeer::forward::Client::connect(&addr, &tls, &Default::default()).await {
+        match ringpeer::client::Client::connect(&addr, &tls, &Default::default()).await {
             // TLS 1.3: the server's verdict on our certificate may arrive
             // after the client considers the handshake done; the first dial
             // then fails.
@@ -185,7 +183,7 @@ fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_
     let _rogue = AgentHandle::start(rogue).unwrap();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(fleet.proxy.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>(), 2);
-    assert!(fleet.proxy.metrics.sum(|s| s.error_count("tls_handshake")) >= 1);
+    assert!(fleet.proxy.metrics.sum(|s| s.error_count(Label::TlsHandshake)) >= 1);
 }
 
 #[test]
@@ -213,7 +211,7 @@ fn a_handshake_without_alpn_h2_is_refused() {
     }
     let m = &fleet.proxy.metrics;
     common::eventually("both refusals counted", || {
-        m.sum(|s| s.error_count("no_alpn")) == 1 && m.sum(|s| s.error_count("tls_handshake")) == 1
+        m.sum(|s| s.error_count(Label::NoAlpn)) == 1 && m.sum(|s| s.error_count(Label::TlsHandshake)) == 1
     });
     assert_eq!(m.sum(|s| s.client_conns.get()), 0);
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, random_bytes, sha256};
-use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use ringpeer::demo::load::echo_roundtrip;
-use ringpeer::demo::targets::{self, Kind};
 use ringpeer::route::model::Strategy;
 use ringpeer::route::store::{MemoryStore, StoreFactory};
+use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::tools::load::echo_roundtrip;
+use ringpeer::tools::target::{self as targets, Kind};
+use ringpeer::wire::error::Label;
 use ringpeer::wire::DialTarget;
 
 fn t(s: &str) -> DialTarget {
@@ -98,7 +99,7 @@ fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
         let cfg = common::client_config_as(&certs.path, name, role, None);
         let addr = peer_addr.clone();
         let r = ringpeer::runtime::block_on("rogue-peer", move || async move {
-            match ringpeer::forward::Client::connect(&addr, &cfg, &Default::default()).await {
+            match ringpeer::client::Client::connect(&addr, &cfg, &Default::default()).await {
                 Ok(c) => {
                     c.dial(&t("agent-1/echo"), Duration::from_secs(2)).await.map(|_| ()).map_err(|s| s.to_string())
                 }
@@ -108,7 +109,7 @@ fn a_peer_presenting_a_client_or_agent_certificate_is_refused() {
         .unwrap();
         assert!(r.is_err(), "{name} must not talk to the peer port");
     }
-    eventually("refusals counted", || a.metrics.sum(|s| s.error_count("tls_handshake")) >= 2);
+    eventually("refusals counted", || a.metrics.sum(|s| s.error_count(Label::TlsHandshake)) >= 2);
 }
 
 /// Certificates, a shared memory route store and an echo target.
@@ -165,7 +166,7 @@ fn the_agent_keeps_the_strategy_s_tunnel_count_and_follows_runtime_changes_witho
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let streamer = std::thread::spawn(move || {
         common::with_client(addr, &dir, "client", move |cl| async move {
-            let mut d = ringpeer::demo::load::open(&cl, &t("agent-1/echo")).await.unwrap();
+            let mut d = ringpeer::tools::load::open(&cl, &t("agent-1/echo")).await.unwrap();
             let mut back = Vec::new();
             d.write(b"before").await.unwrap();
             d.read_exact(&mut back, 6).await.unwrap();
@@ -352,7 +353,7 @@ fn a_full_peer_link_gets_a_sibling_connection() {
                 let cl = cl.clone();
                 glommio::spawn_local(async move {
                     // Hold each stream open long enough for all 200 to overlap.
-                    let mut d = ringpeer::demo::load::open(&cl, &t("agent-1/echo")).await.ok()?;
+                    let mut d = ringpeer::tools::load::open(&cl, &t("agent-1/echo")).await.ok()?;
                     glommio::timer::sleep(Duration::from_millis(300)).await;
                     let msg = vec![i as u8; 100];
                     d.write(&msg).await.ok()?;
@@ -387,7 +388,7 @@ fn a_dial_that_already_crossed_a_peer_link_is_not_forwarded_again() {
     let cfg =
         common::client_config_as(&certs.path, "proxy-a", ringpeer::transport::identity::Role::Proxy, Some("proxy-c"));
     let (one, two) = ringpeer::runtime::block_on("peer", move || async move {
-        let c = ringpeer::forward::Client::connect(&peer, &cfg, &Default::default()).await.unwrap();
+        let c = ringpeer::client::Client::connect(&peer, &cfg, &Default::default()).await.unwrap();
         let path = ringpeer::wire::paths::PEER_DIAL;
         let one = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 1).await.map(|_| ());
         let two = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 2).await.map(|_| ());

@@ -11,10 +11,10 @@ use common::redis_server::Redis;
 use common::{eventually, random_bytes, sha256};
 use prost::Message;
 use ringpeer::config::BackendKind;
-use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use ringpeer::demo::load::{echo_roundtrip, open};
-use ringpeer::demo::targets::{self, Kind};
 use ringpeer::route::model::Strategy;
+use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::tools::load::{echo_roundtrip, open};
+use ringpeer::tools::target::{self as targets, Kind};
 use ringpeer::wire::pb::v1 as pb;
 use ringpeer::wire::DialTarget;
 

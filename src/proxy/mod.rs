@@ -6,7 +6,12 @@
 //! before the first shard starts, with one clear error; `run` returns only
 //! after every shard has stopped.
 
+pub mod admin;
+pub mod control;
+pub mod inbound;
+pub mod outbound;
 pub mod shard;
+pub mod stats;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -19,17 +24,18 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::BackendKind;
 use crate::config::ProxyConfig;
-use crate::control::{Control, ControlOpts, SnapshotCell};
+use crate::proxy::control::{Control, ControlOpts, SnapshotCell};
+use crate::route::feed::Publish;
 use crate::route::model::{now_ms, ProxyInfo};
 use crate::route::redis::RedisFactory;
 use crate::route::store::{MemoryStore, StoreFactory};
 use crate::runtime::listeners::{bind_group, parse_addr, BindError};
 use crate::runtime::mailbox::mailbox;
 use crate::runtime::{spawn_executor, Shutdown};
-use crate::telemetry::Metrics;
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
-use shard::{ProxyShared, Shard};
+use shard::{ProxyShared, Shard, ShardMsg};
+use stats::Metrics;
 
 /// The listening sockets of a proxy, one per shard and role. A `None` leaves
 /// that shard without that listener (tests use this to place connections).
@@ -87,6 +93,9 @@ impl Listeners {
         Self::addr(&self.tunnel)
     }
 }
+
+/// Longest a stopping shard waits for its open streams.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn to_glommio(l: TcpListener) -> glommio::net::TcpListener {
     // SAFETY: the descriptor is a bound, listening TCP socket we own.
@@ -154,6 +163,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         id: cfg.id.clone(),
         h2: cfg.h2.clone(),
         dial_timeout: Duration::from_millis(cfg.dial_timeout_ms),
+        peer_connect_timeout: Duration::from_millis(cfg.peer_connect_timeout_ms),
         client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
         tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
         tunnel_addr,
@@ -190,15 +200,17 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         resync: Duration::from_millis(cfg.backend.resync_interval_ms),
         strategy: cfg.strategy,
     };
-    let control = Control::spawn(copts, store, boxes.clone(), opts.snapshot.unwrap_or_default())?;
+    let publish: Publish = {
+        let boxes = boxes.clone();
+        Box::new(move |t| {
+            for b in &boxes {
+                let _ = b.post(ShardMsg::Routes(t.clone()));
+            }
+        })
+    };
+    let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
     let admin = match listeners.admin {
-        Some(l) => Some(crate::telemetry::admin::spawn(
-            l,
-            cfg.id.clone(),
-            metrics.clone(),
-            control.snapshot.clone(),
-            shutdown.clone(),
-        )?),
+        Some(l) => Some(admin::spawn(l, cfg.id.clone(), metrics.clone(), control.snapshot.clone(), shutdown.clone())?),
         None => None,
     };
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
@@ -214,30 +226,33 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             (shared.clone(), metrics.shards[i].clone(), boxes.clone(), control.events.clone(), shutdown.clone());
         let cpu = cfg.pin_cpus.then_some(i % cpus);
         let h = spawn_executor(&format!("{}-shard{i}", cfg.id), cpu, move || async move {
-            let shard = Rc::new(Shard::new(i as u32, shared, stats, boxes, events, sd.clone()));
+            let shard = Rc::new(Shard::new(i as u32, shared, stats, boxes, events));
             glommio::spawn_local(shard.clone().run_inbox(inbox)).detach();
             let mut tasks = Vec::new();
             if let Some(l) = cl {
-                tasks.push(glommio::spawn_local(crate::ingress::accept_loop(shard.clone(), to_glommio(l))));
+                tasks.push(glommio::spawn_local(inbound::accept_loop(shard.clone(), to_glommio(l))));
             }
             if let Some(l) = tl {
-                tasks.push(glommio::spawn_local(crate::tunnel::accept::accept_loop(shard.clone(), to_glommio(l))));
+                tasks.push(glommio::spawn_local(inbound::tunnel::accept_loop(shard.clone(), to_glommio(l))));
             }
             if let Some(l) = pl {
-                tasks.push(glommio::spawn_local(crate::ingress::peer_accept_loop(shard.clone(), to_glommio(l))));
+                tasks.push(glommio::spawn_local(inbound::peer_accept_loop(shard.clone(), to_glommio(l))));
             }
+            // The one wait on the process-wide signal; connections wait on
+            // the shard's own.
             sd.wait().await;
+            shard.stopping.trigger();
             for t in tasks {
                 t.await;
             }
             // Let open streams finish (their connections got GOAWAY).
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while shard.stats.active_streams.get() > 0 && std::time::Instant::now() < deadline {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            // Close every remaining connection, then give the tasks a moment
-            // to drop their sockets.
+            let _ = crate::runtime::timeout(DRAIN_TIMEOUT, shard.streams.idle()).await;
+            // Close every remaining connection and wait for their tasks to
+            // end, then give the reactor a moment to complete the socket
+            // closes (glommio closes through the ring), so a successor can
+            // bind the same ports at once.
             shard.closing.trigger();
+            let _ = crate::runtime::timeout(Duration::from_secs(1), shard.conns.idle()).await;
             glommio::timer::sleep(Duration::from_millis(20)).await;
         })
         .context("cannot start shard")?;

@@ -1,9 +1,11 @@
-//! A proxy shard's state: its agent tunnels, its route snapshot, and the
-//! mailboxes of its sibling shards.
+//! A proxy shard's state: its agent tunnels, its route snapshot, its peer
+//! links and the mailboxes of its sibling shards.
 //!
 //! Invariants: everything here is owned by one executor thread (`Rc`,
 //! `RefCell`, never borrowed across an await); other threads reach a shard
-//! only through its mailbox ([`ShardMsg`]).
+//! only through its mailbox ([`ShardMsg`]). The shard knows the control
+//! thread only as a channel of [`TunnelEvent`]s, and receives route tables
+//! as messages: it imports no control type.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -16,14 +18,15 @@ use crossbeam::channel::Sender;
 use h2::client::SendRequest;
 use tokio_rustls::TlsAcceptor;
 
-use crate::control::ControlEvent;
+use super::outbound::peer::PeerPool;
+use super::stats::ShardStats;
+use crate::relay::Item;
+use crate::route::feed::TunnelEvent;
 use crate::route::RouteTable;
 use crate::runtime::mailbox::{Inbox, Mailbox};
 use crate::runtime::pipe::{PipeRx, PipeTx};
-use crate::runtime::Shutdown;
-use crate::telemetry::ShardStats;
+use crate::runtime::signal::{Inflight, Signal};
 use crate::transport::h2conf::H2Tuning;
-use crate::wire::DialTarget;
 
 /// Work posted to a shard by another thread.
 pub enum ShardMsg {
@@ -36,13 +39,15 @@ pub enum ShardMsg {
 /// A dial crossing shards: the entry shard keeps the client stream, this
 /// shard opens the agent stream; bytes move through the two pipes.
 pub struct CrossDial {
-    /// What to dial.
-    pub target: DialTarget,
-    /// Client → agent bytes (verbatim DATA payloads, then End).
-    pub up: PipeRx,
-    /// Agent → client: first the held establishment bytes or an End with
-    /// the error status, then verbatim DATA payloads, then End.
-    pub down: PipeTx,
+    /// The agent.
+    pub agent: String,
+    /// The encoded `DialRequest` to send it.
+    pub first: Bytes,
+    /// Client → agent: verbatim DATA payloads, then End or Fail.
+    pub up: PipeRx<Item>,
+    /// Agent → client: first the establishment bytes or a Fail, then
+    /// verbatim DATA payloads, then End (the agent's trailers) or Fail.
+    pub down: PipeTx<Item>,
 }
 
 /// A live tunnel to an agent on this shard.
@@ -56,18 +61,6 @@ pub struct TunnelRef {
     pub services: Arc<[String]>,
 }
 
-/// Where a dial for an agent should go, from this shard's view.
-pub enum Route {
-    /// A tunnel on this shard.
-    Local(TunnelRef),
-    /// A tunnel on another shard of this proxy.
-    Shard(u32),
-    /// Tunnels held by other proxies, in the order to try them.
-    Remote(Vec<crate::route::RemoteRoute>),
-    /// No route.
-    None,
-}
-
 /// Static settings shared by every shard of a proxy.
 pub struct ProxyShared {
     /// Proxy id.
@@ -76,6 +69,8 @@ pub struct ProxyShared {
     pub h2: H2Tuning,
     /// Dial establishment deadline.
     pub dial_timeout: Duration,
+    /// Peer connect deadline (capped by what is left of the dial's).
+    pub peer_connect_timeout: Duration,
     /// TLS acceptor for the client edge (clients only).
     pub client_tls: TlsAcceptor,
     /// TLS acceptor for agent tunnels (agents only).
@@ -99,18 +94,22 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     /// Every shard's mailbox, by index.
     pub mailboxes: Vec<Mailbox<ShardMsg>>,
-    /// Control thread events.
-    pub control: Sender<ControlEvent>,
-    /// Shutdown signal (stop accepting, drain).
-    pub shutdown: Shutdown,
+    /// Tunnel events for the control thread.
+    pub events: Sender<TunnelEvent>,
+    /// Fired when the proxy stops: stop accepting, send GOAWAY, drain.
+    pub stopping: Signal,
     /// Fired after draining: every connection task of this shard ends now.
     /// (glommio does not drop detached tasks when an executor exits, so
     /// their sockets would otherwise stay open.)
-    pub closing: Shutdown,
+    pub closing: Signal,
+    /// Relayed streams open on this shard (the drain waits for zero).
+    pub streams: Inflight,
+    /// Connection tasks alive on this shard (closing waits for zero).
+    pub conns: Inflight,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     routes: RefCell<Arc<RouteTable>>,
-    /// Peer links of this shard, by peer address.
-    pub peers: crate::peer::PeerPool,
+    /// Peer links of this shard.
+    pub peers: PeerPool,
     /// Tasks waiting for the next route snapshot.
     route_waiters: RefCell<Vec<std::task::Waker>>,
     next_conn: Cell<u64>,
@@ -123,20 +122,22 @@ impl Shard {
         shared: Arc<ProxyShared>,
         stats: Arc<ShardStats>,
         mailboxes: Vec<Mailbox<ShardMsg>>,
-        control: Sender<ControlEvent>,
-        shutdown: Shutdown,
+        events: Sender<TunnelEvent>,
     ) -> Shard {
+        let closing = Signal::new();
         Shard {
             index,
+            peers: PeerPool::new(&shared, stats.clone(), closing.clone()),
             shared,
             stats,
             mailboxes,
-            control,
-            shutdown,
-            closing: Shutdown::new(),
+            events,
+            stopping: Signal::new(),
+            closing,
+            streams: Inflight::default(),
+            conns: Inflight::default(),
             tunnels: RefCell::default(),
             routes: RefCell::default(),
-            peers: Default::default(),
             route_waiters: RefCell::default(),
             next_conn: Cell::new(0),
         }
@@ -151,7 +152,7 @@ impl Shard {
 
     /// Registers a tunnel and tells the control thread.
     pub fn add_tunnel(&self, agent: &str, t: TunnelRef) {
-        let ev = ControlEvent::TunnelUp {
+        let ev = TunnelEvent::TunnelUp {
             agent: agent.to_string(),
             shard: self.index,
             conn: t.conn,
@@ -159,7 +160,7 @@ impl Shard {
         };
         self.tunnels.borrow_mut().entry(agent.to_string()).or_default().insert(0, t);
         self.stats.tunnels.add(1);
-        let _ = self.control.send(ev);
+        let _ = self.events.send(ev);
     }
 
     /// Removes a tunnel and tells the control thread.
@@ -176,28 +177,12 @@ impl Shard {
             }
         }
         drop(map);
-        let _ = self.control.send(ControlEvent::TunnelDown { agent: agent.to_string(), conn });
+        let _ = self.events.send(TunnelEvent::TunnelDown { agent: agent.to_string(), conn });
     }
 
     /// The newest usable tunnel to `agent` on this shard.
     pub fn local_tunnel(&self, agent: &str) -> Option<TunnelRef> {
         self.tunnels.borrow().get(agent).and_then(|v| v.first().cloned())
-    }
-
-    /// Routes a dial for `agent`: own tunnel first, then a sibling shard.
-    pub fn route(&self, agent: &str) -> Route {
-        if let Some(t) = self.local_tunnel(agent) {
-            return Route::Local(t);
-        }
-        let routes = self.routes.borrow();
-        let Some(r) = routes.get(agent) else { return Route::None };
-        if let Some(l) = r.local.iter().find(|l| l.shard != self.index) {
-            return Route::Shard(l.shard);
-        }
-        if r.remote.is_empty() {
-            return Route::None;
-        }
-        Route::Remote(r.remote.clone())
     }
 
     /// The current route snapshot.
@@ -224,12 +209,11 @@ impl Shard {
     /// Handles this shard's mailbox until the shard stops.
     pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg>) {
         loop {
-            let msg = inbox.recv().await;
-            match msg {
+            match inbox.recv().await {
                 ShardMsg::Routes(t) => {
                     let mut cur = self.routes.borrow_mut();
                     if t.version > cur.version {
-                        self.peers.retain_proxies(&t.proxies);
+                        self.peers.retain_proxies(|p| t.proxies.contains_key(p));
                         *cur = t;
                         drop(cur);
                         for w in self.route_waiters.borrow_mut().drain(..) {
@@ -238,7 +222,7 @@ impl Shard {
                     }
                 }
                 ShardMsg::Dial(d) => {
-                    glommio::spawn_local(crate::ingress::cross::serve_cross_dial(self.clone(), *d)).detach();
+                    glommio::spawn_local(super::outbound::sibling::serve(self.clone(), *d)).detach();
                 }
             }
         }

@@ -2,27 +2,40 @@
 //! byte stream: a TCP target on the agent, a local connection or stdio on the
 //! client.
 //!
-//! Invariants: payload read from the byte side is framed in place (header
-//! written into headroom, [`DataBuf`]); payload from the dial side is written
-//! out as slices of the received DATA frames; half-close maps to TCP
-//! `shutdown(Write)` and back to END_STREAM; flow-control capacity is
-//! released only after the bytes were written.
+//! Invariants:
+//! - Payload read from the byte side is framed in place (the header goes
+//!   into headroom, [`DataBuf`]), so it is sent as one `Bytes`, uncopied.
+//! - Payload from the dial side is written out as slices of the received
+//!   DATA frames; every Data message already decoded from a chunk goes out
+//!   in one vectored write (one `sendmsg`), not one write per message.
+//! - Credit follows the rule of [`super::grpc`]: a chunk's credit returns
+//!   only once all its payload was written to the byte side.
+//! - Half-close maps to TCP `shutdown(Write)` and back to END_STREAM.
+//! - The agent side ends the call with OK trailers at the target's EOF, or
+//!   with the failure's trailers; a reset from the caller ends the splice
+//!   and drops (closes) the target connection.
 
-use std::future::poll_fn;
+use std::io::IoSlice;
 use std::net::Shutdown;
+use std::pin::Pin;
 
 use bytes::Bytes;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
-use h2::{RecvStream, SendStream};
+use tokio::io::AsyncWrite;
 
-use super::{wait_capacity, RelayError};
-use crate::runtime::pipe::{Item, PipeRx, PipeTx};
-use crate::wire::codec::{DataBuf, Event, FrameDecoder};
+use super::grpc::{GrpcRecv, GrpcSend};
+use super::Item;
+use crate::runtime::pipe::{PipeRx, PipeTx};
+use crate::transport::io::GlommioIo;
+use crate::wire::codec::DataBuf;
+use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::status::{Code, Status};
 
 /// Read size from a byte stream.
 pub const READ_CHUNK: usize = 64 << 10;
+/// Most Data messages gathered into one vectored write.
+const MAX_BATCH: usize = 64;
 
 /// The readable side of a byte stream, producing framed Data messages.
 pub trait ByteIn {
@@ -32,8 +45,8 @@ pub trait ByteIn {
 
 /// The writable side of a byte stream.
 pub trait ByteOut {
-    /// Writes a payload slice.
-    fn write(&mut self, b: Bytes) -> impl std::future::Future<Output = std::io::Result<()>>;
+    /// Writes every payload slice in `bufs` (and empties it).
+    fn write_all(&mut self, bufs: &mut Vec<Bytes>) -> impl std::future::Future<Output = std::io::Result<()>>;
     /// Half-closes (no more writes).
     fn shutdown(&mut self) -> impl std::future::Future<Output = ()>;
 }
@@ -46,7 +59,7 @@ pub struct TcpIn {
 
 /// Write half of a TCP stream.
 pub struct TcpOut {
-    s: TcpStream,
+    s: GlommioIo,
 }
 
 /// Splits a TCP stream into independent halves (two descriptors of one
@@ -60,8 +73,7 @@ pub fn split_tcp(s: TcpStream) -> std::io::Result<(TcpIn, TcpOut)> {
     }
     // SAFETY: fd is a fresh, owned, connected TCP socket.
     let w = unsafe { TcpStream::from_raw_fd(fd) };
-    let _ = s.set_nodelay(true);
-    Ok((TcpIn { s, buf: DataBuf::new(READ_CHUNK) }, TcpOut { s: w }))
+    Ok((TcpIn { s, buf: DataBuf::new(READ_CHUNK) }, TcpOut { s: GlommioIo::new(w) }))
 }
 
 impl ByteIn for TcpIn {
@@ -72,16 +84,43 @@ impl ByteIn for TcpIn {
 }
 
 impl ByteOut for TcpOut {
-    async fn write(&mut self, b: Bytes) -> std::io::Result<()> {
-        self.s.write_all(&b).await
+    async fn write_all(&mut self, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+        let mut first = 0;
+        while first < bufs.len() {
+            let n = std::future::poll_fn(|cx| {
+                let mut iov = [IoSlice::new(&[]); MAX_BATCH];
+                let k = (bufs.len() - first).min(MAX_BATCH);
+                for (slot, b) in iov.iter_mut().zip(&bufs[first..first + k]) {
+                    *slot = IoSlice::new(b);
+                }
+                Pin::new(&mut self.s).poll_write_vectored(cx, &iov[..k])
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let mut n = n;
+            while n > 0 {
+                let len = bufs[first].len();
+                if n >= len {
+                    n -= len;
+                    first += 1;
+                } else {
+                    let _ = bufs[first].split_to(n);
+                    n = 0;
+                }
+            }
+        }
+        bufs.clear();
+        Ok(())
     }
 
     async fn shutdown(&mut self) {
-        let _ = self.s.shutdown(Shutdown::Write).await;
+        let _ = self.s.get_ref().shutdown(Shutdown::Write).await;
     }
 }
 
-impl ByteIn for PipeRx {
+impl ByteIn for PipeRx<Item> {
     async fn next_framed(&mut self) -> std::io::Result<Option<Bytes>> {
         match self.recv().await {
             Some(Item::Data(b)) => Ok(Some(b)),
@@ -90,9 +129,12 @@ impl ByteIn for PipeRx {
     }
 }
 
-impl ByteOut for PipeTx {
-    async fn write(&mut self, b: Bytes) -> std::io::Result<()> {
-        self.send(Item::Data(b)).await.map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+impl ByteOut for PipeTx<Item> {
+    async fn write_all(&mut self, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+        for b in bufs.drain(..) {
+            self.send(Item::Data(b)).await.map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(())
     }
 
     async fn shutdown(&mut self) {
@@ -102,130 +144,111 @@ impl ByteOut for PipeTx {
 
 /// Which end of a dial this splice is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Side {
-    /// The agent: the byte side's EOF ends the call with OK trailers.
+pub enum End {
+    /// The agent: the byte side is the target; its EOF ends the call with
+    /// OK trailers.
     Agent,
     /// The client: the byte side's EOF half-closes the request; the call
     /// ends with the server's trailers.
     Client,
 }
 
-/// Decoded dial bytes → byte stream. Returns the status at the end of the
-/// dial direction (the server's trailers on the client side).
-async fn framed_to_bytes<O: ByteOut>(
-    rx: &mut RecvStream,
-    dec: &mut FrameDecoder,
-    out: &mut O,
-    side: Side,
-) -> Result<Option<Status>, Status> {
-    // Capacity of a chunk (payload and framing) is released once everything
-    // decoded from it has been written.
-    let mut pending = 0usize;
+fn byte_side(end: End) -> Side {
+    match end {
+        End::Agent => Side::Target,
+        End::Client => Side::Client,
+    }
+}
+
+/// Decoded dial payload → byte stream. Returns the status the dial
+/// direction ended with (the server's trailers on the client end).
+async fn framed_to_bytes<O: ByteOut>(rx: &mut GrpcRecv, out: &mut O, end: End) -> Result<Option<Status>, Error> {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        while let Some(ev) = dec.decode_next().map_err(|e| e.status())? {
-            match ev {
-                Event::Data(b) => {
-                    out.write(b).await.map_err(|e| Status::new(Code::Unavailable, format!("write failed: {e}")))?;
-                }
-                Event::Frame(_) => {
-                    return Err(Status::new(
-                        Code::InvalidArgument,
-                        "unexpected non-Data frame after the dial was established",
-                    ))
-                }
-            }
-        }
-        if pending > 0 {
-            let _ = rx.flow_control().release_capacity(pending);
-        }
-        match poll_fn(|cx| rx.poll_data(cx)).await {
-            Some(Ok(chunk)) => {
-                pending = chunk.len();
-                dec.push(chunk);
+        match rx.next_data().await? {
+            Some(b) => {
+                batch.push(b);
+                rx.ready_data(&mut batch)?;
+                out.write_all(&mut batch).await.map_err(|e| {
+                    let m = format!("write to the {} failed: {e}", byte_side(end).name());
+                    Error::unavailable(byte_side(end), Retry::Unsafe, Label::TargetIo, m)
+                })?;
                 glommio::yield_if_needed().await;
             }
-            Some(Err(e)) => return Err(Status::new(Code::Unavailable, format!("dial stream failed: {e}"))),
             None => {
-                dec.finish().map_err(|e| e.status())?;
                 out.shutdown().await;
-                if side == Side::Client {
-                    let t = poll_fn(|cx| rx.poll_trailers(cx))
-                        .await
-                        .map_err(|e| Status::new(Code::Unavailable, format!("dial stream failed: {e}")))?;
-                    return Ok(Some(
-                        t.as_ref()
-                            .and_then(Status::from_headers)
-                            .unwrap_or_else(|| Status::new(Code::Unknown, "the dial ended without a status")),
-                    ));
+                if end == End::Agent {
+                    return Ok(None);
                 }
-                return Ok(None);
+                let t = rx.trailers().await?;
+                return Ok(Some(
+                    t.as_ref()
+                        .and_then(Status::from_headers)
+                        .unwrap_or_else(|| Status::new(Code::Unknown, "the dial ended without a status")),
+                ));
             }
         }
     }
 }
 
-/// Byte stream → framed dial bytes.
-async fn bytes_to_framed<I: ByteIn>(inp: &mut I, tx: &mut SendStream<Bytes>, side: Side) -> Result<(), Status> {
-    let h2err = |e: RelayError| Status::new(Code::Unavailable, format!("dial stream failed: {e}"));
+/// Byte stream → framed dial payload.
+async fn bytes_to_framed<I: ByteIn>(inp: &mut I, tx: &mut GrpcSend, end: End) -> Result<(), Error> {
     loop {
         match inp.next_framed().await {
             Ok(Some(framed)) => {
-                wait_capacity(tx, framed.len()).await.map_err(h2err)?;
-                tx.send_data(framed, false).map_err(|e| h2err(e.into()))?;
+                tx.send(framed).await?;
                 glommio::yield_if_needed().await;
             }
             Ok(None) => {
-                match side {
-                    Side::Agent => tx.send_trailers(Status::ok().to_trailers()),
-                    Side::Client => tx.send_data(Bytes::new(), true),
+                return match end {
+                    End::Agent => tx.trailers(Status::ok().to_trailers()),
+                    End::Client => tx.close(),
                 }
-                .map_err(|e| h2err(e.into()))?;
-                return Ok(());
             }
             Err(e) => {
-                let s = Status::new(Code::Unavailable, format!("read failed: {e}"));
-                if side == Side::Agent {
-                    let _ = tx.send_trailers(s.to_trailers());
-                }
-                return Err(s);
+                let m = format!("read from the {} failed: {e}", byte_side(end).name());
+                return Err(Error::unavailable(byte_side(end), Retry::Unsafe, Label::TargetIo, m));
             }
         }
     }
 }
 
 /// Runs a dial's two directions between `tx`/`rx` and a byte stream.
-/// On the agent side the call ends when the byte side reaches EOF; on the
-/// client side when the server's trailers arrive (returned).
+/// On the agent end the call ends when the byte side reaches EOF; on the
+/// client end when the server's trailers arrive (returned).
 pub async fn splice<I: ByteIn, O: ByteOut>(
     mut inp: I,
     mut out: O,
-    mut tx: SendStream<Bytes>,
-    mut rx: RecvStream,
-    mut dec: FrameDecoder,
-    side: Side,
-) -> Result<Status, Status> {
-    match side {
-        Side::Agent => {
-            let up = framed_to_bytes(&mut rx, &mut dec, &mut out, side);
-            let down = bytes_to_framed(&mut inp, &mut tx, side);
-            futures_lite::future::or(async { down.await.map(|_| Status::ok()) }, async {
-                match up.await {
-                    Ok(_) => std::future::pending().await,
-                    Err(s) => Err(s),
-                }
-            })
-            .await
+    mut tx: GrpcSend,
+    mut rx: GrpcRecv,
+    end: End,
+) -> Result<Status, Error> {
+    let r = {
+        let to_bytes = framed_to_bytes(&mut rx, &mut out, end);
+        let to_framed = bytes_to_framed(&mut inp, &mut tx, end);
+        match end {
+            End::Agent => {
+                futures_lite::future::or(async { to_framed.await.map(|_| Status::ok()) }, async {
+                    match to_bytes.await {
+                        Ok(_) => std::future::pending().await,
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+            }
+            End::Client => {
+                futures_lite::future::or(async { to_bytes.await.map(|s| s.unwrap_or_else(Status::ok)) }, async {
+                    match to_framed.await {
+                        Ok(()) => std::future::pending().await,
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+            }
         }
-        Side::Client => {
-            let down = framed_to_bytes(&mut rx, &mut dec, &mut out, side);
-            let up = bytes_to_framed(&mut inp, &mut tx, side);
-            futures_lite::future::or(async { down.await.map(|s| s.unwrap_or_else(Status::ok)) }, async {
-                match up.await {
-                    Ok(()) => std::future::pending().await,
-                    Err(s) => Err(s),
-                }
-            })
-            .await
-        }
+    };
+    if let Err(e) = &r {
+        super::Sink::fail(&mut tx, e).await;
     }
+    r
 }

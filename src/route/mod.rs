@@ -9,6 +9,7 @@
 //! routes come from this proxy's own tunnels and are always exact; remote
 //! routes come from the backend and only name proxies that are alive.
 
+pub mod feed;
 pub mod model;
 pub mod redis;
 pub mod store;

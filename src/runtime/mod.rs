@@ -6,9 +6,12 @@
 //! nothing mutable, and all cross-thread traffic goes through
 //! [`mailbox`] or [`pipe`].
 
+pub mod backoff;
 pub mod listeners;
 pub mod mailbox;
 pub mod pipe;
+pub mod signal;
+pub mod stats;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

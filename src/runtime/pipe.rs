@@ -1,10 +1,11 @@
-//! A bounded single-producer single-consumer pipe of `Bytes` between two
-//! shards (threads): the half of a stream that crosses shards.
+//! A bounded single-producer single-consumer pipe between two shards
+//! (threads): the half of a stream that crosses shards. Generic over the
+//! item (the relay sends payload `Bytes`, an end, or a failure).
 //!
 //! Invariants: no locks and no allocation per message (a preallocated
 //! crossbeam `ArrayQueue` and two `AtomicWaker`s); `Bytes` move, payload is
 //! never copied; the queue bound gives backpressure; the consumer always
-//! learns whether the producer ended cleanly ([`Item::End`]) or vanished
+//! learns whether the producer ended cleanly (an end item) or vanished
 //! (`recv` returns `None`).
 
 use std::future::poll_fn;
@@ -12,23 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 use futures_util::task::AtomicWaker;
 
-use crate::wire::status::Status;
-
-/// What travels through a pipe.
-#[derive(Debug)]
-pub enum Item {
-    /// Payload bytes (verbatim HTTP/2 DATA payload).
-    Data(Bytes),
-    /// The end of this direction, with the call status when it has one.
-    End(Option<Status>),
-}
-
-struct Shared {
-    q: ArrayQueue<Item>,
+struct Shared<T> {
+    q: ArrayQueue<T>,
     rx_waker: AtomicWaker,
     tx_waker: AtomicWaker,
     tx_gone: AtomicBool,
@@ -36,16 +25,16 @@ struct Shared {
 }
 
 /// The sending half.
-pub struct PipeTx(Arc<Shared>);
+pub struct PipeTx<T>(Arc<Shared<T>>);
 /// The receiving half.
-pub struct PipeRx(Arc<Shared>);
+pub struct PipeRx<T>(Arc<Shared<T>>);
 
 /// The receiver is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
 /// A pipe holding at most `cap` items.
-pub fn pipe(cap: usize) -> (PipeTx, PipeRx) {
+pub fn pipe<T>(cap: usize) -> (PipeTx<T>, PipeRx<T>) {
     let s = Arc::new(Shared {
         q: ArrayQueue::new(cap.max(1)),
         rx_waker: AtomicWaker::new(),
@@ -56,9 +45,9 @@ pub fn pipe(cap: usize) -> (PipeTx, PipeRx) {
     (PipeTx(s.clone()), PipeRx(s))
 }
 
-impl PipeTx {
+impl<T> PipeTx<T> {
     /// Sends an item, waiting while the pipe is full.
-    pub async fn send(&mut self, item: Item) -> Result<(), Closed> {
+    pub async fn send(&mut self, item: T) -> Result<(), Closed> {
         let mut item = Some(item);
         poll_fn(|cx| {
             let s = &*self.0;
@@ -93,16 +82,16 @@ impl PipeTx {
     }
 }
 
-impl Drop for PipeTx {
+impl<T> Drop for PipeTx<T> {
     fn drop(&mut self) {
         self.0.tx_gone.store(true, Ordering::Release);
         self.0.rx_waker.wake();
     }
 }
 
-impl PipeRx {
+impl<T> PipeRx<T> {
     /// The next item; `None` when the sender is gone without an `End`.
-    pub async fn recv(&mut self) -> Option<Item> {
+    pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| {
             let s = &*self.0;
             if let Some(it) = s.q.pop() {
@@ -124,7 +113,7 @@ impl PipeRx {
     }
 }
 
-impl Drop for PipeRx {
+impl<T> Drop for PipeRx<T> {
     fn drop(&mut self) {
         self.0.rx_gone.store(true, Ordering::Release);
         self.0.tx_waker.wake();
@@ -134,6 +123,13 @@ impl Drop for PipeRx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    #[derive(Debug)]
+    enum Item {
+        Data(Bytes),
+        End(Option<u8>),
+    }
 
     #[test]
     fn bytes_cross_threads_in_order_with_backpressure() {
@@ -166,6 +162,6 @@ mod tests {
     fn receiver_gone_is_reported() {
         let (mut tx, rx) = pipe(1);
         drop(rx);
-        assert_eq!(futures_lite::future::block_on(tx.send(Item::End(None))), Err(Closed));
+        assert!(futures_lite::future::block_on(tx.send(Item::End(None))).is_err());
     }
 }

@@ -18,7 +18,7 @@ use h2::{Ping, PingPong};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::runtime::Shutdown;
+use crate::runtime::signal::Signal;
 
 /// HTTP/2 settings (the `[h2]` config section). Defaults were chosen by
 /// measurement (see README, "Tuning").
@@ -173,13 +173,13 @@ impl Drop for StreamGuard {
 }
 
 /// Drives a server connection: hands each request to `on_request`, answers
-/// keepalive, drains with GOAWAY when `shutdown` fires, closes the
+/// keepalive, drains with GOAWAY when `stop` fires, closes the
 /// connection after `idle_timeout_ms` without streams (unless `persistent`).
 /// Returns why the connection ended.
 pub async fn serve<T, H>(
     mut conn: h2::server::Connection<T, Bytes>,
     t: &H2Tuning,
-    shutdown: &Shutdown,
+    stop: &Signal,
     active: &ActiveStreams,
     persistent: bool,
     mut on_request: H,
@@ -189,7 +189,7 @@ where
     H: FnMut(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>),
 {
     let mut ka = pin!(keepalive(conn.ping_pong(), t));
-    let mut stop = pin!(shutdown.wait());
+    let mut stop = pin!(stop.wait());
     let mut draining = false;
     let idle = Duration::from_millis(t.idle_timeout_ms);
     let mut idle_since = Instant::now();

@@ -18,6 +18,7 @@ use glommio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::runtime::timeout;
+use crate::wire::error::Label;
 use identity::SpiffeId;
 use io::GlommioIo;
 
@@ -69,13 +70,13 @@ pub enum TransportError {
 
 impl TransportError {
     /// Static label for metrics.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> Label {
         match self {
-            TransportError::Connect { .. } => "connect",
-            TransportError::Handshake { .. } => "tls_handshake",
-            TransportError::NoAlpn { .. } => "no_alpn",
-            TransportError::Timeout { .. } => "timeout",
-            TransportError::H2 { .. } => "h2_handshake",
+            TransportError::Connect { .. } => Label::Connect,
+            TransportError::Handshake { .. } => Label::TlsHandshake,
+            TransportError::NoAlpn { .. } => Label::NoAlpn,
+            TransportError::Timeout { .. } => Label::ConnectTimeout,
+            TransportError::H2 { .. } => Label::H2Handshake,
         }
     }
 }

@@ -20,6 +20,8 @@ use super::status::{Code, Status};
 pub const PREFIX_LEN: usize = 5;
 /// Largest non-Data message accepted (DialRequest, control messages).
 pub const MAX_CONTROL_MSG: usize = 1 << 20;
+/// Largest message on an `Agent/Control` stream (proxy set, strategy, hello).
+pub const MAX_CONTROL_STREAM_MSG: usize = 64 << 10;
 /// Largest Data message accepted (Teleport caps at 16 KiB; we accept more).
 pub const MAX_DATA_MSG: usize = 16 << 20;
 /// Bytes of headroom in front of a payload that [`DataBuf`] reserves.

@@ -141,12 +141,15 @@ pub struct Error {
     pub label: Label,
     /// Message for people (`grpc-message`).
     pub message: Cow<'static, str>,
+    /// The far end's own trailers when it refused the dial: answered
+    /// verbatim (every code, the message bytes, other metadata).
+    pub trailers: Option<Box<HeaderMap>>,
 }
 
 impl Error {
     /// A new error.
     pub fn new(code: Code, side: Side, retry: Retry, label: Label, message: impl Into<Cow<'static, str>>) -> Error {
-        Error { code, side, retry, label, message: message.into() }
+        Error { code, side, retry, label, message: message.into(), trailers: None }
     }
 
     /// A malformed request from the caller (INVALID_ARGUMENT, never retried).
@@ -183,7 +186,16 @@ impl Error {
             Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Cancelled => Retry::Never,
             _ => Retry::Unsafe,
         };
-        Error { code: s.code, side, retry, label: Label::Upstream, message: s.message }
+        Error { code: s.code, side, retry, label: Label::Upstream, message: s.message, trailers: None }
+    }
+
+    /// A far end's refusal read from its trailers (kept for verbatim
+    /// forwarding); `None` when they carry no `grpc-status`.
+    pub fn from_trailers(side: Side, t: HeaderMap) -> Option<Error> {
+        let s = Status::from_headers(&t)?;
+        let mut e = Error::from_status(side, s);
+        e.trailers = Some(Box::new(t));
+        Some(e)
     }
 
     /// The same error with another retry class.
@@ -210,6 +222,9 @@ impl Error {
 
     /// Trailers carrying this error's status.
     pub fn to_trailers(&self) -> HeaderMap {
+        if let Some(t) = &self.trailers {
+            return (**t).clone();
+        }
         let mut m = HeaderMap::with_capacity(2);
         super::status::write_status(self.code, &self.message, &mut m);
         m
@@ -233,13 +248,25 @@ impl Error {
                 Label::GoAway,
                 format!("the {} is going away ({r:?})", side.name()),
             ),
-            Some(r) if side == Side::Client => {
-                Error::new(Code::Cancelled, side, Retry::Never, Label::StreamReset, format!("the client reset the stream ({r:?})"))
-            }
-            Some(r) => Error::unavailable(side, after, Label::StreamReset, format!("the {} reset the stream ({r:?})", side.name())),
-            None if e.is_io() => {
-                Error::unavailable(side, after, Label::ConnectionLost, format!("connection to the {} lost: {e}", side.name()))
-            }
+            Some(r) if side == Side::Client => Error::new(
+                Code::Cancelled,
+                side,
+                Retry::Never,
+                Label::StreamReset,
+                format!("the client reset the stream ({r:?})"),
+            ),
+            Some(r) => Error::unavailable(
+                side,
+                after,
+                Label::StreamReset,
+                format!("the {} reset the stream ({r:?})", side.name()),
+            ),
+            None if e.is_io() => Error::unavailable(
+                side,
+                after,
+                Label::ConnectionLost,
+                format!("connection to the {} lost: {e}", side.name()),
+            ),
             None => Error::unavailable(side, after, Label::H2, format!("HTTP/2 error with the {}: {e}", side.name())),
         }
     }

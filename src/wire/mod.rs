@@ -6,6 +6,7 @@
 //! [`status::Status`]. Nothing is decoded before its size is checked.
 
 pub mod codec;
+pub mod error;
 pub mod status;
 
 /// Generated types of `proto/proxyservice.proto` (package `proto`).
@@ -33,6 +34,23 @@ pub mod paths {
     pub const PEER_DIAL: &str = "/proto.ProxyService/DialNode";
     /// Peer link health check (Teleport-compatible).
     pub const PEER_PING: &str = "/proto.ProxyService/Ping";
+
+    /// The request URI of a method, built once per process: a dial clones
+    /// it (reference-counted parts) instead of formatting and parsing one.
+    /// The authority is fixed: the callee is named by the certificate.
+    pub fn uri(path: &'static str) -> &'static http::Uri {
+        use std::sync::LazyLock;
+        static URIS: LazyLock<Vec<(&'static str, http::Uri)>> = LazyLock::new(|| {
+            [PROXY_DIAL, AGENT_DIAL, AGENT_CONTROL, PEER_DIAL, PEER_PING]
+                .into_iter()
+                .map(|p| {
+                    let uri = http::Uri::builder().scheme("https").authority("ringpeer").path_and_query(p).build();
+                    (p, uri.expect("static URI"))
+                })
+                .collect()
+        });
+        &URIS.iter().find(|(p, _)| *p == path).expect("a path of this module").1
+    }
 }
 
 /// Longest agent id or service name accepted in a DialRequest.

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use rand::RngCore;
-use ringpeer::demo::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use ringpeer::demo::targets::{self, Kind, Target};
-use ringpeer::forward::Client;
+use ringpeer::client::Client;
+use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::tools::target::{self as targets, Kind, Target};
 use ringpeer::transport::h2conf::H2Tuning;
 use sha2::{Digest, Sha256};
 
@@ -73,7 +73,7 @@ where
     Fut: Future<Output = T> + 'static,
     T: Send + 'static,
 {
-    let tls = ringpeer::forward::client_tls(dir, name).unwrap();
+    let tls = ringpeer::client::client_tls(dir, name).unwrap();
     ringpeer::runtime::block_on("test-client", move || async move {
         let c = Client::connect(&addr.to_string(), &tls, &H2Tuning::default()).await.expect("client connects");
         f(c).await

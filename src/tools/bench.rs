@@ -19,8 +19,8 @@ use super::load::{
     bulk_direct, bulk_direct_n, bulk_proxy, bulk_proxy_n, gbps, pingpong_direct, pingpong_direct_blocking,
     pingpong_proxy, setup_rate_direct, setup_rate_proxy,
 };
-use super::targets::{self, Kind};
-use crate::forward::Client;
+use super::target::Kind;
+use crate::client::Client;
 use crate::transport::h2conf::H2Tuning;
 use crate::wire::DialTarget;
 
@@ -207,8 +207,8 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     }
     let certs = CertDir::temp()?;
     let dir = certs.path.clone();
-    let echo = targets::spawn(Kind::Echo)?;
-    let sink = targets::spawn(Kind::Sink)?;
+    let echo = super::target::spawn(Kind::Echo)?;
+    let sink = super::target::spawn(Kind::Sink)?;
     let h2 = if o.h2 == "tuned" { H2Tuning::default() } else { H2Tuning::h2_crate_defaults() };
     // Two proxies sharing one route store; the agent keeps one tunnel, to B.
     let store: std::sync::Arc<dyn crate::route::store::StoreFactory> =
@@ -239,13 +239,13 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "proxy-a never learned the route");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let tls = crate::forward::client_tls(&dir, "client")?;
+    let tls = crate::client::client_tls(&dir, "client")?;
     let (addr_a, addr_b, echo_addr, sink_addr) =
         (a.client_addr.to_string(), b.client_addr.to_string(), echo.addr, sink.addr);
     let opts = o.clone();
     let client_h2 = h2.clone();
     let (direct, one, two) = crate::runtime::block_on("bench-client", move || async move {
-        let e = |s: crate::wire::status::Status| s.to_string();
+        let e = |s: crate::wire::error::Error| s.to_string();
         let cb = Client::connect(&addr_b, &tls, &client_h2).await.map_err(|e| e.to_string())?;
         let ca = Client::connect(&addr_a, &tls, &client_h2).await.map_err(|e| e.to_string())?;
         let (echo_t, sink_t) = (DialTarget::parse("agent-1/echo").unwrap(), DialTarget::parse("agent-1/sink").unwrap());
@@ -294,7 +294,7 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         if o.no_shard_aware { "off" } else { "on" }
     );
     let mut blocking = Samples::default();
-    let blocking_echo = targets::spawn_blocking_echo()?;
+    let blocking_echo = super::target::spawn_blocking_echo()?;
     for _ in 0..o.runs {
         blocking.add(&pingpong_direct_blocking(blocking_echo, o.iters, o.size)?);
     }

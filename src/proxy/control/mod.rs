@@ -12,7 +12,6 @@
 //!   (capped, jittered); after a reconnect the whole local state is
 //!   republished, so the backend converges.
 
-pub mod cli;
 pub mod reader;
 pub mod view;
 
@@ -24,39 +23,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 
-use crate::proxy::shard::ShardMsg;
+use crate::route::feed::{Publish, TunnelEvent};
 use crate::route::model::{now_ms, AgentRoute, ProxyInfo, Strategy};
 use crate::route::store::{RouteStore, StoreFactory};
 use crate::route::{LocalRoute, RouteTable};
-use crate::runtime::mailbox::Mailbox;
-use crate::tunnel::backoff::Backoff;
+use crate::runtime::backoff::Backoff;
 use reader::FromReader;
 use view::{Affected, ClusterView, LocalTunnels};
-
-/// What shards tell the control thread.
-#[derive(Debug)]
-pub enum ControlEvent {
-    /// A tunnel to `agent` came up on `shard` (connection `conn`).
-    TunnelUp {
-        /// Agent id.
-        agent: String,
-        /// Shard.
-        shard: u32,
-        /// Connection id, unique within the proxy.
-        conn: u64,
-        /// Announced services.
-        services: Arc<[String]>,
-    },
-    /// That tunnel went away.
-    TunnelDown {
-        /// Agent id.
-        agent: String,
-        /// Connection id.
-        conn: u64,
-    },
-    /// Stop the thread (leaving the cluster cleanly if the backend is up).
-    Stop,
-}
 
 /// Control-plane settings.
 #[derive(Clone, Debug)]
@@ -77,7 +50,7 @@ pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
 /// The control thread's handle.
 pub struct Control {
     /// Where shards send events.
-    pub events: Sender<ControlEvent>,
+    pub events: Sender<TunnelEvent>,
     /// The latest published snapshot.
     pub snapshot: SnapshotCell,
     stop: Arc<AtomicBool>,
@@ -86,12 +59,12 @@ pub struct Control {
 }
 
 impl Control {
-    /// Starts the control thread (and its backend reader) for shards
-    /// listening on `shards`.
+    /// Starts the control thread (and its backend reader); `publish` hands
+    /// each new route snapshot to the shards.
     pub fn spawn(
         opts: ControlOpts,
         store: Arc<dyn StoreFactory>,
-        shards: Vec<Mailbox<ShardMsg>>,
+        publish: Publish,
         snapshot: SnapshotCell,
     ) -> anyhow::Result<Control> {
         let (tx, rx) = crossbeam::channel::unbounded();
@@ -106,7 +79,7 @@ impl Control {
         let name = format!("{}-control", opts.me.id);
         let cell = snapshot.clone();
         let join = std::thread::Builder::new().name(name).spawn(move || {
-            let mut c = ControlLoop::new(opts, store, shards, cell);
+            let mut c = ControlLoop::new(opts, store, publish, cell);
             c.run(rx, rrx);
         })?;
         Ok(Control { events: tx, snapshot, stop, join: Some(join), reader: Some(reader) })
@@ -114,7 +87,7 @@ impl Control {
 
     /// Stops both threads and waits for them.
     pub fn stop(mut self) {
-        let _ = self.events.send(ControlEvent::Stop);
+        let _ = self.events.send(TunnelEvent::Stop);
         self.stop.store(true, Ordering::Release);
         for j in [self.join.take(), self.reader.take()].into_iter().flatten() {
             let _ = j.join();
@@ -125,7 +98,7 @@ impl Control {
 struct ControlLoop {
     opts: ControlOpts,
     store: Arc<dyn StoreFactory>,
-    shards: Vec<Mailbox<ShardMsg>>,
+    publish: Publish,
     cell: SnapshotCell,
     writer: Option<Box<dyn RouteStore>>,
     writer_backoff: Backoff,
@@ -144,17 +117,12 @@ struct ControlLoop {
 }
 
 impl ControlLoop {
-    fn new(
-        opts: ControlOpts,
-        store: Arc<dyn StoreFactory>,
-        shards: Vec<Mailbox<ShardMsg>>,
-        cell: SnapshotCell,
-    ) -> Self {
+    fn new(opts: ControlOpts, store: Arc<dyn StoreFactory>, publish: Publish, cell: SnapshotCell) -> Self {
         let now = Instant::now();
         ControlLoop {
             opts,
             store,
-            shards,
+            publish,
             cell,
             writer: None,
             writer_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
@@ -213,19 +181,19 @@ impl ControlLoop {
         }
     }
 
-    fn on_local(&mut self, ev: ControlEvent) {
+    fn on_local(&mut self, ev: TunnelEvent) {
         match &ev {
-            ControlEvent::TunnelUp { agent, .. } | ControlEvent::TunnelDown { agent, .. } => {
+            TunnelEvent::TunnelUp { agent, .. } | TunnelEvent::TunnelDown { agent, .. } => {
                 self.pending.merge(Affected::agent(agent))
             }
-            ControlEvent::Stop => {}
+            TunnelEvent::Stop => {}
         }
         match ev {
-            ControlEvent::TunnelUp { agent, shard, conn, services } => {
+            TunnelEvent::TunnelUp { agent, shard, conn, services } => {
                 self.local.entry(agent.clone()).or_default().insert(0, (conn, LocalRoute { shard, services }));
                 self.publish_agent(&agent);
             }
-            ControlEvent::TunnelDown { agent, conn } => {
+            TunnelEvent::TunnelDown { agent, conn } => {
                 if let Some(v) = self.local.get_mut(&agent) {
                     v.retain(|(c, _)| *c != conn);
                     if v.is_empty() {
@@ -234,7 +202,7 @@ impl ControlLoop {
                 }
                 self.publish_agent(&agent);
             }
-            ControlEvent::Stop => {}
+            TunnelEvent::Stop => {}
         }
     }
 
@@ -353,9 +321,7 @@ impl ControlLoop {
             self.reader_up,
         ));
         self.table = table.clone();
-        for m in &self.shards {
-            let _ = m.post(ShardMsg::Routes(table.clone()));
-        }
+        (self.publish)(table.clone());
         *self.cell.lock().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
@@ -370,14 +336,14 @@ impl ControlLoop {
         });
     }
 
-    fn run(&mut self, events: Receiver<ControlEvent>, reader: Receiver<FromReader>) {
+    fn run(&mut self, events: Receiver<TunnelEvent>, reader: Receiver<FromReader>) {
         self.maybe_connect();
         self.publish();
         let tick = crossbeam::channel::tick(Duration::from_millis(100));
         loop {
             crossbeam::select! {
                 recv(events) -> ev => match ev {
-                    Ok(ControlEvent::Stop) | Err(_) => break,
+                    Ok(TunnelEvent::Stop) | Err(_) => break,
                     Ok(ev) => self.on_local(ev),
                 },
                 recv(reader) -> msg => if let Ok(m) = msg {
@@ -393,7 +359,7 @@ impl ControlLoop {
             }
             // Fold whatever else is queued into the same snapshot.
             while let Ok(ev) = events.try_recv() {
-                if matches!(ev, ControlEvent::Stop) {
+                if matches!(ev, TunnelEvent::Stop) {
                     self.leave();
                     return;
                 }

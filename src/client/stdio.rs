@@ -9,8 +9,9 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::relay::splice::{splice, Side, READ_CHUNK};
-use crate::runtime::pipe::{pipe, Item};
+use crate::relay::splice::{splice, End, READ_CHUNK};
+use crate::relay::Item;
+use crate::runtime::pipe::pipe;
 use crate::transport::h2conf::H2Tuning;
 use crate::wire::codec::DataBuf;
 use crate::wire::status::Status;
@@ -57,9 +58,9 @@ pub fn dial_stdio(
         };
         let o = match client.dial(&target, deadline).await {
             Ok(o) => o,
-            Err(s) => return Ok(s),
+            Err(e) => return Ok(e.status()),
         };
-        Ok(splice(in_rx, out_tx, o.tx, o.rx, o.dec, Side::Client).await.unwrap_or_else(|s| s))
+        Ok(splice(in_rx, out_tx, o.send, o.recv, End::Client).await.unwrap_or_else(|e| e.status()))
     })?
     .map_err(anyhow::Error::msg)?;
     let _ = writer.join();

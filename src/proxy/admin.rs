@@ -10,8 +10,8 @@ use std::net::TcpListener;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Metrics;
-use crate::control::SnapshotCell;
+use super::stats::Metrics;
+use crate::proxy::control::SnapshotCell;
 use crate::runtime::Shutdown;
 
 fn respond(s: &mut std::net::TcpStream, status: &str, ctype: &str, body: &str) {

@@ -6,24 +6,18 @@
 //!
 //! Invariant: the demo exits 0 only if every check it prints passed.
 
-pub mod bench;
-pub mod bench_external;
-pub mod fleet;
-pub mod load;
-pub mod targets;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rand::RngCore;
 
-use crate::forward::Client;
+use super::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use super::load::{bulk_proxy, echo_roundtrip, gbps, pingpong_proxy};
+use super::target::Kind;
+use crate::client::Client;
 use crate::runtime::Shutdown;
 use crate::transport::h2conf::H2Tuning;
 use crate::wire::DialTarget;
-use fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
-use load::{bulk_proxy, echo_roundtrip, gbps, pingpong_proxy};
-use targets::Kind;
 
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
@@ -57,8 +51,8 @@ fn counters(p: &ProxyHandle) -> [u64; 3] {
 pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
     let certs = CertDir::temp()?;
     let dir = certs.path.clone();
-    let echo = targets::spawn(Kind::Echo)?;
-    let sink = targets::spawn(Kind::Sink)?;
+    let echo = super::target::spawn(Kind::Echo)?;
+    let sink = super::target::spawn(Kind::Sink)?;
     // Three proxies sharing the embedded route store; the cluster runs
     // proxy_peering with one tunnel per agent, and agent-2 asks for two.
     let store: std::sync::Arc<dyn crate::route::store::StoreFactory> =
@@ -126,7 +120,7 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     println!("  strategy      proxy_peering, agent_connection_count 1 (agent-2 asks for 2); agents found the proxies by themselves");
 
-    let client_tls = crate::forward::client_tls(&dir, "client")?;
+    let client_tls = crate::client::client_tls(&dir, "client")?;
     let mut lines = Vec::new();
     // 1. Enter at every proxy, for both agents, and show the path taken.
     for p in &proxies {
@@ -212,7 +206,7 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
             gbps(bytes, d)
         ));
         for (spec, want) in [("nobody/echo", "NOT_FOUND"), ("agent-2/ssh", "NOT_FOUND")] {
-            match load::open(&c, &DialTarget::parse(spec).unwrap()).await {
+            match super::load::open(&c, &DialTarget::parse(spec).unwrap()).await {
                 Ok(_) => return Err(format!("dial {spec} unexpectedly worked")),
                 Err(s) if s.code.name() == want => lines.push(format!("[ok] dial {spec}: {s}")),
                 Err(s) => return Err(format!("dial {spec}: expected {want}, got {s}")),

@@ -1,72 +1,18 @@
-//! Telemetry: per-shard counters with static labels.
+//! A proxy's counters: one `ShardStats` per shard, summed at read time.
 //!
-//! Invariants: each `ShardStats` is written by one shard only (relaxed
-//! atomics, no contention, no locks); readers (demo, bench, tests, the
-//! control thread) sum across shards. Error labels are `&'static str` from a
-//! fixed list, so counting an error never allocates.
+//! Invariants: each `ShardStats` is written by its shard only (single-writer
+//! counters, no contention, no locks); readers (admin, demo, bench, tests)
+//! sum across shards. Errors are counted by [`Label`] (an array index) and
+//! by gRPC code, so counting one never allocates or compares strings.
 
-pub mod admin;
-
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A monotonically increasing counter.
-#[derive(Default, Debug)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1)
-    }
-    /// Current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A gauge.
-#[derive(Default, Debug)]
-pub struct Gauge(AtomicI64);
-
-impl Gauge {
-    /// Adds `d` (may be negative).
-    pub fn add(&self, d: i64) {
-        self.0.fetch_add(d, Ordering::Relaxed);
-    }
-    /// Current value.
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Error labels counted per shard.
-pub const ERROR_LABELS: &[&str] = &[
-    "not_found",
-    "unavailable",
-    "invalid_argument",
-    "deadline_exceeded",
-    "permission_denied",
-    "resource_exhausted",
-    "unimplemented",
-    "stream_reset",
-    "pipe_broken",
-    "h2",
-    "io",
-    "tls_handshake",
-    "no_alpn",
-    "timeout",
-    "connect",
-    "h2_handshake",
-    "other",
-];
+pub use crate::runtime::stats::{Counter, Gauge};
+use crate::wire::error::{Error, Label};
+use crate::wire::status::Code;
 
 /// Counters of one shard.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct ShardStats {
     /// Dials received on the client edge.
     pub dials: Counter,
@@ -90,19 +36,50 @@ pub struct ShardStats {
     pub peer_links: Gauge,
     /// Client edge connections accepted.
     pub client_conns: Counter,
-    errors: [Counter; 17],
+    errors: [Counter; Label::COUNT],
+    codes: [Counter; 17],
+}
+
+impl Default for ShardStats {
+    fn default() -> Self {
+        ShardStats {
+            dials: Counter::default(),
+            dials_local: Counter::default(),
+            dials_cross_shard: Counter::default(),
+            dials_peered: Counter::default(),
+            dials_failed: Counter::default(),
+            bytes_up: Counter::default(),
+            bytes_down: Counter::default(),
+            active_streams: Gauge::default(),
+            tunnels: Gauge::default(),
+            peer_links: Gauge::default(),
+            client_conns: Counter::default(),
+            errors: std::array::from_fn(|_| Counter::default()),
+            codes: std::array::from_fn(|_| Counter::default()),
+        }
+    }
 }
 
 impl ShardStats {
-    /// Counts an error by label (unknown labels count as `other`).
-    pub fn error(&self, label: &'static str) {
-        let i = ERROR_LABELS.iter().position(|l| *l == label).unwrap_or(ERROR_LABELS.len() - 1);
-        self.errors[i].inc();
+    /// Counts a failed dial: its label and its gRPC code.
+    pub fn failed(&self, e: &Error) {
+        self.errors[e.label.index()].inc();
+        self.codes[e.code as usize].inc();
+    }
+
+    /// Counts a failure that is not a dial (a refused handshake, say).
+    pub fn error(&self, label: Label) {
+        self.errors[label.index()].inc();
     }
 
     /// Count of one error label.
-    pub fn error_count(&self, label: &str) -> u64 {
-        ERROR_LABELS.iter().position(|l| *l == label).map(|i| self.errors[i].get()).unwrap_or(0)
+    pub fn error_count(&self, label: Label) -> u64 {
+        self.errors[label.index()].get()
+    }
+
+    /// Dials that ended with `code`.
+    pub fn code_count(&self, code: Code) -> u64 {
+        self.codes[code as usize].get()
     }
 }
 
@@ -148,30 +125,18 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{proxy=\"{proxy}\",shard=\"{i}\"}} {}", f(s));
             }
         }
-        for (li, label) in ERROR_LABELS.iter().enumerate() {
+        for label in Label::ALL {
             for (i, s) in self.shards.iter().enumerate() {
-                let v = s.errors[li].get();
+                let v = s.errors[label.index()].get();
                 if v > 0 {
-                    let _ =
-                        writeln!(out, "ringpeer_errors_total{{proxy=\"{proxy}\",shard=\"{i}\",error=\"{label}\"}} {v}");
+                    let _ = writeln!(
+                        out,
+                        "ringpeer_errors_total{{proxy=\"{proxy}\",shard=\"{i}\",error=\"{}\"}} {v}",
+                        label.name()
+                    );
                 }
             }
         }
         out
-    }
-}
-
-/// Static metrics label of a gRPC status code.
-pub fn code_label(code: crate::wire::status::Code) -> &'static str {
-    use crate::wire::status::Code;
-    match code {
-        Code::NotFound => "not_found",
-        Code::Unavailable => "unavailable",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::Unimplemented => "unimplemented",
-        _ => "other",
     }
 }

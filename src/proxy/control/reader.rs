@@ -15,7 +15,7 @@ use crossbeam::channel::Sender;
 
 use crate::route::model::{BadValue, Event};
 use crate::route::store::{Loaded, Read, StoreFactory, StreamId};
-use crate::tunnel::backoff::Backoff;
+use crate::runtime::backoff::Backoff;
 
 /// How long one XREAD blocks (bounds how fast the thread notices `stop`).
 pub const BLOCK: Duration = Duration::from_millis(250);

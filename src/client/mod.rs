@@ -16,14 +16,16 @@ use bytes::Bytes;
 use glommio::net::TcpStream;
 use h2::client::SendRequest;
 
-use crate::relay::handshake::{open_dial, Opened};
-use crate::relay::splice::{splice, split_tcp, Side};
+use crate::relay::call::{self, Established};
+use crate::relay::splice::{splice, split_tcp, End};
+use crate::relay::{GrpcRecv, GrpcSend};
 use crate::runtime::Shutdown;
 use crate::transport::h2conf::{drive_client, H2Tuning};
 use crate::transport::identity::Role;
 use crate::transport::tls::{TlsFiles, TlsMaterial};
 use crate::transport::{connect_tls, TransportError};
 use crate::wire::codec::encode_msg;
+use crate::wire::error::{Error, Side};
 use crate::wire::paths;
 use crate::wire::status::{Code, Status};
 use crate::wire::DialTarget;
@@ -61,30 +63,29 @@ impl Client {
     }
 
     /// Opens a dial and waits until it is established.
-    pub async fn dial(&self, target: &DialTarget, deadline: Duration) -> Result<Opened, Status> {
-        let mut send = self.send.clone();
-        open_dial(&mut send, &self.proxy, paths::PROXY_DIAL, encode_msg(&target.to_frame()), deadline).await
+    pub async fn dial(&self, target: &DialTarget, deadline: Duration) -> Result<Established, Error> {
+        self.dial_path(paths::PROXY_DIAL, target, deadline, 0).await
     }
 
     /// Opens a dial on another gRPC path (e.g. a peer port's DialNode),
     /// marked as having crossed `hops` peer links.
     pub async fn dial_path(
         &self,
-        path: &str,
+        path: &'static str,
         target: &DialTarget,
         deadline: Duration,
         hops: u8,
-    ) -> Result<Opened, Status> {
+    ) -> Result<Established, Error> {
         let mut send = self.send.clone();
         let first = encode_msg(&target.to_frame());
-        crate::relay::handshake::open_dial_hops(&mut send, &self.proxy, path, first, deadline, hops).await
+        call::open(&mut send, paths::uri(path), hops, first, Side::Proxy, deadline).await
     }
 
     /// Dials and splices the dial to a TCP connection until the call ends.
-    pub async fn dial_tcp(&self, target: &DialTarget, tcp: TcpStream, deadline: Duration) -> Result<Status, Status> {
+    pub async fn dial_tcp(&self, target: &DialTarget, tcp: TcpStream, deadline: Duration) -> Result<Status, Error> {
         let o = self.dial(target, deadline).await?;
-        let (inp, out) = split_tcp(tcp).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-        splice(inp, out, o.tx, o.rx, o.dec, Side::Client).await
+        let (inp, out) = split_tcp(tcp).map_err(|e| Error::internal(e.to_string()))?;
+        splice(inp, out, o.send, o.recv, End::Client).await
     }
 
     /// Whether the connection can still open streams.
@@ -148,7 +149,8 @@ pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
             glommio::spawn_local(async move {
                 match c.dial_tcp(&opts.target, tcp, opts.deadline).await {
                     Ok(s) if s.is_ok() => {}
-                    Ok(s) | Err(s) => eprintln!("ringpeer: dial {}: {s}", opts.target),
+                    Ok(s) => eprintln!("ringpeer: dial {}: {s}", opts.target),
+                    Err(e) => eprintln!("ringpeer: dial {}: {e}", opts.target),
                 }
             })
             .detach();
@@ -160,70 +162,49 @@ pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
 /// An established dial driven by a program (demo, bench, tests): write
 /// payload, half-close, read payload, then the status.
 pub struct DialIo {
-    tx: h2::SendStream<Bytes>,
-    rx: h2::RecvStream,
-    dec: crate::wire::codec::FrameDecoder,
-    pending: usize,
+    send: GrpcSend,
+    recv: GrpcRecv,
 }
 
-impl From<Opened> for DialIo {
-    fn from(o: Opened) -> DialIo {
-        DialIo { tx: o.tx, rx: o.rx, dec: o.dec, pending: 0 }
+impl From<Established> for DialIo {
+    fn from(o: Established) -> DialIo {
+        DialIo { send: o.send, recv: o.recv }
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    Status::new(Code::Unavailable, e.to_string())
 }
 
 impl DialIo {
     /// Sends `payload` as one Data message (copied into a frame).
-    pub async fn write(&mut self, payload: &[u8]) -> Result<(), Status> {
+    pub async fn write(&mut self, payload: &[u8]) -> Result<(), Error> {
         self.write_framed(crate::wire::codec::encode_data(payload)).await
     }
 
     /// Sends an already framed Data message.
-    pub async fn write_framed(&mut self, framed: Bytes) -> Result<(), Status> {
-        crate::relay::wait_capacity(&mut self.tx, framed.len()).await.map_err(unavailable)?;
-        self.tx.send_data(framed, false).map_err(unavailable)
+    pub async fn write_framed(&mut self, framed: Bytes) -> Result<(), Error> {
+        self.send.send(framed).await
     }
 
     /// Half-closes: no more writes.
-    pub fn close_write(&mut self) -> Result<(), Status> {
-        self.tx.send_data(Bytes::new(), true).map_err(unavailable)
+    pub fn close_write(&mut self) -> Result<(), Error> {
+        self.send.close()
+    }
+
+    /// Resets the dial (RST_STREAM CANCEL), as a client that gives up would.
+    pub fn cancel(&mut self) {
+        self.send.reset(h2::Reason::CANCEL);
     }
 
     /// The next piece of payload; `None` at the end of the response.
-    pub async fn read(&mut self) -> Result<Option<Bytes>, Status> {
-        use crate::wire::codec::Event;
-        loop {
-            if let Some(ev) = self.dec.decode_next().map_err(|e| e.status())? {
-                match ev {
-                    Event::Data(b) => return Ok(Some(b)),
-                    Event::Frame(_) => return Err(Status::new(Code::InvalidArgument, "unexpected frame")),
-                }
-            }
-            if self.pending > 0 {
-                let _ = self.rx.flow_control().release_capacity(self.pending);
-                self.pending = 0;
-            }
-            match std::future::poll_fn(|cx| self.rx.poll_data(cx)).await {
-                Some(Ok(c)) => {
-                    self.pending = c.len();
-                    self.dec.push(c);
-                }
-                Some(Err(e)) => return Err(unavailable(e)),
-                None => return Ok(None),
-            }
-        }
+    /// Asking for it returns the previous piece's flow-control credit.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, Error> {
+        self.recv.next_data().await
     }
 
     /// Reads exactly `n` payload bytes into `out`.
-    pub async fn read_exact(&mut self, out: &mut Vec<u8>, n: usize) -> Result<(), Status> {
+    pub async fn read_exact(&mut self, out: &mut Vec<u8>, n: usize) -> Result<(), Error> {
         while out.len() < n {
             match self.read().await? {
                 Some(b) => out.extend_from_slice(&b),
-                None => return Err(Status::new(Code::Unavailable, "response ended early")),
+                None => return Err(Error::bad_request("response ended early").on(Side::Proxy)),
             }
         }
         Ok(())
@@ -231,12 +212,12 @@ impl DialIo {
 
     /// After `read` returned `None`: the call's status from the trailers.
     pub async fn status(&mut self) -> Status {
-        match std::future::poll_fn(|cx| self.rx.poll_trailers(cx)).await {
+        match self.recv.trailers().await {
             Ok(t) => t
                 .as_ref()
                 .and_then(Status::from_headers)
                 .unwrap_or_else(|| Status::new(Code::Unknown, "no status in trailers")),
-            Err(e) => unavailable(e),
+            Err(e) => e.status(),
         }
     }
 }

@@ -13,20 +13,20 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use hdrhistogram::Histogram;
 
-use crate::forward::{Client, DialIo};
+use crate::client::{Client, DialIo};
 use crate::wire::codec::encode_data;
-use crate::wire::status::{Code, Status};
+use crate::wire::error::Error;
 use crate::wire::DialTarget;
 
 /// Bytes per write in bulk transfers.
 pub const BULK_CHUNK: usize = 64 << 10;
 
-fn io_status(e: std::io::Error) -> Status {
-    Status::new(Code::Unavailable, e.to_string())
+fn io_status(e: std::io::Error) -> Error {
+    Error::internal(e.to_string())
 }
 
 /// Opens an established dial.
-pub async fn open(client: &Client, target: &DialTarget) -> Result<DialIo, Status> {
+pub async fn open(client: &Client, target: &DialTarget) -> Result<DialIo, Error> {
     client.dial(target, Duration::from_secs(10)).await.map(DialIo::from)
 }
 
@@ -42,7 +42,7 @@ pub async fn pingpong_proxy(
     target: &DialTarget,
     iters: usize,
     size: usize,
-) -> Result<Histogram<u64>, Status> {
+) -> Result<Histogram<u64>, Error> {
     let mut d = open(client, target).await?;
     let msg = vec![0x5au8; size];
     let mut h = histogram();
@@ -60,7 +60,7 @@ pub async fn pingpong_proxy(
 }
 
 /// The same round-trips over a direct TCP connection to the echo target.
-pub async fn pingpong_direct(addr: SocketAddr, iters: usize, size: usize) -> Result<Histogram<u64>, Status> {
+pub async fn pingpong_direct(addr: SocketAddr, iters: usize, size: usize) -> Result<Histogram<u64>, Error> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| io_status(e.into()))?;
     s.set_nodelay(true).ok();
     let msg = vec![0x5au8; size];
@@ -95,7 +95,7 @@ pub fn pingpong_direct_blocking(addr: SocketAddr, iters: usize, size: usize) -> 
 
 /// Sends `bytes` to a sink service over one dial; returns the elapsed time
 /// once the sink confirmed the count.
-pub async fn bulk_proxy(client: &Client, target: &DialTarget, bytes: u64) -> Result<Duration, Status> {
+pub async fn bulk_proxy(client: &Client, target: &DialTarget, bytes: u64) -> Result<Duration, Error> {
     let mut d = open(client, target).await?;
     let chunk: Bytes = encode_data(&vec![0xa5u8; BULK_CHUNK]);
     let t0 = Instant::now();
@@ -110,13 +110,13 @@ pub async fn bulk_proxy(client: &Client, target: &DialTarget, bytes: u64) -> Res
     let elapsed = t0.elapsed();
     let n = u64::from_be_bytes(ack[..8].try_into().expect("8 bytes"));
     if n != sent {
-        return Err(Status::new(Code::Internal, format!("sink counted {n} bytes, sent {sent}")));
+        return Err(Error::internal(format!("sink counted {n} bytes, sent {sent}")));
     }
     Ok(elapsed)
 }
 
 /// Sends `bytes` directly to the sink target.
-pub async fn bulk_direct(addr: SocketAddr, bytes: u64) -> Result<Duration, Status> {
+pub async fn bulk_direct(addr: SocketAddr, bytes: u64) -> Result<Duration, Error> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| io_status(e.into()))?;
     let chunk = vec![0xa5u8; BULK_CHUNK];
     let t0 = Instant::now();
@@ -129,13 +129,13 @@ pub async fn bulk_direct(addr: SocketAddr, bytes: u64) -> Result<Duration, Statu
     let mut ack = [0u8; 8];
     s.read_exact(&mut ack).await.map_err(io_status)?;
     if u64::from_be_bytes(ack) != sent {
-        return Err(Status::new(Code::Internal, "sink count mismatch"));
+        return Err(Error::internal("sink count mismatch"));
     }
     Ok(t0.elapsed())
 }
 
 /// Sends `data` to an echo service in 64 KiB steps and returns what came back.
-pub async fn echo_roundtrip(client: &Client, target: &DialTarget, data: &[u8]) -> Result<Vec<u8>, Status> {
+pub async fn echo_roundtrip(client: &Client, target: &DialTarget, data: &[u8]) -> Result<Vec<u8>, Error> {
     let mut d = open(client, target).await?;
     let mut back = Vec::with_capacity(data.len());
     for c in data.chunks(BULK_CHUNK) {
@@ -149,7 +149,7 @@ pub async fn echo_roundtrip(client: &Client, target: &DialTarget, data: &[u8]) -
     }
     let s = d.status().await;
     if !s.is_ok() {
-        return Err(s);
+        return Err(Error::from_status(crate::wire::error::Side::Agent, s));
     }
     Ok(back)
 }
@@ -161,7 +161,7 @@ pub fn gbps(bytes: u64, d: Duration) -> f64 {
 
 /// `n` concurrent bulk transfers of `bytes` each through the fleet; returns
 /// the wall time until every sink confirmed.
-pub async fn bulk_proxy_n(client: &Client, target: &DialTarget, bytes: u64, n: usize) -> Result<Duration, Status> {
+pub async fn bulk_proxy_n(client: &Client, target: &DialTarget, bytes: u64, n: usize) -> Result<Duration, Error> {
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|_| {
@@ -176,7 +176,7 @@ pub async fn bulk_proxy_n(client: &Client, target: &DialTarget, bytes: u64, n: u
 }
 
 /// `n` concurrent direct bulk transfers of `bytes` each.
-pub async fn bulk_direct_n(addr: SocketAddr, bytes: u64, n: usize) -> Result<Duration, Status> {
+pub async fn bulk_direct_n(addr: SocketAddr, bytes: u64, n: usize) -> Result<Duration, Error> {
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..n).map(|_| glommio::spawn_local(bulk_direct(addr, bytes))).collect();
     for task in tasks {
@@ -192,7 +192,7 @@ pub async fn setup_rate_proxy(
     target: &DialTarget,
     count: usize,
     concurrency: usize,
-) -> Result<f64, Status> {
+) -> Result<f64, Error> {
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -201,7 +201,7 @@ pub async fn setup_rate_proxy(
                 for _ in 0..count / concurrency {
                     echo_roundtrip(&c, &t, b"x").await?;
                 }
-                Ok::<_, Status>(())
+                Ok::<_, Error>(())
             })
         })
         .collect();
@@ -212,7 +212,7 @@ pub async fn setup_rate_proxy(
 }
 
 /// TCP connections set up per second (connect, 1-byte echo, close).
-pub async fn setup_rate_direct(addr: SocketAddr, count: usize, concurrency: usize) -> Result<f64, Status> {
+pub async fn setup_rate_direct(addr: SocketAddr, count: usize, concurrency: usize) -> Result<f64, Error> {
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -223,7 +223,7 @@ pub async fn setup_rate_direct(addr: SocketAddr, count: usize, concurrency: usiz
                     let mut b = [0u8; 1];
                     s.read_exact(&mut b).await.map_err(io_status)?;
                 }
-                Ok::<_, Status>(())
+                Ok::<_, Error>(())
             })
         })
         .collect();

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::{AgentConfig, BackendConfig, ProxyConfig};
-use crate::control::SnapshotCell;
+use crate::proxy::control::SnapshotCell;
+use crate::proxy::stats::Metrics;
 use crate::proxy::{run_with, Listeners, RunOpts};
 use crate::route::store::StoreFactory;
 use crate::runtime::Shutdown;
-use crate::telemetry::Metrics;
 use crate::transport::h2conf::H2Tuning;
 use crate::transport::tls::TlsFiles;
 
@@ -36,6 +36,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         shard_aware_peering: true,
         pin_cpus: false,
         dial_timeout_ms: 10_000,
+        peer_connect_timeout_ms: 1_000,
         tls: TlsFiles::in_dir(dir, id),
         backend: BackendConfig::default(),
         strategy: Default::default(),
@@ -169,7 +170,7 @@ impl AgentHandle {
         let sd = shutdown.clone();
         let join = std::thread::Builder::new()
             .name(format!("agent-{}", cfg.id))
-            .spawn(move || crate::tunnel::agent::run(cfg, sd))
+            .spawn(move || crate::agent::run(cfg, sd))
             .context("cannot start agent thread")?;
         Ok(AgentHandle { shutdown, join: Some(join) })
     }

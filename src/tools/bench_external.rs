@@ -41,7 +41,7 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
     let (de, ds) = (parse(&o.direct_echo, "--direct-echo")?, parse(&o.direct_sink, "--direct-sink")?);
     let opts = o.clone();
     let (direct, path) = crate::runtime::block_on("bench-external", move || async move {
-        let e = |s: crate::wire::status::Status| s.to_string();
+        let e = |s: crate::wire::error::Error| s.to_string();
         let (mut d, mut p) = (Samples::default(), Samples::default());
         let bytes = opts.bulk_mib << 20;
         let each = (bytes / 16).max(1 << 20);

@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,22 +20,27 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::Request;
 
-use super::backoff::Backoff;
-use super::strategy::{desired, Membership, Slot};
+use crate::runtime::backoff::Backoff;
+pub mod strategy;
+
 use crate::config::AgentConfig;
-use crate::relay::handshake::{read_dial_request, respond_ok, respond_status};
-use crate::relay::splice::{splice, split_tcp, Side};
+use crate::relay::call::{answer_error, answer_ok, established, read_dial_request};
+use crate::relay::grpc::{GrpcRecv, Msgs};
+use crate::relay::splice::{splice, split_tcp, End};
 use crate::route::model::Strategy;
+use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
 use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
 use crate::transport::{connect_tls, resolve, ClientTls};
-use crate::wire::codec::{encode_msg, MsgDecoder};
+use crate::wire::codec::{encode_msg, FrameDecoder, MAX_CONTROL_STREAM_MSG};
+use crate::wire::error::{Error, Label, Retry, Side};
+use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
 use crate::wire::status::{Code, Status};
-use crate::wire::{established_frame, paths};
+use strategy::{desired, Membership, Slot};
 
 struct AgentCtx {
     id: String,
@@ -174,7 +178,7 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
     };
     let active = ActiveStreams::default();
     // Drain on agent shutdown or when the strategy no longer wants this tunnel.
-    let drain = Shutdown::new();
+    let drain = Signal::new();
     let d = drain.clone();
     let (sd, st) = (ctx.shutdown.clone(), stop.clone());
     glommio::spawn_local(async move {
@@ -189,7 +193,13 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
             match req.uri().path() {
                 paths::AGENT_DIAL => handle_dial(ctx, req, respond).await,
                 paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
-                other => respond_status(respond, &Status::new(Code::Unimplemented, format!("unknown method {other}"))),
+                other => {
+                    let m = format!("unknown method {other}");
+                    answer_error(
+                        respond,
+                        &Error::new(Code::Unimplemented, Side::Proxy, Retry::Never, Label::Unimplemented, m),
+                    )
+                }
             }
         })
         .detach();
@@ -199,77 +209,71 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
 
 /// Serves Agent/Control until the proxy closes it or the tunnel drains
 /// (ending it first tells the proxy to stop routing new dials here).
-async fn handle_control(
-    ctx: Rc<AgentCtx>,
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    drain: Shutdown,
-) {
-    let Ok(mut tx) = respond_ok(&mut respond) else { return };
+async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>, drain: Signal) {
+    let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
     let hello = AgentMessage {
         message: Some(agent_message::Message::Hello(AgentHello {
             services: ctx.services.keys().cloned().collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         })),
     };
-    if tx.send_data(encode_msg(&hello), false).is_err() {
+    if tx.send_now(encode_msg(&hello)).is_err() {
         return;
     }
-    let mut rx = req.into_body();
-    let mut dec = MsgDecoder::new(super::accept::MAX_CONTROL_MSG);
+    let mut rx = GrpcRecv::new(req.into_body(), Msgs::<ControlMessage>::new(MAX_CONTROL_STREAM_MSG), Side::Proxy);
     loop {
         // On shutdown the control stream ends first, so the proxy stops
         // routing here and the tunnel drains.
-        let next = or(async { poll_fn(|cx| rx.poll_data(cx)).await }, async {
+        let next = or(rx.next(), async {
             drain.wait().await;
-            None
+            Ok(None)
         });
-        let Some(Ok(c)) = next.await else { break };
-        let _ = rx.flow_control().release_capacity(c.len());
-        dec.push(&c);
-        loop {
-            match dec.decode_next::<ControlMessage>() {
-                Ok(Some(m)) => match m.message {
-                    Some(control_message::Message::ProxySet(s)) => {
-                        let set: BTreeMap<String, String> = s
-                            .proxies
-                            .into_iter()
-                            .filter(|p| valid_name(&p.id) && !p.tunnel_addr.is_empty())
-                            .map(|p| (p.id, p.tunnel_addr))
-                            .collect();
-                        let mut m = ctx.membership.borrow_mut();
-                        if m.proxies != set {
-                            tracing::info!(agent = ctx.id, from = s.self_, proxies = ?set.keys().collect::<Vec<_>>(), "proxy set");
-                            m.proxies = set;
-                            m.generation += 1;
-                        }
-                    }
-                    Some(control_message::Message::Strategy(s)) => match Strategy::from_pb(&s) {
-                        Ok(s) => {
-                            let mut m = ctx.membership.borrow_mut();
-                            if m.strategy != s {
-                                tracing::info!(agent = ctx.id, strategy = %s, "tunnel strategy");
-                                m.strategy = s;
-                                m.generation += 1;
-                            }
-                        }
-                        Err(e) => tracing::warn!(agent = ctx.id, error = %e, "ignoring a bad strategy"),
-                    },
-                    None => {}
-                },
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(agent = ctx.id, error = %e, "bad control message");
-                    let _ = tx.send_trailers(e.status().to_trailers());
-                    return;
-                }
+        match next.await {
+            Ok(Some(m)) => on_control(&ctx, m),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(agent = ctx.id, error = %e, "bad control message");
+                let _ = tx.trailers(e.to_trailers());
+                return;
             }
         }
     }
-    let _ = tx.send_trailers(Status::ok().to_trailers());
+    let _ = tx.trailers(Status::ok().to_trailers());
 }
 
-fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str), Status> {
+/// Applies one control message: the proxy set or the strategy.
+fn on_control(ctx: &AgentCtx, m: ControlMessage) {
+    match m.message {
+        Some(control_message::Message::ProxySet(s)) => {
+            let set: BTreeMap<String, String> = s
+                .proxies
+                .into_iter()
+                .filter(|p| valid_name(&p.id) && !p.tunnel_addr.is_empty())
+                .map(|p| (p.id, p.tunnel_addr))
+                .collect();
+            let mut m = ctx.membership.borrow_mut();
+            if m.proxies != set {
+                tracing::info!(agent = ctx.id, from = s.self_, proxies = ?set.keys().collect::<Vec<_>>(), "proxy set");
+                m.proxies = set;
+                m.generation += 1;
+            }
+        }
+        Some(control_message::Message::Strategy(s)) => match Strategy::from_pb(&s) {
+            Ok(s) => {
+                let mut m = ctx.membership.borrow_mut();
+                if m.strategy != s {
+                    tracing::info!(agent = ctx.id, strategy = %s, "tunnel strategy");
+                    m.strategy = s;
+                    m.generation += 1;
+                }
+            }
+            Err(e) => tracing::warn!(agent = ctx.id, error = %e, "ignoring a bad strategy"),
+        },
+        None => {}
+    }
+}
+
+fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str), Error> {
     let known = || ctx.services.keys().cloned().collect::<Vec<_>>().join(", ");
     if name.is_empty() {
         if ctx.services.len() == 1 {
@@ -279,54 +283,49 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
         if let Some((k, v)) = ctx.services.get_key_value("default") {
             return Ok((k, v));
         }
-        return Err(Status::new(
-            Code::NotFound,
-            format!("agent {:?} has several services; name one of: {}", ctx.id, known()),
-        ));
+        let m = format!("agent {:?} has several services; name one of: {}", ctx.id, known());
+        return Err(Error::new(Code::NotFound, Side::Agent, Retry::Never, Label::NoService, m));
     }
     ctx.services.get_key_value(name).map(|(k, v)| (k.as_str(), v.as_str())).ok_or_else(|| {
-        Status::new(Code::NotFound, format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known()))
+        let m = format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known());
+        Error::new(Code::NotFound, Side::Agent, Retry::Never, Label::NoService, m)
     })
 }
 
 async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
-    let mut rx = req.into_body();
-    let (target, dec) = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
+    let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
+    let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
-        Err(s) => return respond_status(respond, &s),
+        Err(e) => return answer_error(respond, &e),
     };
     let (service, addr) = match pick_service(&ctx, &target.service) {
         Ok(v) => v,
-        Err(s) => return respond_status(respond, &s),
+        Err(e) => return answer_error(respond, &e),
     };
     let connect = async {
         let sa = resolve(addr).await?;
         TcpStream::connect(sa).await.map_err(std::io::Error::from)
     };
+    let unavailable = |e: &dyn std::fmt::Display| {
+        let m = format!("service {service} at {addr} on agent {:?}: {e}", ctx.id);
+        Error::unavailable(Side::Target, Retry::Safe, Label::TargetConnect, m)
+    };
     let tcp = match timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            let s = Status::new(Code::Unavailable, format!("service {service} at {addr} on agent {:?}: {e}", ctx.id));
-            return respond_status(respond, &s);
-        }
-        Err(_) => {
-            let s = Status::new(
-                Code::Unavailable,
-                format!("service {service} at {addr} on agent {:?}: connect timed out", ctx.id),
-            );
-            return respond_status(respond, &s);
-        }
+        Ok(Err(e)) => return answer_error(respond, &unavailable(&e)),
+        Err(_) => return answer_error(respond, &unavailable(&"connect timed out")),
     };
     let (inp, out) = match split_tcp(tcp) {
         Ok(v) => v,
-        Err(e) => return respond_status(respond, &Status::new(Code::Internal, e.to_string())),
+        Err(e) => return answer_error(respond, &Error::internal(e.to_string())),
     };
-    let Ok(mut tx) = respond_ok(&mut respond) else { return };
-    if tx.send_data(encode_msg(&established_frame()), false).is_err() {
+    let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
+    if tx.send_now(established()).is_err() {
         return;
     }
+    rx.set_established();
     tracing::debug!(agent = ctx.id, service, addr, "dial established");
-    if let Err(s) = splice(inp, out, tx, rx, dec, Side::Agent).await {
-        tracing::debug!(agent = ctx.id, service, status = %s, "dial ended with an error");
+    if let Err(e) = splice(inp, out, tx, rx, End::Agent).await {
+        tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error");
     }
 }

@@ -14,28 +14,28 @@ use bytes::Bytes;
 use futures_lite::future::or;
 use glommio::net::{TcpListener, TcpStream};
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
-use http::Request;
+use http::header::{CONTENT_TYPE, TE};
+use http::{HeaderValue, Request};
 
 use crate::proxy::shard::{Shard, TunnelRef};
+use crate::relay::grpc::{GrpcRecv, GrpcSend, Msgs};
 use crate::route::model::Strategy;
 use crate::route::RouteTable;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
 use crate::transport::h2conf::drive_client;
 use crate::transport::identity::valid_name;
-use crate::wire::codec::{encode_msg, MsgDecoder};
+use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
+use crate::wire::error::{Error, Label, Side};
 use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentMessage, ControlMessage, ProxyEntry, ProxySet};
 
 /// Most services an agent may announce.
 pub const MAX_SERVICES: usize = 1024;
-/// Largest control message accepted.
-pub const MAX_CONTROL_MSG: usize = 64 << 10;
 
 /// The tunnel accept loop of one shard.
 pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
-    crate::ingress::accept_each(&shard.clone(), l, "tunnel", |tcp| serve_tunnel(shard.clone(), tcp)).await
+    super::accept_each(&shard.clone(), l, "tunnel", |tcp| serve_tunnel(shard.clone(), tcp)).await
 }
 
 async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
@@ -52,7 +52,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let (mut send, conn) = match timeout(h2cfg.handshake_timeout(), h2cfg.client().handshake::<_, Bytes>(tls)).await {
         Ok(Ok(v)) => v,
         _ => {
-            shard.stats.error("h2_handshake");
+            shard.stats.error(Label::H2Handshake);
             return;
         }
     };
@@ -121,7 +121,7 @@ fn control_frames(shard: &Shard, m: &(Vec<(String, String)>, Strategy)) -> Bytes
 }
 
 /// Tells the agent whenever the proxy set or the strategy changes.
-async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (Vec<(String, String)>, Strategy)) {
+async fn push_membership(shard: &Shard, tx: &mut GrpcSend, mut sent: (Vec<(String, String)>, Strategy)) {
     // Version 0: compare with the current snapshot first, in case it
     // changed since the first frames went out.
     let mut version = 0;
@@ -130,7 +130,7 @@ async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (V
         version = t.version;
         let m = membership(shard, &t);
         if m != sent {
-            if tx.send_data(control_frames(shard, &m), false).is_err() {
+            if tx.send(control_frames(shard, &m)).await.is_err() {
                 return;
             }
             sent = m;
@@ -138,60 +138,53 @@ async fn push_membership(shard: &Shard, tx: &mut SendStream<Bytes>, mut sent: (V
     }
 }
 
+type ControlRecv = GrpcRecv<Msgs<AgentMessage>>;
+
 /// Opens Agent/Control, tells the agent the proxy set and strategy, and
 /// waits for its services.
 async fn open_control(
     send: &mut SendRequest<Bytes>,
     shard: &Shard,
     first: &(Vec<(String, String)>, Strategy),
-) -> Result<(Arc<[String]>, RecvStream, SendStream<Bytes>), String> {
-    poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| e.to_string())?;
-    let req = Request::post(format!("https://agent{}", paths::AGENT_CONTROL))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let (resp, mut tx) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    tx.send_data(control_frames(shard, first), false).map_err(|e| e.to_string())?;
-    let resp = resp.await.map_err(|e| e.to_string())?;
+) -> Result<(Arc<[String]>, ControlRecv, GrpcSend), Error> {
+    let closed = |e: h2::Error| Error::from_h2(Side::Agent, false, &e);
+    poll_fn(|cx| send.poll_ready(cx)).await.map_err(closed)?;
+    let mut req = Request::new(());
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = paths::uri(paths::AGENT_CONTROL).clone();
+    req.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    req.headers_mut().insert(TE, HeaderValue::from_static("trailers"));
+    let (resp, tx) = send.send_request(req, false).map_err(closed)?;
+    let mut tx = GrpcSend::request(tx, Side::Agent);
+    tx.send_now(control_frames(shard, first))?;
+    let resp = resp.await.map_err(closed)?;
     if resp.status() != 200 {
-        return Err(format!("agent answered HTTP {}", resp.status()));
+        return Err(Error::bad_request(format!("agent answered HTTP {}", resp.status())).on(Side::Agent));
     }
-    let mut rx = resp.into_body();
-    let mut dec = MsgDecoder::new(MAX_CONTROL_MSG);
+    let mut rx = GrpcRecv::new(resp.into_body(), Msgs::<AgentMessage>::new(MAX_CONTROL_STREAM_MSG), Side::Agent);
     loop {
-        if let Some(m) = dec.decode_next::<AgentMessage>().map_err(|e| e.to_string())? {
-            let Some(agent_message::Message::Hello(h)) = m.message else { continue };
-            if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
-                return Err("agent announced invalid service names".into());
-            }
-            return Ok((h.services.into(), rx, tx));
+        let Some(m) = rx.next().await? else {
+            return Err(Error::bad_request("agent closed the control stream").on(Side::Agent));
+        };
+        let Some(agent_message::Message::Hello(h)) = m.message else { continue };
+        if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
+            return Err(Error::bad_request("agent announced invalid service names").on(Side::Agent));
         }
-        match poll_fn(|cx| rx.poll_data(cx)).await {
-            Some(Ok(c)) => {
-                let _ = rx.flow_control().release_capacity(c.len());
-                dec.push(&c);
-            }
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("agent closed the control stream".into()),
-        }
+        return Ok((h.services.into(), rx, tx));
     }
 }
 
 /// Resolves when the agent's control stream ends.
-async fn watch_control(mut rx: RecvStream) {
-    let mut dec = MsgDecoder::new(MAX_CONTROL_MSG);
-    while let Some(Ok(c)) = poll_fn(|cx| rx.poll_data(cx)).await {
-        let _ = rx.flow_control().release_capacity(c.len());
-        dec.push(&c);
-        loop {
-            match dec.decode_next::<AgentMessage>() {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
+async fn watch_control(mut rx: ControlRecv) {
+    loop {
+        match rx.next().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(e) => {
+                if e.label != Label::ConnectionLost {
                     tracing::warn!(error = %e, "bad control message from agent");
-                    return;
                 }
+                return;
             }
         }
     }

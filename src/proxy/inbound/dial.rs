@@ -1,0 +1,182 @@
+//! The dial pipeline, the same for every dial that enters a proxy:
+//!
+//! 1. **decode**: the method, the hop count and the `DialRequest`
+//!    (size-checked and validated before anything else);
+//! 2. **authorize**: a hook, allow-all for now (grants come later);
+//! 3. **resolve**: the ordered upstreams ([`outbound::plan`]);
+//! 4. **open**: [`outbound::open`] tries them with failover;
+//! 5. **relay**: answer 200 and move bytes verbatim until the upstream's
+//!    trailers (forwarded as received) or the first failure.
+//!
+//! Invariants: only this module answers the caller; a failed dial is
+//! answered once, with its error's trailers, and counted under its label
+//! and code; a failure after establishment cancels the upstream hop.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::Request;
+
+use super::Edge;
+use crate::proxy::outbound::{self, Opened};
+use crate::proxy::shard::Shard;
+use crate::relay::call::{answer_error, answer_ok, read_dial_request, HOPS_HEADER};
+use crate::relay::{relay, GrpcRecv, Leg, Sink};
+use crate::transport::identity::SpiffeId;
+use crate::wire::codec::{encode_msg, FrameDecoder};
+use crate::wire::error::{Error, Label, Retry, Side};
+use crate::wire::pb::ProxyServicePingResponse;
+use crate::wire::status::{Code, Status};
+use crate::wire::{paths, DialTarget};
+
+/// Counts a failed dial and answers it.
+pub fn fail(shard: &Shard, respond: SendResponse<Bytes>, e: &Error) {
+    shard.stats.dials_failed.inc();
+    shard.stats.failed(e);
+    answer_error(respond, e);
+}
+
+/// Handles one request on a client or peer connection.
+pub async fn handle(
+    shard: Rc<Shard>,
+    caller: &SpiffeId,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    edge: Edge,
+) {
+    if edge == Edge::Peer && req.uri().path() == paths::PEER_PING {
+        return answer_ping(respond);
+    }
+    shard.stats.dials.inc();
+    let (target, mut recv) = match decode(&shard, req, edge).await {
+        Ok(v) => v,
+        Err(e) => return fail(&shard, respond, &e),
+    };
+    if let Err(e) = authorize(caller, &target) {
+        return fail(&shard, respond, &e);
+    }
+    let plan = resolve(&shard, &target.agent, edge);
+    if plan.is_empty() {
+        return fail(&shard, respond, &no_route(&target.agent, edge));
+    }
+    let first = encode_msg(&target.to_frame());
+    let opened = match outbound::open(&shard, &plan, &target.agent, first, shard.shared.dial_timeout).await {
+        Ok(o) => o,
+        Err(e) => return fail(&shard, respond, &e),
+    };
+    let rest = recv.decoder().take_rest();
+    relay_to_caller(&shard, opened, recv, rest, respond).await
+}
+
+/// Step 1: the method, the hop count and the `DialRequest`.
+async fn decode(shard: &Shard, req: Request<RecvStream>, edge: Edge) -> Result<(DialTarget, GrpcRecv), Error> {
+    let path = match edge {
+        Edge::Client => paths::PROXY_DIAL,
+        Edge::Peer => paths::PEER_DIAL,
+    };
+    if req.uri().path() != path {
+        let m = format!("unknown method {}; this port serves {path}", req.uri().path());
+        return Err(Error::new(Code::Unimplemented, Side::Client, Retry::Never, Label::Unimplemented, m));
+    }
+    // A dial arriving over a peer link has crossed one; one that claims more
+    // would be a forwarding loop.
+    let hops = req.headers().get(HOPS_HEADER).and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
+    if edge == Edge::Peer && hops.unwrap_or(1) > 1 {
+        let m = "dial has already crossed a peer link; refusing to forward it again";
+        return Err(Error::new(Code::InvalidArgument, Side::Peer, Retry::Never, Label::Loop, m));
+    }
+    let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
+    let mut recv = GrpcRecv::new(req.into_body(), FrameDecoder::new(), far);
+    let target = read_dial_request(&mut recv, shard.shared.dial_timeout).await?;
+    tracing::debug!(shard = shard.index, %target, ?edge, "dial");
+    Ok((target, recv))
+}
+
+/// Step 2: may `caller` reach `target`? Allow-all until grants exist.
+fn authorize(_caller: &SpiffeId, _target: &DialTarget) -> Result<(), Error> {
+    Ok(())
+}
+
+/// Step 3: the upstreams to try, in order.
+fn resolve(shard: &Shard, agent: &str, edge: Edge) -> Vec<outbound::Upstream> {
+    let routes = shard.routes();
+    let r = routes.get(agent);
+    let siblings = r.iter().flat_map(|r| r.local.iter().map(|l| l.shard));
+    let remote = r.map(|r| &r.remote[..]).unwrap_or_default();
+    outbound::plan(shard.index, shard.local_tunnel(agent), siblings, remote, edge == Edge::Client, |a| {
+        shard.peers.link_state(a)
+    })
+}
+
+fn no_route(agent: &str, edge: Edge) -> Error {
+    let m = match edge {
+        Edge::Client => format!("no route to agent {agent:?}: no proxy holds a tunnel to it"),
+        Edge::Peer => format!("agent {agent:?} has no tunnel to this proxy"),
+    };
+    // Retry-safe: the caller (a peer) may try another holder.
+    Error::new(Code::NotFound, Side::Proxy, Retry::Safe, Label::NoRoute, m)
+}
+
+/// Step 5: answers the caller and relays until the call ends.
+async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut respond: SendResponse<Bytes>) {
+    let Opened { mut send, recv: mut up_recv, held, slot: _slot } = o;
+    let Ok(mut down) = answer_ok(&mut respond, Side::Client) else {
+        send.fail(&Error::cancelled("the caller went away")).await;
+        return;
+    };
+    let _open = shard.streams.enter();
+    let _gauge = StreamGauge::new(shard);
+    let start = async {
+        for b in held {
+            down.send(b).await?;
+        }
+        if !rest.is_empty() {
+            send.send(rest).await?;
+        }
+        Ok(())
+    };
+    let stats = &shard.stats;
+    let r = match start.await {
+        Ok(()) => {
+            relay(
+                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up },
+                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down },
+            )
+            .await
+        }
+        Err(e) => {
+            Sink::fail(&mut down, &e).await;
+            send.fail(&e).await;
+            Err(e)
+        }
+    };
+    if let Err(e) = r {
+        stats.error(e.label);
+    }
+}
+
+/// Tracks an open relayed stream in the shard's gauge.
+struct StreamGauge<'a>(&'a Shard);
+
+impl<'a> StreamGauge<'a> {
+    fn new(shard: &'a Shard) -> Self {
+        shard.stats.active_streams.add(1);
+        StreamGauge(shard)
+    }
+}
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.stats.active_streams.add(-1);
+    }
+}
+
+/// Answers `proto.ProxyService/Ping`.
+fn answer_ping(mut respond: SendResponse<Bytes>) {
+    if let Ok(mut tx) = answer_ok(&mut respond, Side::Peer) {
+        let _ = tx.send_now(encode_msg(&ProxyServicePingResponse {}));
+        let _ = tx.trailers(Status::ok().to_trailers());
+    }
+}

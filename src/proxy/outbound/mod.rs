@@ -1,0 +1,247 @@
+//! Outbound: where a resolved dial goes. One [`Upstream`] type with three
+//! kinds (a tunnel on this shard, a sibling shard, a peer proxy), one
+//! [`plan`] that orders them, and one failover rule ([`after_failure`]).
+//!
+//! Invariants:
+//! - Outbound code never answers the client: it returns an [`Opened`]
+//!   upstream or the [`Error`] of the last attempt; `inbound` answers.
+//! - Failover decides on the error's retry class only, never on its text,
+//!   and every attempt runs within what is left of the one dial deadline.
+//! - A dial that arrived over a peer link is served from this proxy's own
+//!   tunnels only (no peer upstreams), so a dial crosses at most one link.
+
+pub mod peer;
+pub mod sibling;
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::shard::{Shard, TunnelRef};
+use crate::relay::call::{self, Established};
+use crate::relay::{Chunk, GrpcRecv, GrpcSend, Item, Sink, Source};
+use crate::route::RemoteRoute;
+use crate::runtime::pipe::{PipeRx, PipeTx};
+use crate::wire::error::{Error, Label, Retry, Side};
+use crate::wire::paths;
+
+/// Times a stream refused unprocessed is retried on the same upstream (a
+/// new link that had not yet learned the peer's stream limit).
+pub const MAX_REFUSED_RETRIES: u32 = 8;
+
+/// One place a dial can be sent.
+#[derive(Clone)]
+pub enum Upstream {
+    /// A tunnel on this shard.
+    Local(TunnelRef),
+    /// A tunnel on a sibling shard of this proxy.
+    Sibling(u32),
+    /// A tunnel held by another proxy, reached over a peer link.
+    Peer {
+        /// The peer's proxy id (checked against its certificate).
+        proxy: Rc<str>,
+        /// Its peer address (the owning shard's, when published).
+        addr: Rc<str>,
+    },
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Local(t) => write!(f, "Local(conn {})", t.conn),
+            Upstream::Sibling(k) => write!(f, "Sibling({k})"),
+            Upstream::Peer { proxy, addr } => write!(f, "Peer({proxy} at {addr})"),
+        }
+    }
+}
+
+/// The send half of an opened upstream.
+pub enum UpSend {
+    /// An HTTP/2 stream (tunnel or peer link).
+    H2(GrpcSend),
+    /// A pipe to the sibling shard that holds the stream.
+    Pipe(PipeTx<Item>),
+}
+
+/// The receive half of an opened upstream.
+pub enum UpRecv {
+    /// An HTTP/2 stream (tunnel or peer link).
+    H2(GrpcRecv),
+    /// A pipe from the sibling shard.
+    Pipe(PipeRx<Item>),
+}
+
+/// An established upstream dial.
+pub struct Opened {
+    /// Towards the agent.
+    pub send: UpSend,
+    /// From the agent.
+    pub recv: UpRecv,
+    /// Bytes received up to and including `ConnectionEstablished`, to
+    /// forward verbatim.
+    pub held: Vec<Bytes>,
+    /// Keeps the peer link's stream slot for as long as the dial lives.
+    pub slot: Option<peer::PeerStream>,
+}
+
+impl From<Established> for Opened {
+    fn from(e: Established) -> Opened {
+        Opened { send: UpSend::H2(e.send), recv: UpRecv::H2(e.recv), held: e.held, slot: None }
+    }
+}
+
+impl Source for UpRecv {
+    async fn next(&mut self) -> Result<Chunk, Error> {
+        match self {
+            UpRecv::H2(r) => Source::next(r).await,
+            UpRecv::Pipe(r) => Source::next(r).await,
+        }
+    }
+}
+
+impl Sink for UpSend {
+    async fn send(&mut self, b: Bytes) -> Result<(), Error> {
+        match self {
+            UpSend::H2(s) => Sink::send(s, b).await,
+            UpSend::Pipe(s) => Sink::send(s, b).await,
+        }
+    }
+
+    async fn end(&mut self, t: Option<http::HeaderMap>) -> Result<(), Error> {
+        match self {
+            UpSend::H2(s) => s.end(t).await,
+            UpSend::Pipe(s) => s.end(t).await,
+        }
+    }
+
+    async fn fail(&mut self, e: &Error) {
+        match self {
+            UpSend::H2(s) => s.fail(e).await,
+            UpSend::Pipe(s) => s.fail(e).await,
+        }
+    }
+}
+
+/// The upstreams for `agent`, in the order to try them: this shard's own
+/// tunnel, then a sibling shard's, then (when `peers` is allowed) the other
+/// proxies that hold one, live links first and then the least loaded.
+/// `link` tells, for a peer address, whether a live link exists and how
+/// many streams it carries.
+pub fn plan(
+    index: u32,
+    local: Option<TunnelRef>,
+    siblings: impl IntoIterator<Item = u32>,
+    remote: &[RemoteRoute],
+    peers: bool,
+    link: impl Fn(&str) -> (bool, usize),
+) -> Vec<Upstream> {
+    let mut out = Vec::with_capacity(1);
+    if let Some(t) = local {
+        out.push(Upstream::Local(t));
+    }
+    if let Some(k) = siblings.into_iter().find(|&k| k != index) {
+        out.push(Upstream::Sibling(k));
+    }
+    if peers {
+        let mut r: Vec<(bool, usize, &RemoteRoute)> = remote
+            .iter()
+            .filter_map(|r| {
+                let (live, load) = link(r.peer_addr.as_deref()?);
+                Some((!live, load, r))
+            })
+            .collect();
+        r.sort_by_key(|(dead, load, _)| (*dead, *load));
+        out.extend(r.into_iter().filter_map(|(_, _, r)| {
+            Some(Upstream::Peer { proxy: Rc::from(&*r.proxy), addr: Rc::from(r.peer_addr.as_deref()?) })
+        }));
+    }
+    out
+}
+
+/// What to do after an attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Try the same upstream again (it refused the stream unprocessed).
+    Again,
+    /// Try the next upstream.
+    Skip,
+    /// Give up: answer the client with this error.
+    Stop,
+}
+
+/// The failover rule: decided by the retry class (and, for a stream
+/// refused unprocessed, how often the same upstream refused already).
+pub fn after_failure(e: &Error, refused_here: u32) -> Next {
+    match e.retry {
+        Retry::Safe if e.label == Label::Refused && refused_here < MAX_REFUSED_RETRIES => Next::Again,
+        Retry::Safe => Next::Skip,
+        Retry::Unsafe | Retry::Never => Next::Stop,
+    }
+}
+
+impl Upstream {
+    /// Opens the dial `first` (an encoded `DialRequest`) on this upstream.
+    pub async fn open(&self, shard: &Rc<Shard>, agent: &str, first: &Bytes, left: Duration) -> Result<Opened, Error> {
+        match self {
+            Upstream::Local(t) => {
+                shard.stats.dials_local.inc();
+                let mut send = t.send.clone();
+                let uri = paths::uri(paths::AGENT_DIAL);
+                Ok(call::open(&mut send, uri, 0, first.clone(), Side::Agent, left).await?.into())
+            }
+            Upstream::Sibling(k) => {
+                shard.stats.dials_cross_shard.inc();
+                sibling::open(shard, *k, agent, first.clone(), left).await
+            }
+            Upstream::Peer { proxy, addr } => {
+                shard.stats.dials_peered.inc();
+                let deadline = Instant::now() + left;
+                let mut slot = shard.peers.stream(proxy, addr, deadline).await?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let uri = paths::uri(paths::PEER_DIAL);
+                let e = call::open(&mut slot.send, uri, 1, first.clone(), Side::Peer, left).await?;
+                let mut o = Opened::from(e);
+                o.slot = Some(slot);
+                Ok(o)
+            }
+        }
+    }
+}
+
+/// Tries `plan` in order under one deadline, following [`after_failure`].
+pub async fn open(
+    shard: &Rc<Shard>,
+    plan: &[Upstream],
+    agent: &str,
+    first: Bytes,
+    deadline: Duration,
+) -> Result<Opened, Error> {
+    let end = Instant::now() + deadline;
+    let mut last: Option<Error> = None;
+    let (mut i, mut refused) = (0, 0);
+    while i < plan.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match plan[i].open(shard, agent, &first, left).await {
+            Ok(o) => return Ok(o),
+            Err(e) => {
+                match after_failure(&e, refused) {
+                    Next::Again => refused += 1,
+                    Next::Skip => {
+                        tracing::debug!(agent, upstream = ?plan[i], error = %e, "upstream failed; trying the next");
+                        (i, refused) = (i + 1, 0);
+                    }
+                    Next::Stop => return Err(e),
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::deadline(Side::Proxy, "the dial deadline passed before any upstream answered")))
+}
+
+#[cfg(test)]
+mod tests;

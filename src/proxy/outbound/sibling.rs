@@ -1,0 +1,83 @@
+//! The sibling-shard upstream: a client that landed on shard A dials an
+//! agent whose tunnel is on shard B. A keeps the client stream, B opens the
+//! agent stream, and two pipes move the `Bytes` between them.
+//!
+//! Invariants: bytes cross shards by move, never by copy; the first item B
+//! sends down is either establishment bytes (success) or a `Fail` with the
+//! error, so A's pipeline decides exactly once; a failure on either side
+//! travels through the pipe as `Fail` (or the pipe breaks), so a cancel on
+//! one shard cancels the other's hop too.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Opened, UpRecv, UpSend};
+use crate::proxy::shard::{CrossDial, Shard, ShardMsg};
+use crate::relay::{call, relay, Item, Leg, Sink};
+use crate::runtime::pipe::pipe;
+use crate::runtime::stats::Counter;
+use crate::runtime::timeout;
+use crate::wire::error::{Error, Label, Retry, Side};
+use crate::wire::paths;
+
+/// Items buffered per direction between two shards (each at most one DATA
+/// frame, so a cross-shard stream buffers at most this many frames).
+pub const PIPE_CAP: usize = 64;
+
+/// Shard A: hands the dial to shard `owner` and waits for its answer.
+pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left: Duration) -> Result<Opened, Error> {
+    let (up_tx, up_rx) = pipe(PIPE_CAP);
+    let (down_tx, mut down_rx) = pipe(PIPE_CAP);
+    let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), first, up: up_rx, down: down_tx }));
+    let stopped =
+        || Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped"));
+    if shard.mailboxes.get(owner as usize).ok_or_else(stopped)?.post(msg).is_err() {
+        return Err(stopped());
+    }
+    // The owner runs the same deadline; the margin lets its answer arrive.
+    match timeout(left + Duration::from_millis(200), down_rx.recv()).await {
+        Ok(Some(Item::Data(b))) => {
+            Ok(Opened { send: UpSend::Pipe(up_tx), recv: UpRecv::Pipe(down_rx), held: vec![b], slot: None })
+        }
+        Ok(Some(Item::Fail(e))) => Err(e),
+        Ok(_) => Err(stopped()),
+        Err(_) => Err(Error::deadline(Side::Proxy, format!("shard {owner} did not answer the dial in time"))),
+    }
+}
+
+/// Shard B: opens the agent stream for a dial that entered elsewhere and
+/// relays it between the agent and the pipes.
+pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
+    let CrossDial { agent, first, mut up, mut down } = d;
+    let Some(t) = shard.local_tunnel(&agent) else {
+        let m = format!("the tunnel to agent {agent:?} just went away");
+        down.fail(&Error::unavailable(Side::Proxy, Retry::Safe, Label::TunnelGone, m)).await;
+        return;
+    };
+    let mut send = t.send.clone();
+    let uri = paths::uri(paths::AGENT_DIAL);
+    let e = match call::open(&mut send, uri, 0, first, Side::Agent, shard.shared.dial_timeout).await {
+        Ok(e) => e,
+        Err(e) => return down.fail(&e).await,
+    };
+    let _open = shard.streams.enter();
+    let (mut agent_tx, mut agent_rx) = (e.send, e.recv);
+    for b in e.held {
+        if Sink::send(&mut down, b).await.is_err() {
+            return;
+        }
+    }
+    // The entry shard counts the payload; counting it here too would count
+    // a cross-shard dial twice.
+    let uncounted = Counter::default();
+    let r = relay(
+        Leg { src: &mut up, sink: &mut agent_tx, bytes: &uncounted },
+        Leg { src: &mut agent_rx, sink: &mut down, bytes: &uncounted },
+    )
+    .await;
+    if let Err(e) = r {
+        shard.stats.error(e.label);
+    }
+}

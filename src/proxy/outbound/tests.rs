@@ -1,0 +1,49 @@
+//! The failover choice and the upstream order, as pure functions.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::wire::status::Code;
+
+fn remote(proxy: &str, addr: Option<&str>) -> RemoteRoute {
+    RemoteRoute { proxy: Arc::from(proxy), shard: 0, peer_addr: addr.map(Arc::from), services: Arc::from(vec![]) }
+}
+
+fn names(p: &[Upstream]) -> Vec<String> {
+    p.iter().map(|u| format!("{u:?}")).collect()
+}
+
+#[test]
+fn a_sibling_comes_before_peers_and_live_least_loaded_links_come_first() {
+    let r = [remote("b", Some("b:1")), remote("c", Some("c:1")), remote("d", Some("d:1")), remote("e", None)];
+    let link = |a: &str| match a {
+        "b:1" => (false, 0),
+        "c:1" => (true, 9),
+        _ => (true, 2),
+    };
+    let p = plan(0, None, [0, 1], &r, true, link);
+    assert_eq!(names(&p), ["Sibling(1)", "Peer(d at d:1)", "Peer(c at c:1)", "Peer(b at b:1)"]);
+}
+
+#[test]
+fn a_dial_from_a_peer_gets_no_peer_upstreams_and_this_shard_is_not_its_own_sibling() {
+    let r = [remote("b", Some("b:1"))];
+    let p = plan(1, None, [1], &r, false, |_| (true, 0));
+    assert!(p.is_empty(), "{:?}", names(&p));
+}
+
+#[test]
+fn failover_follows_the_retry_class_never_the_text() {
+    let refused = Error::from_h2(Side::Peer, false, &h2::Error::from(h2::Reason::REFUSED_STREAM));
+    assert_eq!(after_failure(&refused, 0), Next::Again);
+    assert_eq!(after_failure(&refused, MAX_REFUSED_RETRIES), Next::Skip, "a peer that keeps refusing is skipped");
+    let down = Error::unavailable(Side::Peer, Retry::Safe, Label::PeerUnreachable, "refused");
+    assert_eq!(after_failure(&down, 0), Next::Skip);
+    // Same code and text, but the far end acted on the dial: never repeat it.
+    let acted = Error::unavailable(Side::Peer, Retry::Unsafe, Label::PeerUnreachable, "refused");
+    assert_eq!(after_failure(&acted, 0), Next::Stop);
+    let denied = Error::from_status(Side::Peer, crate::wire::status::Status::new(Code::PermissionDenied, "no"));
+    assert_eq!(after_failure(&denied, 0), Next::Stop);
+    let not_here = Error::from_status(Side::Peer, crate::wire::status::Status::new(Code::NotFound, "gone"));
+    assert_eq!(after_failure(&not_here, 0), Next::Skip, "a stale route: try the next holder");
+}

@@ -1,0 +1,18 @@
+//! Tools: the programs built on the data plane, never imported by it.
+//!
+//! `demo` (the embedded default fleet), `bench` (the load generator),
+//! `target` (echo/sink/source services), `fleet` (in-process proxies and
+//! agents, used by the demo, the bench and the tests), `load` (dial drivers)
+//! and `routes` (the backend reader behind `ringpeer routes`).
+//!
+//! Invariant: this is the top layer; nothing under `wire`, `runtime`,
+//! `transport`, `relay`, `route` or the roles imports it (checked by
+//! `tests/layers.rs`).
+
+pub mod bench;
+pub mod bench_external;
+pub mod demo;
+pub mod fleet;
+pub mod load;
+pub mod routes;
+pub mod target;
