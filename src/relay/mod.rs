@@ -27,6 +27,9 @@ pub mod call;
 pub mod grpc;
 pub mod splice;
 
+#[cfg(test)]
+mod tests;
+
 use bytes::Bytes;
 use http::HeaderMap;
 
