@@ -18,7 +18,7 @@ use crossbeam::channel::Sender;
 use h2::client::SendRequest;
 use tokio_rustls::TlsAcceptor;
 
-use super::outbound::peer::PeerPool;
+use super::outbound::peer::{PeerLinkConfig, PeerLinks};
 use super::stats::ShardStats;
 use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
@@ -109,7 +109,7 @@ pub struct Shard {
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     routes: RefCell<Arc<RouteTable>>,
     /// Peer links of this shard.
-    pub peers: PeerPool,
+    pub peers: PeerLinks,
     /// Tasks waiting for the next route snapshot.
     route_waiters: RefCell<Vec<std::task::Waker>>,
     next_conn: Cell<u64>,
@@ -125,9 +125,13 @@ impl Shard {
         events: Sender<TunnelEvent>,
     ) -> Shard {
         let closing = Signal::new();
+        let cfg = PeerLinkConfig { connect_timeout: shared.peer_connect_timeout, ..PeerLinkConfig::default() };
+        let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
+        let gauge = stats.clone();
+        peers.on_count(move |n| gauge.peer_links.set(n as i64));
         Shard {
             index,
-            peers: PeerPool::new(&shared, stats.clone(), closing.clone()),
+            peers,
             shared,
             stats,
             mailboxes,

@@ -88,13 +88,17 @@ where
 struct ShutdownInner {
     fired: AtomicBool,
     waiters: Mutex<Vec<Option<Waker>>>,
+    /// For threads that block instead of polling (the control thread, main).
+    cv: std::sync::Condvar,
 }
 
-/// A shutdown signal shared by all shards.
+/// The process-wide shutdown signal.
 ///
-/// Waiting costs one atomic load per poll; a waiter takes the mutex only to
-/// register (once, or when its waker changes) and to leave. Each waiter holds
-/// one waker clone at most (glommio counts waker references in an `i16`).
+/// Each shard waits on it once and then fires its own
+/// [`signal::Signal`], so connections never touch this mutex. Waiting costs
+/// one atomic load per poll; a waiter takes the mutex only to register and
+/// to leave. Each waiter holds one waker clone at most (glommio counts waker
+/// references in an `i16`).
 #[derive(Clone, Default)]
 pub struct Shutdown(Arc<ShutdownInner>);
 
@@ -117,8 +121,12 @@ impl Shutdown {
 
     /// Fires the signal and wakes every waiter.
     pub fn trigger(&self) {
-        self.0.fired.store(true, Ordering::Release);
-        let wakers: Vec<Waker> = self.waiters().iter_mut().filter_map(Option::take).collect();
+        let wakers: Vec<Waker> = {
+            let mut ws = self.waiters();
+            self.0.fired.store(true, Ordering::Release);
+            self.0.cv.notify_all();
+            ws.iter_mut().filter_map(Option::take).collect()
+        };
         for w in wakers {
             w.wake();
         }
@@ -182,8 +190,9 @@ impl Drop for Wait<'_> {
 impl Shutdown {
     /// Blocks the calling (non-executor) thread until the signal fires.
     pub fn wait_blocking(&self) {
+        let mut ws = self.waiters();
         while !self.is_triggered() {
-            std::thread::sleep(Duration::from_millis(50));
+            ws = self.0.cv.wait(ws).unwrap_or_else(|p| p.into_inner());
         }
     }
 }

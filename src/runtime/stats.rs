@@ -38,6 +38,10 @@ impl Gauge {
     pub fn add(&self, d: i64) {
         self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(d), Ordering::Relaxed);
     }
+    /// Sets the value (only the owning shard calls this).
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
     /// Current value.
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)

@@ -342,12 +342,20 @@ pub fn encode_data(payload: &[u8]) -> Bytes {
 
 /// A read buffer with headroom for a Data header: read into
 /// [`spare`](Self::spare), then [`commit`](Self::commit) turns the bytes read
-/// into one framed `Bytes` without copying the payload. The allocation is
-/// reused once every `Bytes` handed out earlier is dropped.
+/// into one framed `Bytes` without copying the payload.
+///
+/// Memory is zero-filled once per allocation (four chunks), not once per
+/// read: a 64-byte read consumes 64 bytes plus headroom of an initialised
+/// region and leaves the rest for the next read. (Alternative rejected:
+/// reading into uninitialised capacity; it needs `unsafe` and a reader that
+/// promises never to read the buffer, which glommio's `read` does not.)
 pub struct DataBuf {
     buf: BytesMut,
     chunk: usize,
 }
+
+/// The least space a read is offered before a fresh buffer is taken.
+const MIN_SPARE: usize = 4 << 10;
 
 impl DataBuf {
     /// A buffer that reads up to `chunk` bytes at a time.
@@ -355,15 +363,13 @@ impl DataBuf {
         DataBuf { buf: BytesMut::new(), chunk }
     }
 
-    /// Space to read the next payload into.
+    /// Space to read the next payload into (up to `chunk` bytes).
     pub fn spare(&mut self) -> &mut [u8] {
-        let want = DATA_HEADROOM + self.chunk;
-        if self.buf.len() != want {
-            self.buf.clear();
-            self.buf.reserve(want * 4);
-            self.buf.resize(want, 0);
+        if self.buf.len() < DATA_HEADROOM + MIN_SPARE.min(self.chunk) {
+            self.buf = BytesMut::zeroed((DATA_HEADROOM + self.chunk) * 4);
         }
-        &mut self.buf[DATA_HEADROOM..]
+        let end = self.buf.len().min(DATA_HEADROOM + self.chunk);
+        &mut self.buf[DATA_HEADROOM..end]
     }
 
     /// Frames the first `n` bytes of the last [`spare`](Self::spare) as one
@@ -468,7 +474,13 @@ mod tests {
         let framed = b.commit(5);
         assert_eq!(framed, encode_data(b"hello"));
         b.spare()[..3].copy_from_slice(b"abc");
-        assert_eq!(b.commit(3), encode_data(b"abc"));
+        let second = b.commit(3);
+        assert_eq!(second, encode_data(b"abc"));
+        // Both frames are views of one allocation: no zero-fill or copy in
+        // between reads.
+        let gap = second.as_ptr() as usize - framed.as_ptr() as usize;
+        assert!(gap < 64, "second frame starts {gap} bytes after the first");
+        assert_eq!(b.spare().len(), 1024, "a read is offered a whole chunk");
     }
 
     #[test]

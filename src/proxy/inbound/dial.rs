@@ -106,7 +106,7 @@ fn resolve(shard: &Shard, agent: &str, edge: Edge) -> Vec<outbound::Upstream> {
     let siblings = r.iter().flat_map(|r| r.local.iter().map(|l| l.shard));
     let remote = r.map(|r| &r.remote[..]).unwrap_or_default();
     outbound::plan(shard.index, shard.local_tunnel(agent), siblings, remote, edge == Edge::Client, |a| {
-        shard.peers.link_state(a)
+        (shard.peers.has_ready(a), shard.peers.load(a))
     })
 }
 

@@ -174,7 +174,11 @@ pub enum Next {
 /// refused unprocessed, how often the same upstream refused already).
 pub fn after_failure(e: &Error, refused_here: u32) -> Next {
     match e.retry {
-        Retry::Safe if e.label == Label::Refused && refused_here < MAX_REFUSED_RETRIES => Next::Again,
+        // Refused unprocessed, or the link went away (GOAWAY) under this very
+        // stream: the same holder, on another stream or link, may serve it.
+        Retry::Safe if matches!(e.label, Label::Refused | Label::GoAway) && refused_here < MAX_REFUSED_RETRIES => {
+            Next::Again
+        }
         Retry::Safe => Next::Skip,
         Retry::Unsafe | Retry::Never => Next::Stop,
     }
