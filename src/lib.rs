@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod relay;
 pub mod route;
 pub mod runtime;
+#[cfg(feature = "tools")]
 pub mod tools;
 pub mod transport;
 pub mod wire;

@@ -218,6 +218,7 @@ impl Shard {
                     let mut cur = self.routes.borrow_mut();
                     if t.version > cur.version {
                         self.peers.retain_proxies(|p| t.proxies.contains_key(p));
+                        self.stats.route_version.set(t.version as i64);
                         *cur = t;
                         drop(cur);
                         for w in self.route_waiters.borrow_mut().drain(..) {

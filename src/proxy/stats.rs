@@ -36,6 +36,8 @@ pub struct ShardStats {
     pub peer_links: Gauge,
     /// Client edge connections accepted.
     pub client_conns: Counter,
+    /// Version of the route snapshot this shard routes by.
+    pub route_version: Gauge,
     errors: [Counter; Label::COUNT],
     codes: [Counter; 17],
 }
@@ -54,6 +56,7 @@ impl Default for ShardStats {
             tunnels: Gauge::default(),
             peer_links: Gauge::default(),
             client_conns: Counter::default(),
+            route_version: Gauge::default(),
             errors: std::array::from_fn(|_| Counter::default()),
             codes: std::array::from_fn(|_| Counter::default()),
         }

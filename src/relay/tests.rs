@@ -16,7 +16,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request};
 
-use super::call::{answer_ok, established, open, read_dial_request};
+use super::call::{answer_ok, established, open, read_dial_request, Established};
 use super::{relay, GrpcRecv, Leg};
 use crate::runtime::stats::Counter;
 use crate::transport::h2conf::H2Tuning;
@@ -71,23 +71,19 @@ fn listener() -> (TcpListener, std::net::SocketAddr) {
     (l, a)
 }
 
+/// Opens a dial for `t` at `path` on `on` (the far end is `far`).
+async fn dial(on: &h2::client::SendRequest<Bytes>, path: &'static str, t: &DialTarget, far: Side) -> Established {
+    let mut s = on.clone();
+    open(&mut s, paths::uri(path), 0, encode_msg(&t.to_frame()), far, Duration::from_secs(5)).await.unwrap()
+}
+
 /// The relay hop: what `proxy::inbound::dial` does after resolving.
 fn relay_hop(l: TcpListener, far: std::net::SocketAddr) {
     serve(l, move |req, mut respond| async move {
         let upstream = client(far).await;
         let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Client);
         let t = read_dial_request(&mut rx, Duration::from_secs(5)).await.unwrap();
-        let mut up = upstream.clone();
-        let e = open(
-            &mut up,
-            paths::uri(paths::AGENT_DIAL),
-            0,
-            encode_msg(&t.to_frame()),
-            Side::Agent,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let e = dial(&upstream, paths::AGENT_DIAL, &t, Side::Agent).await;
         let mut down = answer_ok(&mut respond, Side::Client).unwrap();
         for b in e.held {
             down.send(b).await.unwrap();
@@ -129,17 +125,7 @@ fn trailers_of_all_17_codes_pass_a_relay_hop_verbatim() {
         for code in Code::ALL {
             let n = code as u32;
             let t = DialTarget::parse(&format!("agent/{n}")).unwrap();
-            let mut s = caller.clone();
-            let e = open(
-                &mut s,
-                paths::uri(paths::PROXY_DIAL),
-                0,
-                encode_msg(&t.to_frame()),
-                Side::Proxy,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
+            let e = dial(&caller, paths::PROXY_DIAL, &t, Side::Proxy).await;
             let mut rx = e.recv;
             assert_eq!(rx.next_data().await.unwrap().as_deref(), Some(&b"payload"[..]));
             assert!(rx.next_data().await.unwrap().is_none());
@@ -172,17 +158,7 @@ fn a_caller_that_stops_reading_stops_the_far_end_within_the_windows() {
         relay_hop(rl, fa);
         let caller = client(ra).await;
         let t = DialTarget::parse("agent/source").unwrap();
-        let mut s = caller.clone();
-        let _e = open(
-            &mut s,
-            paths::uri(paths::PROXY_DIAL),
-            0,
-            encode_msg(&t.to_frame()),
-            Side::Proxy,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let _e = dial(&caller, paths::PROXY_DIAL, &t, Side::Proxy).await;
         // The caller never reads: wait until the far end is stuck.
         let mut last = usize::MAX;
         while sent.get() != last {

@@ -127,18 +127,23 @@ impl ProxyHandle {
         Self::start_with(cfg, l)
     }
 
-    /// Waits until this proxy holds `n` tunnels.
+    /// Waits until this proxy holds `n` tunnels and every shard routes by
+    /// a snapshot that lists them.
     pub fn wait_tunnels(&self, n: i64, within: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
-        while self.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>() < n {
+        loop {
+            let held = self.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>();
+            let r = self.routes();
+            let listed = r.agents.values().map(|a| a.local.len() as i64).sum::<i64>();
+            let applied = self.metrics.shards.iter().all(|s| s.route_version.get() >= r.version as i64);
+            if held >= n && listed >= n && applied {
+                return Ok(());
+            }
             if t0.elapsed() > within {
-                anyhow::bail!("agents did not connect within {within:?}");
+                anyhow::bail!("agents did not connect within {within:?} ({held} tunnels, {listed} routed)");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // Route snapshots reach the shards right after the tunnel registers.
-        std::thread::sleep(Duration::from_millis(50));
-        Ok(())
     }
 
     /// Stops the proxy and waits for it.

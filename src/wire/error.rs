@@ -287,11 +287,7 @@ impl From<super::codec::CodecError> for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.message.is_empty() {
-            f.write_str(self.code.name())
-        } else {
-            write!(f, "{}: {}", self.code.name(), self.message)
-        }
+        super::status::display(self.code, &self.message, f)
     }
 }
 

@@ -126,11 +126,16 @@ pub fn write_status(code: Code, message: &str, map: &mut HeaderMap) {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.message.is_empty() {
-            f.write_str(self.code.name())
-        } else {
-            write!(f, "{}: {}", self.code.name(), self.message)
-        }
+        display(self.code, &self.message, f)
+    }
+}
+
+/// `CODE: message` (or just `CODE`), as statuses and errors print.
+pub fn display(code: Code, message: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if message.is_empty() {
+        f.write_str(code.name())
+    } else {
+        write!(f, "{}: {message}", code.name())
     }
 }
 
