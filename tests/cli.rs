@@ -121,6 +121,8 @@ struct Cluster {
     agent: Proc,
     client: SocketAddr,
     tunnel: SocketAddr,
+    /// The proxy's admin endpoint (metrics).
+    admin: SocketAddr,
 }
 
 impl Cluster {
@@ -129,10 +131,11 @@ impl Cluster {
         let dir = certs.path();
         let echo = targets::spawn(Kind::Echo).unwrap();
         let sink = targets::spawn(Kind::Sink).unwrap();
-        let (proxy, client, tunnel) =
-            start_proxy(&write(dir, "p.toml", &proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0")));
+        let admin = common::procs::free_addr();
+        let toml = format!("admin_addr = \"{admin}\"\n{}", proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0"));
+        let (proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &toml));
         let agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
-        Cluster { certs, _targets: (echo, sink), proxy: Some(proxy), agent, client, tunnel }
+        Cluster { certs, _targets: (echo, sink), proxy: Some(proxy), agent, client, tunnel, admin }
     }
 
     fn dir(&self) -> &Path {
@@ -188,6 +191,11 @@ fn forward_multiplexes_local_connections_over_one_connection() {
     let cl = Cluster::start();
     let (dir, client) = (cl.dir(), cl.client);
     dial_until_ok("agent-1/echo", client, dir, b"up?", Duration::from_secs(10));
+    // Client connections the proxy has accepted so far (the dials above).
+    // The counter only grows, so a connection opened and closed in between
+    // is caught too.
+    let conns = || common::procs::metric(cl.admin, "ringpeer_client_connections_total").expect("admin metrics");
+    let before = conns();
     let mut fwd = Command::new(BIN)
         .args(["forward", "--listen", "127.0.0.1:0", "--to", "agent-1/echo", "--proxy", &client.to_string()])
         .args(["--certs", dir.to_str().unwrap()])
@@ -215,6 +223,9 @@ fn forward_multiplexes_local_connections_over_one_connection() {
     for h in handles {
         assert!(h.join().unwrap(), "every forwarded connection echoes intact");
     }
+    // Each echo came back through the proxy, so the connection(s) carrying
+    // them were accepted (and counted) before now.
+    assert_eq!(conns() - before, 1, "8 local connections must share one connection to the proxy");
 }
 
 #[test]

@@ -156,34 +156,55 @@ fn a_client_certificate_from_another_ca_is_refused() {
     .unwrap();
     let e = r.expect_err("a foreign CA must not connect");
     assert!(e.contains("TLS handshake"), "{e}");
-    common::eventually("refusal counted", || fleet.proxy.metrics.sum(|s| s.error_count(Label::TlsHandshake)) >= 1);
+    common::eventually("refusal counted", || common::errors(&fleet.proxy.metrics, "tls_handshake") == 1);
+    // That client refused the proxy first (it does not trust our CA). One
+    // that trusts our CA but presents the foreign certificate leaves the
+    // verdict to the proxy, which must refuse it at TLS.
+    let foreign = common::client_config_presenting(
+        fleet.dir(),
+        &other.path,
+        "client",
+        ringpeer::transport::identity::Role::Client,
+    );
+    let v = common::tls_verdict(fleet.proxy.client_addr, foreign);
+    assert!(matches!(v, common::TlsVerdict::Refused(_)), "the proxy must refuse a foreign-CA client at TLS: {v:?}");
+    common::eventually("both refusals counted", || common::errors(&fleet.proxy.metrics, "tls_handshake") == 2);
+    assert_eq!(fleet.proxy.metrics.sum(|s| s.client_conns.get()), 0);
 }
 
 #[test]
 fn an_agent_certificate_cannot_be_used_as_a_client_and_an_agent_from_another_ca_gets_no_tunnel() {
+    use common::{errors, tls_verdict, TlsVerdict};
+    use ringpeer::transport::identity::Role;
     let fleet = Fleet::start(1);
-    // A client presenting an agent certificate: wrong role.
-    let dir = fleet.dir().to_path_buf();
-    let addr = fleet.proxy.client_addr.to_string();
-    let tls = common::client_config_as(&dir, "agent-1", ringpeer::transport::identity::Role::Agent, None);
-    let r = ringpeer::runtime::block_on("wrong-role", move || async move {
-        match ringpeer::client::Client::connect(&addr, &tls, &Default::default()).await {
-            // TLS 1.3: the server's verdict on our certificate may arrive
-            // after the client considers the handshake done; the first dial
-            // then fails.
-            Ok(c) => c.dial(&t("agent-1/echo"), Duration::from_secs(2)).await.map(|_| ()).map_err(|s| s.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .unwrap();
-    assert!(r.is_err(), "an agent certificate must not dial as a client");
-    // An agent whose certificate comes from another CA never gets a tunnel.
+    let m = &fleet.proxy.metrics;
+    let tunnels = || m.shards.iter().map(|s| s.tunnels.get()).sum::<i64>();
+    assert_eq!(tunnels(), 2);
+    assert_eq!(errors(m, "tls_handshake"), 0);
+    // A client presenting an agent certificate: the client edge's TLS layer
+    // refuses it (a fatal alert, not a gRPC status on a served connection).
+    let wrong_role = common::client_config_as(fleet.dir(), "agent-1", Role::Agent, None);
+    let v = tls_verdict(fleet.proxy.client_addr, wrong_role);
+    assert!(
+        matches!(v, TlsVerdict::Refused(_)),
+        "an agent certificate must be refused at TLS on the client port: {v:?}"
+    );
+    common::eventually("the wrong-role refusal counted", || errors(m, "tls_handshake") == 1);
+    // Another CA's "agent-1", from a peer that trusts our CA (so only the
+    // proxy's verifier can refuse it): no TLS on the tunnel port.
     let other = CertDir::temp().unwrap();
+    let foreign = common::client_config_presenting(fleet.dir(), &other.path, "agent-1", Role::Agent);
+    let v = tls_verdict(fleet.proxy.tunnel_addr, foreign);
+    assert!(matches!(v, TlsVerdict::Refused(_)), "a foreign-CA agent must be refused at TLS on the tunnel port: {v:?}");
+    common::eventually("the foreign certificate's refusal counted", || errors(m, "tls_handshake") == 2);
+    // A whole agent from another CA keeps trying; watch two of its attempts
+    // being refused (the proxy counts each), and the tunnel count not move.
+    ringpeer::transport::certs::issue(&other.path, Role::Agent, "agent-9").unwrap();
     let rogue = agent_config(&other.path, "agent-9", &[fleet.proxy.tunnel_addr], &[("echo", fleet.echo.addr)]);
     let _rogue = AgentHandle::start(rogue).unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(fleet.proxy.metrics.shards.iter().map(|s| s.tunnels.get()).sum::<i64>(), 2);
-    assert!(fleet.proxy.metrics.sum(|s| s.error_count(Label::TlsHandshake)) >= 1);
+    common::eventually("two of the rogue's attempts refused", || errors(m, "tls_handshake") >= 4);
+    assert_eq!(tunnels(), 2, "the rogue agent got no tunnel");
+    assert_eq!(m.sum(|s| s.client_conns.get()), 0, "no client connection was served");
 }
 
 #[test]

@@ -74,6 +74,7 @@ fn redis_killed_and_restarted_while_streams_run_loses_nothing_and_converges() {
     let _agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[a.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     a.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    eventually("A synced with Redis", || a.routes().backend_up);
     let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<()>();
     let data = random_bytes(8 << 20);
@@ -105,12 +106,15 @@ fn redis_killed_and_restarted_while_streams_run_loses_nothing_and_converges() {
     };
     kill_rx.recv().unwrap();
     redis.kill();
-    std::thread::sleep(Duration::from_millis(500));
+    // The outage has begun for the proxy once its snapshot says so; only
+    // then does the client try a new dial and carry on with the stream.
+    eventually("A sees the backend down", || !a.routes().backend_up);
     killed_tx.send(()).unwrap();
     let (back, status) = client.join().unwrap();
     assert!(status.is_ok(), "{status}");
     assert_eq!(sha256(&back), sum, "no data lost across the outage");
     assert!(a.routes().get("agent-1").is_some_and(|r| !r.local.is_empty()), "local routes stay exact");
+    assert!(!a.routes().backend_up, "the whole stream ran while the backend was down");
     // Redis comes back empty; the proxy republishes and the backend converges.
     redis.restart();
     eventually("route republished", || {
@@ -119,6 +123,7 @@ fn redis_killed_and_restarted_while_streams_run_loses_nothing_and_converges() {
     eventually("proxy re-registered", || {
         redis::Commands::exists(&mut redis.con(), key("proxy:proxy-a")).unwrap_or(false)
     });
+    eventually("A's snapshot says the backend is back", || a.routes().backend_up);
 }
 
 #[test]

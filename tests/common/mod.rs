@@ -101,6 +101,75 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// What a TLS server decided about a client's certificate.
+#[derive(Debug)]
+pub enum TlsVerdict {
+    /// The server refused at the TLS layer: it sent a fatal alert, during
+    /// the handshake or (TLS 1.3, where the server judges the client's
+    /// certificate after the client has finished) on the first read.
+    Refused(rustls::AlertDescription),
+    /// The handshake held and the server spoke first on the connection
+    /// (HTTP/2 SETTINGS from a server, the preface from a tunnel's h2
+    /// client): the TLS layer accepted the certificate.
+    Accepted,
+    /// Anything else (our side refused the server, a close without an
+    /// alert, no answer): not a verdict on our certificate.
+    Other(String),
+}
+
+/// Handshakes with `addr` using `cfg` and reports the server's verdict. We
+/// never write: every ringpeer listener speaks first once TLS is up, so an
+/// accepted certificate shows as bytes, a refused one as an alert.
+pub fn tls_verdict(addr: SocketAddr, cfg: std::sync::Arc<rustls::ClientConfig>) -> TlsVerdict {
+    ringpeer::runtime::block_on("tls-verdict", move || async move {
+        use tokio::io::AsyncReadExt;
+        let verdict = |e: std::io::Error| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::AlertReceived(a)) => TlsVerdict::Refused(*a),
+            _ => TlsVerdict::Other(e.to_string()),
+        };
+        let tcp = match glommio::net::TcpStream::connect(addr).await {
+            Ok(t) => t,
+            Err(e) => return TlsVerdict::Other(format!("connect: {e}")),
+        };
+        let io = ringpeer::transport::io::GlommioIo::new(tcp);
+        let name = ringpeer::transport::tls::server_name("127.0.0.1");
+        let mut tls = match tokio_rustls::TlsConnector::from(cfg).connect(name, io).await {
+            Ok(t) => t,
+            Err(e) => return verdict(e),
+        };
+        let mut buf = [0u8; 64];
+        match ringpeer::runtime::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(0)) => TlsVerdict::Other("closed without an alert".into()),
+            Ok(Ok(_)) => TlsVerdict::Accepted,
+            Ok(Err(e)) => verdict(e),
+            Err(_) => TlsVerdict::Other("no answer within 10 s".into()),
+        }
+    })
+    .unwrap()
+}
+
+/// A client config that trusts `trust_dir`'s CA and checks the server as
+/// certificate `name` of `role` would, but presents `name`'s certificate
+/// from `present_dir` (e.g. a foreign CA's): a test of the server's
+/// verifier alone, since our side accepts the server.
+pub fn client_config_presenting(
+    trust_dir: &Path,
+    present_dir: &Path,
+    name: &str,
+    role: ringpeer::transport::identity::Role,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut cfg = (*client_config_as(trust_dir, name, role, None)).clone();
+    cfg.client_auth_cert_resolver = client_config_as(present_dir, name, role, None).client_auth_cert_resolver.clone();
+    std::sync::Arc::new(cfg)
+}
+
+/// Sum over shards of an error label's count.
+pub fn errors(m: &ringpeer::proxy::stats::Metrics, label: &str) -> u64 {
+    use ringpeer::wire::error::Label;
+    let l = Label::ALL.iter().find(|l| l.name() == label).unwrap_or_else(|| panic!("no error label {label}"));
+    m.sum(|s| s.error_count(*l))
+}
+
 /// A client TLS config presenting certificate `name` (of `role`) from
 /// `dir`, expecting a proxy (named `expect`, when given).
 pub fn client_config_as(

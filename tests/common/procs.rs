@@ -72,6 +72,19 @@ pub fn routes_json(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
 }
 
+/// The sum over shards of metric `name` on the admin endpoint at `admin`
+/// (`None` when unreachable or absent).
+pub fn metric(admin: SocketAddr, name: &str) -> Option<i64> {
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let prefix = format!("{name}{{");
+    let values: Vec<i64> =
+        body.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse().ok()).collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 pub fn routes_of(admin: SocketAddr, agent: &str) -> Vec<String> {
     let v = routes_json(admin);
     let r = &v["agents"][agent];
