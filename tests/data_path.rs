@@ -82,6 +82,39 @@ fn half_close_still_delivers_the_full_response() {
 }
 
 #[test]
+fn a_client_that_resets_its_dial_closes_the_agents_target_connection() {
+    // The client opens a dial, sees one echo (so the target connection is
+    // up), then resets the stream. The reset must travel proxy → agent and
+    // close the agent's connection to the target; the proxy counts it as a
+    // client cancel.
+    let fleet = Fleet::start(1);
+    let open_at_target = fleet.echo.open_counter();
+    let closed_after = fleet.client(|c| async move {
+        use std::sync::atomic::Ordering;
+        let mut d = open(&c, &t("agent-1/echo")).await.unwrap();
+        d.write(b"ping").await.unwrap();
+        let mut got = Vec::new();
+        d.read_exact(&mut got, 4).await.unwrap();
+        assert_eq!(got, b"ping");
+        assert_eq!(open_at_target.load(Ordering::Relaxed), 1);
+        // Reset only this stream; the client's connection stays up, so only
+        // the RST_STREAM can close the target connection.
+        d.cancel();
+        let t0 = std::time::Instant::now();
+        while open_at_target.load(Ordering::Relaxed) > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the target connection stayed open after the reset");
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        t0.elapsed()
+    });
+    eprintln!("the target connection closed {closed_after:?} after the client's reset");
+    assert!(closed_after < Duration::from_secs(1), "{closed_after:?}");
+    common::eventually("the proxy counted a client cancel", || {
+        fleet.proxy.metrics.sum(|s| s.error_count(Label::Cancelled)) == 1
+    });
+}
+
+#[test]
 fn dial_errors_are_grpc_statuses_with_clear_messages() {
     let fleet = Fleet::start(1);
     let errs = fleet.client(|c| async move {

@@ -12,6 +12,9 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use crate::runtime::listeners::bind_group;
 use crate::runtime::{spawn_executor, Shutdown};
 
@@ -28,8 +31,21 @@ pub enum Kind {
 pub struct Target {
     /// Its address.
     pub addr: SocketAddr,
+    open: Arc<AtomicUsize>,
     shutdown: Shutdown,
     join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Target {
+    /// Connections open at the target now.
+    pub fn open_conns(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A live view of [`open_conns`](Self::open_conns), for other threads.
+    pub fn open_counter(&self) -> Arc<AtomicUsize> {
+        self.open.clone()
+    }
 }
 
 impl Drop for Target {
@@ -72,6 +88,8 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
     let addr = l.local_addr()?;
     let shutdown = Shutdown::new();
     let sd = shutdown.clone();
+    let open = Arc::new(AtomicUsize::new(0));
+    let count = open.clone();
     let join = spawn_executor(&format!("target-{kind:?}"), None, move || async move {
         // SAFETY: a bound, listening socket we own.
         let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
@@ -83,14 +101,20 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
             .await;
             match r {
                 Some(Ok(s)) => {
-                    glommio::spawn_local(serve_conn(kind, s)).detach();
+                    let count = count.clone();
+                    count.fetch_add(1, Ordering::Relaxed);
+                    glommio::spawn_local(async move {
+                        serve_conn(kind, s).await;
+                        count.fetch_sub(1, Ordering::Relaxed);
+                    })
+                    .detach();
                 }
                 Some(Err(_)) => continue,
                 None => return,
             }
         }
     })?;
-    Ok(Target { addr, shutdown, join: Some(join) })
+    Ok(Target { addr, open, shutdown, join: Some(join) })
 }
 
 /// A plain blocking echo server (one thread per connection), the reference
