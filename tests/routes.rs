@@ -240,6 +240,43 @@ fn routes_written_by_a_plain_redis_client_are_used_and_garbage_is_skipped() {
 }
 
 #[test]
+fn keys_of_the_wrong_type_are_skipped_and_never_stop_sync() {
+    // Before any proxy starts, every kind of route key holds the wrong type.
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let _: () = redis::cmd("HSET").arg(key("proxy:bogus")).arg("f").arg("v").query(&mut con).unwrap();
+    let _: () = redis::cmd("SET").arg(key("agent:ghost")).arg("not a hash").query(&mut con).unwrap();
+    let _: () = redis::cmd("SET").arg(key("agent:agent-1")).arg("not a hash either").query(&mut con).unwrap();
+    let _: () = redis::cmd("HSET").arg(key("strategy")).arg("f").arg("v").query(&mut con).unwrap();
+    let _: () = redis::cmd("SET").arg(key("events")).arg("x").query(&mut con).unwrap();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 10_000);
+    let b = redis_proxy(&certs, &redis, "proxy-b", 10_000);
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    // Sync works: B's tunnel reaches A through Redis, and a dial follows it.
+    eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
+    assert!(a.routes().backend_up && b.routes().backend_up);
+    let back = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
+        echo_roundtrip(&c, &t("agent-1/echo"), b"through garbage").await
+    });
+    assert_eq!(back.unwrap(), b"through garbage");
+    // The keys the proxies write were set aside (kept for inspection), the
+    // others left alone; the reader of the backend lists what is valid.
+    let kind = |k: &str| -> String { redis::cmd("TYPE").arg(key(k)).query(&mut redis.con()).unwrap() };
+    assert_eq!(kind("events"), "stream");
+    assert_eq!(kind("agent:agent-1"), "hash");
+    assert_eq!(kind("proxy:bogus"), "hash", "a key no proxy writes is skipped, not touched");
+    let aside: Vec<String> = redis::cmd("KEYS").arg(key("*:bad:*")).query(&mut redis.con()).unwrap();
+    assert_eq!(aside.len(), 2, "{aside:?}");
+    let factory = ringpeer::route::redis::RedisFactory::new(&redis.url(), "demo", 10_000).unwrap();
+    let mut store = ringpeer::route::store::StoreFactory::connect(&factory).unwrap();
+    let listed = ringpeer::tools::routes::list(&mut *store, false).unwrap();
+    assert!(listed.contains("agent-1"), "{listed}");
+}
+
+#[test]
 fn a_trimmed_event_stream_forces_a_full_resync_that_converges() {
     let redis = Redis::start();
     let certs = CertDir::temp().unwrap();

@@ -9,6 +9,11 @@
 //! go out in one MULTI/EXEC; trimming past a reader's cursor is detected from
 //! `XINFO STREAM` (oldest surviving entry, last generated id, and
 //! `max-deleted-entry-id` where Redis has it).
+//! - Bad data never stops sync. A key of the wrong type or an undecodable
+//!   value is skipped (and reported once by the control thread). An `events`
+//!   key that is not a stream would break every write and read, so it is
+//!   renamed aside to `events:bad:<ms>` (kept for inspection, one log line)
+//!   and a fresh stream starts; readers then resync from a full load.
 
 use std::time::Duration;
 
@@ -60,7 +65,53 @@ pub struct RedisStore {
     maxlen: usize,
 }
 
+/// Whether a Redis error is about the data (wrong type, bad reply), as
+/// opposed to the connection: data errors skip a key, connection errors end
+/// the operation (and the control thread reconnects).
+fn data_error(e: &redis::RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal())
+}
+
 impl RedisStore {
+    /// Renames `key` aside when it exists with another type than `want`;
+    /// true when it did.
+    fn repair(&mut self, key: &str, want: &str) -> anyhow::Result<bool> {
+        let kind: String = redis::cmd("TYPE").arg(key).query(&mut self.con)?;
+        if kind == want || kind == "none" {
+            return Ok(false);
+        }
+        let aside = format!("{key}:bad:{}", super::model::now_ms());
+        redis::cmd("RENAME").arg(key).arg(&aside).query::<()>(&mut self.con)?;
+        tracing::warn!(key, kind, want, aside, "a route key had the wrong type; renamed it aside");
+        Ok(true)
+    }
+
+    /// Renames a non-stream `events` key aside; true when it did.
+    fn repair_events(&mut self) -> anyhow::Result<bool> {
+        let key = self.key("events");
+        self.repair(&key, "stream")
+    }
+
+    /// Runs a write pipeline. When it fails on data (a key of the wrong
+    /// type: `events`, or `also` with its expected type), repairs what was
+    /// wrong and runs it once more.
+    fn exec(&mut self, p: &redis::Pipeline, also: Option<(&str, &str)>) -> anyhow::Result<()> {
+        match p.query::<()>(&mut self.con) {
+            Ok(()) => Ok(()),
+            Err(e) if data_error(&e) => {
+                let mut repaired = self.repair_events()?;
+                if let Some((key, want)) = also {
+                    repaired |= self.repair(key, want)?;
+                }
+                if !repaired {
+                    return Err(e.into());
+                }
+                Ok(p.query::<()>(&mut self.con)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn key(&self, k: &str) -> String {
         format!("{}{k}", self.prefix)
     }
@@ -143,36 +194,34 @@ impl RouteStore for RedisStore {
             .arg(ttl.as_millis() as u64)
             .ignore();
         self.xadd(&mut p, &Event::ProxyUp { info: info.clone(), ttl_ms: ttl.as_millis() as u64 });
-        p.query::<()>(&mut self.con)?;
-        Ok(())
+        self.exec(&p, None)
     }
 
     fn remove_proxy(&mut self, id: &str) -> anyhow::Result<()> {
         let mut p = redis::pipe();
         p.atomic().cmd("DEL").arg(self.key(&format!("proxy:{id}"))).ignore();
         self.xadd(&mut p, &Event::ProxyDown { proxy: id.to_string() });
-        p.query::<()>(&mut self.con)?;
-        Ok(())
+        self.exec(&p, None)
     }
 
     fn put_route(&mut self, agent: &str, route: &AgentRoute, announce: bool) -> anyhow::Result<()> {
         let mut p = redis::pipe();
-        p.atomic().cmd("HSET").arg(self.key(&format!("agent:{agent}"))).arg(&route.proxy).arg(route.encode()).ignore();
+        let key = self.key(&format!("agent:{agent}"));
+        p.atomic().cmd("HSET").arg(&key).arg(&route.proxy).arg(route.encode()).ignore();
         if announce {
             self.xadd(&mut p, &Event::AgentUp { agent: agent.to_string(), route: route.clone() });
         }
-        p.query::<()>(&mut self.con)?;
-        Ok(())
+        self.exec(&p, Some((&key, "hash")))
     }
 
     fn remove_route(&mut self, agent: &str, proxy: &str, announce: bool) -> anyhow::Result<()> {
         let mut p = redis::pipe();
-        p.atomic().cmd("HDEL").arg(self.key(&format!("agent:{agent}"))).arg(proxy).ignore();
+        let key = self.key(&format!("agent:{agent}"));
+        p.atomic().cmd("HDEL").arg(&key).arg(proxy).ignore();
         if announce {
             self.xadd(&mut p, &Event::AgentDown { agent: agent.to_string(), proxy: proxy.to_string() });
         }
-        p.query::<()>(&mut self.con)?;
-        Ok(())
+        self.exec(&p, Some((&key, "hash")))
     }
 
     fn seed_strategy(&mut self, s: Strategy) -> anyhow::Result<Strategy> {
@@ -182,38 +231,54 @@ impl RouteStore for RedisStore {
             // We seeded it: announce, so every proxy learns it at once.
             let mut p = redis::pipe();
             self.xadd(&mut p, &Event::Strategy(s));
-            p.query::<()>(&mut self.con)?;
+            self.exec(&p, None)?;
             return Ok(s);
         }
-        let cur: Vec<u8> = self.con.get(&key)?;
-        Ok(Strategy::decode(&cur)?)
+        match self.con.get::<_, Vec<u8>>(&key) {
+            Ok(cur) => Ok(Strategy::decode(&cur)?),
+            Err(e) if data_error(&e) => {
+                tracing::warn!(key, error = %e, "the strategy key holds garbage; using this proxy's configured strategy");
+                Ok(s)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn set_strategy(&mut self, s: Strategy) -> anyhow::Result<()> {
         let mut p = redis::pipe();
         p.atomic().cmd("SET").arg(self.key("strategy")).arg(s.encode()).ignore();
         self.xadd(&mut p, &Event::Strategy(s));
-        p.query::<()>(&mut self.con)?;
-        Ok(())
+        self.exec(&p, None)
     }
 
     fn load(&mut self) -> anyhow::Result<Loaded> {
         let mut l = Loaded::default();
-        let last: Vec<(String, Value)> = redis::cmd("XREVRANGE")
-            .arg(self.key("events"))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query::<Vec<Value>>(&mut self.con)?
-            .into_iter()
-            .filter_map(|e| redis::from_redis_value::<(String, Value)>(&e).ok())
-            .collect();
+        let newest = |con: &mut Connection, key: &str| {
+            redis::cmd("XREVRANGE").arg(key).arg("+").arg("-").arg("COUNT").arg(1).query::<Vec<Value>>(con)
+        };
+        let key = self.key("events");
+        let newest = match newest(&mut self.con, &key) {
+            Err(e) if data_error(&e) && self.repair_events()? => newest(&mut self.con, &key)?,
+            r => r?,
+        };
+        let last: Vec<(String, Value)> =
+            newest.into_iter().filter_map(|e| redis::from_redis_value::<(String, Value)>(&e).ok()).collect();
         l.cursor = last.first().and_then(|(id, _)| StreamId::parse(id)).unwrap_or_default();
         let plen = self.prefix.len();
         for key in self.scan(&format!("{}proxy:*", self.prefix))? {
-            let (val, pttl): (Option<Vec<u8>>, i64) =
-                redis::pipe().get(&key).cmd("PTTL").arg(&key).query(&mut self.con)?;
+            let got: Result<(Option<Vec<u8>>, i64), _> =
+                redis::pipe().get(&key).cmd("PTTL").arg(&key).query(&mut self.con);
+            let (val, pttl) = match got {
+                Ok(v) => v,
+                Err(e) if data_error(&e) => {
+                    l.skipped.push((
+                        key[plen..].to_string(),
+                        super::model::BadValue { what: "ProxyRecord", why: e.to_string() },
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let (Some(val), true) = (val, pttl > 0) else { continue };
             match ProxyInfo::decode(&val) {
                 Ok(p) => l.proxies.push((p, Duration::from_millis(pttl as u64))),
@@ -224,6 +289,7 @@ impl RouteStore for RedisStore {
             let agent = key[plen + "agent:".len()..].to_string();
             let fields: Vec<(String, Vec<u8>)> = match self.con.hgetall(&key) {
                 Ok(f) => f,
+                Err(e) if !data_error(&e) => return Err(e.into()),
                 Err(e) => {
                     l.skipped.push((
                         key[plen..].to_string(),
@@ -241,7 +307,15 @@ impl RouteStore for RedisStore {
             }
             l.agents.push((agent, routes));
         }
-        let strategy: Option<Vec<u8>> = self.con.get(self.key("strategy"))?;
+        let strategy: Option<Vec<u8>> = match self.con.get(self.key("strategy")) {
+            Ok(v) => v,
+            Err(e) if data_error(&e) => {
+                l.skipped
+                    .push(("strategy".into(), super::model::BadValue { what: "TunnelStrategy", why: e.to_string() }));
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         l.strategy = match strategy.map(|b| Strategy::decode(&b)) {
             Some(Ok(s)) => Some(s),
             Some(Err(e)) => {
@@ -258,7 +332,7 @@ impl RouteStore for RedisStore {
             return Ok(Read::Trimmed);
         }
         self.con.set_read_timeout(Some(block + IO_TIMEOUT))?;
-        let r: Value = redis::cmd("XREAD")
+        let r: redis::RedisResult<Value> = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(10_000)
             .arg("BLOCK")
@@ -266,8 +340,13 @@ impl RouteStore for RedisStore {
             .arg("STREAMS")
             .arg(self.key("events"))
             .arg(after.to_string())
-            .query(&mut self.con)?;
+            .query(&mut self.con);
         self.con.set_read_timeout(Some(IO_TIMEOUT))?;
+        let r = match r {
+            // Not a stream: repaired, and what this reader had is gone.
+            Err(e) if data_error(&e) && self.repair_events()? => return Ok(Read::Trimmed),
+            r => r?,
+        };
         let reply: Option<redis::streams::StreamReadReply> = redis::from_redis_value(&r).ok();
         let Some(reply) = reply.filter(|r| !r.keys.is_empty()) else { return Ok(Read::Timeout) };
         let mut out = Vec::new();

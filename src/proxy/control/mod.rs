@@ -114,6 +114,49 @@ struct ControlLoop {
     pending: Affected,
     /// The last published snapshot.
     table: Arc<RouteTable>,
+    /// Bad backend data: reported in one line, again only when the set of
+    /// bad keys changes or after [`BAD_DATA_LOG_EVERY`].
+    bad_data: BadDataLog,
+}
+
+/// How often the same bad backend data is reported again.
+pub const BAD_DATA_LOG_EVERY: Duration = Duration::from_secs(300);
+
+/// The rate limit of the bad-data log line.
+#[derive(Default)]
+struct BadDataLog {
+    keys: Vec<String>,
+    at: Option<Instant>,
+    events: u64,
+}
+
+impl BadDataLog {
+    /// Reports the keys a full load skipped, when they are news.
+    fn loaded(&mut self, skipped: &[(String, crate::route::model::BadValue)], now: Instant) {
+        let keys: Vec<String> = skipped.iter().map(|(k, _)| k.clone()).collect();
+        let stale = self.at.is_none_or(|t| now.duration_since(t) >= BAD_DATA_LOG_EVERY);
+        if !keys.is_empty() && (keys != self.keys || stale) {
+            let (key, e) = &skipped[0];
+            tracing::error!(
+                count = keys.len(),
+                first = key,
+                error = %e,
+                keys = ?keys.iter().take(8).collect::<Vec<_>>(),
+                "skipping backend values that do not decode or have the wrong type; sync goes on"
+            );
+            self.at = Some(now);
+        }
+        self.keys = keys;
+    }
+
+    /// Reports an undecodable event, at most once per period.
+    fn event(&mut self, id: &dyn std::fmt::Display, e: &crate::route::model::BadValue, now: Instant) {
+        self.events += 1;
+        if self.at.is_none_or(|t| now.duration_since(t) >= BAD_DATA_LOG_EVERY) {
+            tracing::error!(id = %id, error = %e, skipped_so_far = self.events, "skipping route events that do not decode");
+            self.at = Some(now);
+        }
+    }
 }
 
 impl ControlLoop {
@@ -136,6 +179,7 @@ impl ControlLoop {
             version: 0,
             pending: Affected { all: true, ..Default::default() },
             table: Arc::default(),
+            bad_data: BadDataLog::default(),
         }
     }
 
@@ -210,9 +254,7 @@ impl ControlLoop {
         let now = Instant::now();
         match msg {
             FromReader::Loaded(l) => {
-                for (key, e) in &l.skipped {
-                    tracing::error!(key, error = %e, "skipping a value under our keys that does not decode");
-                }
+                self.bad_data.loaded(&l.skipped, now);
                 if !self.reader_up {
                     tracing::info!(
                         proxy = self.opts.me.id,
@@ -239,7 +281,7 @@ impl ControlLoop {
                             let a = self.view.apply(e, now);
                             self.pending.merge(a);
                         }
-                        Err(e) => tracing::error!(id = %id, error = %e, "skipping an event that does not decode"),
+                        Err(e) => self.bad_data.event(&id, &e, now),
                     }
                 }
             }
