@@ -257,7 +257,7 @@ fn keys_of_the_wrong_type_are_skipped_and_never_stop_sync() {
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
     // Sync works: B's tunnel reaches A through Redis, and a dial follows it.
     eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
-    assert!(a.routes().backend_up && b.routes().backend_up);
+    eventually("both proxies see the backend up", || a.routes().backend_up && b.routes().backend_up);
     let back = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
         echo_roundtrip(&c, &t("agent-1/echo"), b"through garbage").await
     });

@@ -74,14 +74,18 @@ fn data_error(e: &redis::RedisError) -> bool {
 
 impl RedisStore {
     /// Renames `key` aside when it exists with another type than `want`;
-    /// true when it did.
+    /// true when it did. Check and rename are one script, so two proxies
+    /// repairing at once cannot rename aside the fresh key the first one
+    /// already wrote (both keys share the cluster hash tag).
     fn repair(&mut self, key: &str, want: &str) -> anyhow::Result<bool> {
-        let kind: String = redis::cmd("TYPE").arg(key).query(&mut self.con)?;
-        if kind == want || kind == "none" {
+        const SCRIPT: &str = "local t = redis.call('TYPE', KEYS[1]).ok \
+            if t == ARGV[1] or t == 'none' then return '' end \
+            redis.call('RENAME', KEYS[1], KEYS[2]) return t";
+        let aside = format!("{key}:bad:{}", super::model::now_ms());
+        let kind: String = redis::cmd("EVAL").arg(SCRIPT).arg(2).arg(key).arg(&aside).arg(want).query(&mut self.con)?;
+        if kind.is_empty() {
             return Ok(false);
         }
-        let aside = format!("{key}:bad:{}", super::model::now_ms());
-        redis::cmd("RENAME").arg(key).arg(&aside).query::<()>(&mut self.con)?;
         tracing::warn!(key, kind, want, aside, "a route key had the wrong type; renamed it aside");
         Ok(true)
     }
