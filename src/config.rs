@@ -107,6 +107,12 @@ pub struct ProxyConfig {
     /// one black-holed peer leaves time to try the next.
     #[serde(default = "default_peer_connect_timeout")]
     pub peer_connect_timeout_ms: u64,
+    /// How long a peer may take to answer a dial's headers, ms. A proxy
+    /// answers them as soon as it has read the `DialRequest`, so a peer that
+    /// does not is frozen: it is skipped (and marked suspect) and the dial
+    /// goes to another holder within its deadline.
+    #[serde(default = "default_peer_answer_timeout")]
+    pub peer_answer_timeout_ms: u64,
     /// TLS files.
     pub tls: TlsFiles,
     /// Route backend.
@@ -131,6 +137,9 @@ fn default_dial_timeout() -> u64 {
 }
 fn default_peer_connect_timeout() -> u64 {
     1_000
+}
+fn default_peer_answer_timeout() -> u64 {
+    500
 }
 fn yes() -> bool {
     true
@@ -206,8 +215,8 @@ impl ProxyConfig {
         if self.backend.proxy_ttl_ms < 300 || self.backend.resync_interval_ms < 100 || self.backend.events_maxlen == 0 {
             bail!("backend.proxy_ttl_ms must be >= 300, resync_interval_ms >= 100, events_maxlen >= 1");
         }
-        if self.dial_timeout_ms == 0 || self.peer_connect_timeout_ms == 0 {
-            bail!("dial_timeout_ms and peer_connect_timeout_ms must be > 0");
+        if self.dial_timeout_ms == 0 || self.peer_connect_timeout_ms == 0 || self.peer_answer_timeout_ms == 0 {
+            bail!("dial_timeout_ms, peer_connect_timeout_ms and peer_answer_timeout_ms must be > 0");
         }
         self.h2.validate().map_err(anyhow::Error::msg)
     }

@@ -310,10 +310,19 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
         let m = format!("service {service} at {addr} on agent {:?}: {e}", ctx.id);
         Error::unavailable(Side::Target, Retry::Safe, Label::TargetConnect, m)
     };
-    let tcp = match timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return answer_error(respond, &unavailable(&e)),
-        Err(_) => return answer_error(respond, &unavailable(&"connect timed out")),
+    // A dial the proxy resets (its client left) stops connecting at once.
+    let reset = async {
+        let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+        None
+    };
+    let tcp = match or(async { Some(timeout(ctx.connect_timeout, connect).await) }, reset).await {
+        Some(Ok(Ok(t))) => t,
+        Some(Ok(Err(e))) => return answer_error(respond, &unavailable(&e)),
+        Some(Err(_)) => return answer_error(respond, &unavailable(&"connect timed out")),
+        None => {
+            tracing::debug!(agent = ctx.id, service, "dial reset before the target connected");
+            return;
+        }
     };
     let (inp, out) = match split_tcp(tcp) {
         Ok(v) => v,

@@ -71,6 +71,8 @@ pub struct ProxyShared {
     pub dial_timeout: Duration,
     /// Peer connect deadline (capped by what is left of the dial's).
     pub peer_connect_timeout: Duration,
+    /// How long a peer may take to answer a dial's headers.
+    pub peer_answer_timeout: Duration,
     /// TLS acceptor for the client edge (clients only).
     pub client_tls: TlsAcceptor,
     /// TLS acceptor for agent tunnels (agents only).

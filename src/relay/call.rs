@@ -65,6 +65,23 @@ pub async fn open(
     far: Side,
     deadline: Duration,
 ) -> Result<Established, Error> {
+    open_bounded(send, uri, hops, first, far, deadline, deadline).await
+}
+
+/// [`open`], where the callee must also answer the request headers within
+/// `headers_within` (a proxy answers them as soon as it has read the
+/// `DialRequest`). A callee that does not is frozen or black-holed:
+/// the error is retry-safe with label `unresponsive`, so failover moves on
+/// with the rest of the deadline.
+pub async fn open_bounded(
+    send: &mut SendRequest<Bytes>,
+    uri: &Uri,
+    hops: u8,
+    first: Bytes,
+    far: Side,
+    headers_within: Duration,
+    deadline: Duration,
+) -> Result<Established, Error> {
     let fut = async {
         poll_fn(|cx| send.poll_ready(cx)).await.map_err(|e| closed(far, &e))?;
         let mut req = Request::new(());
@@ -79,7 +96,13 @@ pub async fn open(
         let (resp, tx) = send.send_request(req, false).map_err(|e| closed(far, &e))?;
         let mut tx = GrpcSend::request(tx, far);
         tx.send_now(first)?;
-        let resp = resp.await.map_err(|e| closed(far, &e))?;
+        let resp = match timeout(headers_within, resp).await {
+            Ok(r) => r.map_err(|e| closed(far, &e))?,
+            Err(_) => {
+                let m = format!("the {} did not answer the dial within {headers_within:?}", far.name());
+                return Err(Error::unavailable(far, Retry::Safe, Label::Unresponsive, m));
+            }
+        };
         if resp.status() != 200 {
             let m = format!("the {} answered HTTP {}", far.name(), resp.status());
             return Err(Error::unavailable(far, Retry::Safe, Label::NotEstablished, m));

@@ -37,6 +37,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         pin_cpus: false,
         dial_timeout_ms: 10_000,
         peer_connect_timeout_ms: 1_000,
+        peer_answer_timeout_ms: 500,
         tls: TlsFiles::in_dir(dir, id),
         backend: BackendConfig::default(),
         strategy: Default::default(),

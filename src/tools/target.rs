@@ -32,6 +32,7 @@ pub struct Target {
     /// Its address.
     pub addr: SocketAddr,
     open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     shutdown: Shutdown,
     join: Option<glommio::ExecutorJoinHandle<()>>,
 }
@@ -40,6 +41,11 @@ impl Target {
     /// Connections open at the target now.
     pub fn open_conns(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted since the start.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// A live view of [`open_conns`](Self::open_conns), for other threads.
@@ -89,7 +95,8 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
     let shutdown = Shutdown::new();
     let sd = shutdown.clone();
     let open = Arc::new(AtomicUsize::new(0));
-    let count = open.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (count, total) = (open.clone(), accepted.clone());
     let join = spawn_executor(&format!("target-{kind:?}"), None, move || async move {
         // SAFETY: a bound, listening socket we own.
         let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
@@ -103,6 +110,7 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
                 Some(Ok(s)) => {
                     let count = count.clone();
                     count.fetch_add(1, Ordering::Relaxed);
+                    total.fetch_add(1, Ordering::Relaxed);
                     glommio::spawn_local(async move {
                         serve_conn(kind, s).await;
                         count.fetch_sub(1, Ordering::Relaxed);
@@ -114,7 +122,7 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
             }
         }
     })?;
-    Ok(Target { addr, open, shutdown, join: Some(join) })
+    Ok(Target { addr, open, accepted, shutdown, join: Some(join) })
 }
 
 /// A plain blocking echo server (one thread per connection), the reference

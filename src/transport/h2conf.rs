@@ -151,24 +151,59 @@ async fn keepalive(pp: Option<PingPong>, t: &H2Tuning) -> &'static str {
 /// Longest a server connection drains after GOAWAY before it is closed.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Counts a server connection's open streams, for the idle timeout.
+/// Streams the peer may reset per second on one connection, before they
+/// were established, until it is told to calm down (GOAWAY
+/// ENHANCE_YOUR_CALM). The HTTP/2 rapid-reset attack opens and resets
+/// streams as fast as it can, each costing us a dial's set-up and, without
+/// this bound, a shard busy forever. Only premature resets count (as in
+/// Envoy's premature-reset check): a client that drops established streams
+/// early, which multiplexing clients do all the time, never trips it.
+pub const MAX_RESETS_PER_SEC: u32 = 200;
+
+#[derive(Default)]
+struct ActiveInner {
+    open: Cell<usize>,
+    resets: Cell<u32>,
+    window: Cell<Option<Instant>>,
+    calm: Signal,
+}
+
+/// A server connection's open streams (for the idle timeout) and the
+/// streams its peer reset (for the rapid-reset bound).
 #[derive(Clone, Default)]
-pub struct ActiveStreams(Rc<Cell<usize>>);
+pub struct ActiveStreams(Rc<ActiveInner>);
 
 /// Held while a stream is open.
-pub struct StreamGuard(Rc<Cell<usize>>);
+pub struct StreamGuard(Rc<ActiveInner>);
 
 impl ActiveStreams {
     /// Marks a stream open until the guard drops.
     pub fn enter(&self) -> StreamGuard {
-        self.0.set(self.0.get() + 1);
+        self.0.open.set(self.0.open.get() + 1);
         StreamGuard(self.0.clone())
+    }
+
+    /// Counts a stream the peer reset (or cancelled) before it was
+    /// established.
+    /// Over [`MAX_RESETS_PER_SEC`] in one second, the connection is ended
+    /// with GOAWAY ENHANCE_YOUR_CALM.
+    pub fn reset_by_peer(&self) {
+        let now = Instant::now();
+        let fresh = self.0.window.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if fresh {
+            self.0.window.set(Some(now));
+            self.0.resets.set(0);
+        }
+        self.0.resets.set(self.0.resets.get() + 1);
+        if self.0.resets.get() > MAX_RESETS_PER_SEC {
+            self.0.calm.trigger();
+        }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.open.set(self.0.open.get() - 1);
     }
 }
 
@@ -190,6 +225,7 @@ where
 {
     let mut ka = pin!(keepalive(conn.ping_pong(), t));
     let mut stop = pin!(stop.wait());
+    let mut calm = pin!(active.0.calm.wait());
     let mut draining = false;
     let idle = Duration::from_millis(t.idle_timeout_ms);
     let mut idle_since = Instant::now();
@@ -200,6 +236,7 @@ where
             Req(R),
             Dead(&'static str),
             Stop,
+            Calm,
             Tick,
         }
         let ev = poll_fn(|cx| {
@@ -211,6 +248,9 @@ where
             }
             if !draining && stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Stop);
+            }
+            if calm.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Calm);
             }
             if draining && drain_deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Dead("drain_timeout"));
@@ -225,6 +265,10 @@ where
             Ev::Req(Some(Ok((req, respond)))) => on_request(req, respond),
             Ev::Req(Some(Err(e))) => {
                 tracing::debug!(error = %e, "h2 server connection error");
+                // h2's own bound on streams reset before we accepted them.
+                if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) && !e.is_remote() {
+                    return "reset_flood";
+                }
                 return "h2_error";
             }
             Ev::Req(None) => return if draining { "drained" } else { "closed" },
@@ -232,13 +276,20 @@ where
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 return why;
             }
+            Ev::Calm => {
+                tracing::warn!(limit = MAX_RESETS_PER_SEC, "peer reset too many streams; GOAWAY ENHANCE_YOUR_CALM");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                // Flush the GOAWAY, then end the connection.
+                let _ = crate::runtime::timeout(Duration::from_millis(100), poll_fn(|cx| conn.poll_closed(cx))).await;
+                return "reset_flood";
+            }
             Ev::Stop => {
                 conn.graceful_shutdown();
                 draining = true;
                 drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
             }
             Ev::Tick => {
-                if active.0.get() > 0 {
+                if active.0.open.get() > 0 {
                     idle_since = Instant::now();
                 } else if idle_since.elapsed() >= idle && !draining {
                     conn.graceful_shutdown();

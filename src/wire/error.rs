@@ -110,6 +110,8 @@ labels! {
     TunnelGone => "tunnel_gone",
     PeerUnreachable => "peer_unreachable",
     PeerBackoff => "peer_backoff",
+    Unresponsive => "unresponsive",
+    ResetFlood => "reset_flood",
     TargetConnect => "target_connect",
     TargetIo => "target_io",
     Connect => "connect",

@@ -5,8 +5,13 @@
 //! 2. **authorize**: a hook, allow-all for now (grants come later);
 //! 3. **resolve**: the ordered upstreams ([`outbound::plan`]);
 //! 4. **open**: [`outbound::open`] tries them with failover;
-//! 5. **relay**: answer 200 and move bytes verbatim until the upstream's
-//!    trailers (forwarded as received) or the first failure.
+//! 5. **relay**: move bytes verbatim until the upstream's trailers
+//!    (forwarded as received) or the first failure.
+//!
+//! The 200 headers go out between 3 and 4, as soon as the dial is known to
+//! be routable: a peer proxy bounds the time to them to detect a frozen
+//! proxy (`peer_answer_timeout_ms`), which must not include the time the
+//! agent takes to connect its target.
 //!
 //! Invariants: only this module answers the caller; a failed dial is
 //! answered once, with its error's trailers, and counted under its label
@@ -15,6 +20,7 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
+use futures_lite::future::or;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::Request;
@@ -23,7 +29,8 @@ use super::Edge;
 use crate::proxy::outbound::{self, Opened};
 use crate::proxy::shard::Shard;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, HOPS_HEADER};
-use crate::relay::{relay, GrpcRecv, Leg, Sink};
+use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
+use crate::transport::h2conf::ActiveStreams;
 use crate::transport::identity::SpiffeId;
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -38,12 +45,18 @@ pub fn fail(shard: &Shard, respond: SendResponse<Bytes>, e: &Error) {
     answer_error(respond, e);
 }
 
+/// Whether the caller ended the call by resetting or cancelling it.
+fn caller_reset(e: &Error) -> bool {
+    e.side == Side::Client && matches!(e.label, Label::Cancelled | Label::StreamReset)
+}
+
 /// Handles one request on a client or peer connection.
 pub async fn handle(
     shard: Rc<Shard>,
     caller: &SpiffeId,
+    conn: &ActiveStreams,
     req: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
     edge: Edge,
 ) {
     if edge == Edge::Peer && req.uri().path() == paths::PEER_PING {
@@ -52,7 +65,12 @@ pub async fn handle(
     shard.stats.dials.inc();
     let (target, mut recv) = match decode(&shard, req, edge).await {
         Ok(v) => v,
-        Err(e) => return fail(&shard, respond, &e),
+        Err(e) => {
+            if caller_reset(&e) {
+                conn.reset_by_peer();
+            }
+            return fail(&shard, respond, &e);
+        }
     };
     if let Err(e) = authorize(caller, &target) {
         return fail(&shard, respond, &e);
@@ -61,13 +79,34 @@ pub async fn handle(
     if plan.is_empty() {
         return fail(&shard, respond, &no_route(&target.agent, edge));
     }
+    // Answer the headers now: a peer proxy's failover bounds the time to
+    // this answer, so a live proxy must give it before the (possibly slow)
+    // upstream connects. Failures from here on end with trailers.
+    let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
+    let Ok(mut down) = answer_ok(&mut respond, far) else { return };
     let first = encode_msg(&target.to_frame());
-    let opened = match outbound::open(&shard, &plan, &target.agent, first, shard.shared.dial_timeout).await {
+    // A caller that resets while the upstream is being opened cancels the
+    // opening: dropping it resets the upstream stream in turn, so the agent
+    // stops before (or right after) it connects the target.
+    let open = outbound::open(&shard, &plan, &target.agent, first, shard.shared.dial_timeout);
+    let opened = or(open, async {
+        let r = down.reset_by_peer().await;
+        Err(Error::cancelled(format!("the caller reset the dial ({r:?}) before it was established")))
+    })
+    .await;
+    let opened = match opened {
         Ok(o) => o,
-        Err(e) => return fail(&shard, respond, &e),
+        Err(e) => {
+            if caller_reset(&e) {
+                conn.reset_by_peer();
+            }
+            shard.stats.dials_failed.inc();
+            shard.stats.failed(&e);
+            return Sink::fail(&mut down, &e).await;
+        }
     };
     let rest = recv.decoder().take_rest();
-    relay_to_caller(&shard, opened, recv, rest, respond).await
+    relay_to_caller(&shard, opened, recv, rest, down).await
 }
 
 /// Step 1: the method, the hop count and the `DialRequest`.
@@ -120,12 +159,8 @@ fn no_route(agent: &str, edge: Edge) -> Error {
 }
 
 /// Step 5: answers the caller and relays until the call ends.
-async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut respond: SendResponse<Bytes>) {
+async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut down: GrpcSend) {
     let Opened { mut send, recv: mut up_recv, held, slot: _slot } = o;
-    let Ok(mut down) = answer_ok(&mut respond, Side::Client) else {
-        send.fail(&Error::cancelled("the caller went away")).await;
-        return;
-    };
     let _open = shard.streams.enter();
     let _gauge = StreamGauge::new(shard);
     let start = async {
@@ -152,6 +187,8 @@ async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Byt
             Err(e)
         }
     };
+    // A reset after establishment is an ordinary cancel (a client dropping
+    // a finished stream early): it is not counted against the connection.
     if let Err(e) = r {
         stats.error(e.label);
     }

@@ -101,10 +101,10 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let active = ActiveStreams::default();
     let serving = serve(conn, h2cfg, &shard.stopping, &active, false, |req, respond| {
         let guard = active.enter();
-        let (shard, caller) = (shard.clone(), caller.clone());
+        let (shard, caller, active) = (shard.clone(), caller.clone(), active.clone());
         glommio::spawn_local(async move {
             let _guard = guard;
-            dial::handle(shard, &caller, req, respond, edge).await;
+            dial::handle(shard, &caller, &active, req, respond, edge).await;
         })
         .detach();
     });
@@ -113,5 +113,9 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         "proxy_stopping"
     })
     .await;
+    if why == "reset_flood" {
+        tracing::warn!(peer = %caller, "connection ended with GOAWAY ENHANCE_YOUR_CALM: too many reset streams");
+        shard.stats.error(Label::ResetFlood);
+    }
     tracing::debug!(peer = %caller, why, "connection ended");
 }

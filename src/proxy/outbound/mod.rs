@@ -186,7 +186,17 @@ pub fn after_failure(e: &Error, refused_here: u32) -> Next {
 
 impl Upstream {
     /// Opens the dial `first` (an encoded `DialRequest`) on this upstream.
-    pub async fn open(&self, shard: &Rc<Shard>, agent: &str, first: &Bytes, left: Duration) -> Result<Opened, Error> {
+    /// `last` says no other upstream is left to try: a peer then gets the
+    /// whole remaining deadline to answer, since skipping it would only fail
+    /// the dial sooner.
+    pub async fn open(
+        &self,
+        shard: &Rc<Shard>,
+        agent: &str,
+        first: &Bytes,
+        left: Duration,
+        last: bool,
+    ) -> Result<Opened, Error> {
         match self {
             Upstream::Local(t) => {
                 shard.stats.dials_local.inc();
@@ -204,7 +214,16 @@ impl Upstream {
                 let mut slot = shard.peers.stream(proxy, addr, deadline).await?;
                 let left = deadline.saturating_duration_since(Instant::now());
                 let uri = paths::uri(paths::PEER_DIAL);
-                let e = call::open(&mut slot.send, uri, 1, first.clone(), Side::Peer, left).await?;
+                let bound = if last { left } else { shard.shared.peer_answer_timeout.min(left) };
+                let e = match call::open_bounded(&mut slot.send, uri, 1, first.clone(), Side::Peer, bound, left).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        if e.label == Label::Unresponsive {
+                            shard.peers.suspect(addr, &e);
+                        }
+                        return Err(e);
+                    }
+                };
                 let mut o = Opened::from(e);
                 o.slot = Some(slot);
                 Ok(o)
@@ -229,7 +248,7 @@ pub async fn open(
         if left.is_zero() {
             break;
         }
-        match plan[i].open(shard, agent, &first, left).await {
+        match plan[i].open(shard, agent, &first, left, i + 1 == plan.len()).await {
             Ok(o) => return Ok(o),
             Err(e) => {
                 match after_failure(&e, refused) {

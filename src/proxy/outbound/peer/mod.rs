@@ -195,6 +195,21 @@ impl PeerLinks {
         self.inner.resumed.get()
     }
 
+    /// Marks `addr` suspect after it failed to answer in time (a frozen or
+    /// black-holed peer): its links drain (open streams may still finish),
+    /// and dials skip the address at once for a backoff period instead of
+    /// each waiting out the same bound.
+    pub fn suspect(&self, addr: &str, why: &Error) {
+        let mut dests = self.inner.dests.borrow_mut();
+        let Some(d) = dests.get_mut(addr) else { return };
+        for l in &d.links {
+            l.drain("suspect");
+        }
+        d.retry_at = Some(Instant::now() + d.backoff.next_delay());
+        d.failure = Some(why.clone());
+        tracing::warn!(addr, peer = &*d.proxy, error = %why, "peer link suspect; skipping it for a while");
+    }
+
     /// Drains the links of proxies that left the registry (their open
     /// streams finish) and forgets addresses nothing uses any more.
     pub fn retain_proxies(&self, live: impl Fn(&str) -> bool) {

@@ -1,0 +1,92 @@
+//! Attack stories, played with a raw HTTP/2 client against a real proxy
+//! and agent (in-process, real sockets and mTLS). Each asserts a bound.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Fleet;
+use ringpeer::transport::h2conf::{H2Tuning, MAX_RESETS_PER_SEC};
+use ringpeer::wire::codec::encode_msg;
+use ringpeer::wire::error::Label;
+use ringpeer::wire::{paths, DialTarget};
+
+/// A rapid-reset client: HEADERS + DialRequest + RST_STREAM, as fast as it
+/// can, on one connection. The proxy ends the connection with GOAWAY
+/// ENHANCE_YOUR_CALM, and the reset dials barely reach the agent's target.
+#[test]
+fn a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_few_target_connects() {
+    let fleet = Fleet::start(1);
+    let addr = fleet.proxy.client_addr.to_string();
+    let tls = ringpeer::client::client_tls(fleet.dir(), "client").unwrap();
+    let (sent, reason, took) = ringpeer::runtime::block_on("rapid-reset", move || async move {
+        let (stream, _) = ringpeer::transport::connect_tls(&tls, &addr, Duration::from_secs(5)).await.unwrap();
+        let (mut send, conn) = H2Tuning::default().client().handshake::<_, Bytes>(stream).await.unwrap();
+        let ended = glommio::spawn_local(conn);
+        let first = encode_msg(&DialTarget::parse("agent-1/echo").unwrap().to_frame());
+        let t0 = Instant::now();
+        let mut sent = 0u32;
+        while sent < 100_000 {
+            if let Err(e) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
+                eprintln!("poll_ready: {e:?}");
+                break;
+            }
+            let mut req = http::Request::new(());
+            *req.method_mut() = http::Method::POST;
+            *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
+            req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            let (_resp, mut tx) = match send.send_request(req, false) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("send_request: {e:?}");
+                    break;
+                }
+            };
+            let _ = tx.send_data(first.clone(), false);
+            // Let the proxy accept the stream and start the dial before the
+            // reset: resets of streams not yet accepted are h2's own bound
+            // (max_pending_accept_reset_streams), this is ours.
+            glommio::timer::sleep(Duration::from_micros(200)).await;
+            tx.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+        }
+        let end = ringpeer::runtime::timeout(Duration::from_secs(10), ended).await;
+        let reason = match end {
+            Ok(Err(e)) => e.reason(),
+            Ok(Ok(())) => None,
+            Err(_) => panic!("the connection was still open 10 s after {sent} resets"),
+        };
+        (sent, reason, t0.elapsed())
+    })
+    .unwrap();
+    eprintln!("{sent} reset streams sent in {took:?} before the connection ended ({reason:?})");
+    // The client may not read the GOAWAY before the socket closes under its
+    // flood; the proxy's count of connections it ended for a reset flood is
+    // the evidence.
+    let m = &fleet.proxy.metrics;
+    common::eventually("the proxy ended the connection for a reset flood", || {
+        m.sum(|s| s.error_count(Label::ResetFlood)) == 1
+    });
+    let cancels = m.sum(|s| s.error_count(Label::Cancelled));
+    let accepted = fleet.echo.accepted();
+    eprintln!("target connections: {accepted} made; the proxy handled {cancels} reset dials");
+    // Cut after MAX_RESETS_PER_SEC (200) resets within a second, plus the
+    // streams in flight when the GOAWAY went out. Literal bounds, so a
+    // raised constant fails here too.
+    assert_eq!(MAX_RESETS_PER_SEC, 200);
+    assert!(took < Duration::from_secs(2), "the flood ran for {took:?}");
+    assert!(cancels > 0 && cancels <= 300, "the proxy handled {cancels} reset dials");
+    assert!(accepted <= 300, "{accepted} target connections for {sent} reset dials");
+    // Every reset reached the agent: no target connection outlives its dial.
+    let t0 = Instant::now();
+    while fleet.echo.open_conns() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(1), "{} target connections still open", fleet.echo.open_conns());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The proxy still serves others.
+    let back = fleet.client(|c| async move {
+        ringpeer::tools::load::echo_roundtrip(&c, &DialTarget::parse("agent-1/echo").unwrap(), b"still here").await
+    });
+    assert_eq!(back.unwrap(), b"still here");
+}
