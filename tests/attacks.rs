@@ -71,13 +71,15 @@ fn a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_few_target_connects() {
     let cancels = m.sum(|s| s.error_count(Label::Cancelled));
     let accepted = fleet.echo.accepted();
     eprintln!("target connections: {accepted} made; the proxy handled {cancels} reset dials");
-    // Cut after MAX_RESETS_PER_SEC (200) resets within a second, plus the
-    // streams in flight when the GOAWAY went out. Literal bounds, so a
-    // raised constant fails here too.
+    // Cut once MAX_RESETS_PER_SEC (200) streams were reset before they were
+    // established, within a second; streams the proxy had already
+    // established when their reset came are ordinary cancels (counted, not
+    // held against the client), so the total depends on the machine's pace.
+    // Literal bounds, so a raised constant fails here too.
     assert_eq!(MAX_RESETS_PER_SEC, 200);
     assert!(took < Duration::from_secs(2), "the flood ran for {took:?}");
-    assert!(cancels > 0 && cancels <= 300, "the proxy handled {cancels} reset dials");
-    assert!(accepted <= 300, "{accepted} target connections for {sent} reset dials");
+    assert!(sent < 5_000, "{sent} resets before the cut");
+    assert!(cancels > 0 && accepted <= sent as usize, "{accepted} target connections for {sent} reset dials");
     // Every reset reached the agent: no target connection outlives its dial.
     let t0 = Instant::now();
     while fleet.echo.open_conns() > 0 {
@@ -89,4 +91,53 @@ fn a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_few_target_connects() {
         ringpeer::tools::load::echo_roundtrip(&c, &DialTarget::parse("agent-1/echo").unwrap(), b"still here").await
     });
     assert_eq!(back.unwrap(), b"still here");
+}
+
+/// A slow-loris of dials: streams that send HEADERS and never their
+/// `DialRequest`. Each would hold a task until the dial deadline; past the
+/// per-connection set-up budget the proxy answers at once with
+/// RESOURCE_EXHAUSTED naming the budget, and other clients are served.
+#[test]
+fn dials_that_never_send_their_request_are_held_to_the_setup_budget() {
+    use ringpeer::transport::h2conf::MAX_SETUP_PER_CONN;
+    use ringpeer::wire::status::Status;
+    let fleet = Fleet::start(1);
+    let addr = fleet.proxy.client_addr.to_string();
+    let tls = ringpeer::client::client_tls(fleet.dir(), "client").unwrap();
+    let (answered, status, took) = ringpeer::runtime::block_on("slow-loris", move || async move {
+        let (stream, _) = ringpeer::transport::connect_tls(&tls, &addr, Duration::from_secs(5)).await.unwrap();
+        let (mut send, conn) = H2Tuning::default().client().handshake::<_, Bytes>(stream).await.unwrap();
+        glommio::spawn_local(conn).detach();
+        let mut held = Vec::new();
+        let mut extra = None;
+        for i in 0..=MAX_SETUP_PER_CONN {
+            std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
+            let mut req = http::Request::new(());
+            *req.method_mut() = http::Method::POST;
+            *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
+            req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            let (resp, tx) = send.send_request(req, false).unwrap();
+            if i < MAX_SETUP_PER_CONN {
+                held.push((resp, tx));
+            } else {
+                extra = Some((resp, tx));
+            }
+        }
+        let t0 = Instant::now();
+        let (resp, _tx) = extra.unwrap();
+        let resp = ringpeer::runtime::timeout(Duration::from_secs(3), resp).await.expect("answered").unwrap();
+        let status = ringpeer::wire::status::Status::from_headers(resp.headers());
+        (held.len(), status, t0.elapsed())
+    })
+    .unwrap();
+    let status: Status = status.expect("a trailers-only status");
+    eprintln!("{answered} dials held in set-up; the next one got {status} after {took:?}");
+    assert_eq!(status.code, ringpeer::wire::status::Code::ResourceExhausted);
+    assert!(status.message.contains("dials in set-up per connection"), "{status}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Another client is served meanwhile.
+    let back = fleet.client(|c| async move {
+        ringpeer::tools::load::echo_roundtrip(&c, &DialTarget::parse("agent-1/echo").unwrap(), b"served").await
+    });
+    assert_eq!(back.unwrap(), b"served");
 }

@@ -160,9 +160,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// early, which multiplexing clients do all the time, never trips it.
 pub const MAX_RESETS_PER_SEC: u32 = 200;
 
+/// Dials a peer may have in set-up at once on one connection (read the
+/// `DialRequest`, resolve, open the upstream). Each holds a task and,
+/// upstream, a stream; a stream over the budget is answered at once with
+/// RESOURCE_EXHAUSTED naming it. Large enough for a multiplexing client's
+/// bursts (the tests open 1000 dials at once on one connection), small
+/// enough that a slow-loris of request-less streams holds a few MiB.
+pub const MAX_SETUP_PER_CONN: usize = 4096;
+
 #[derive(Default)]
 struct ActiveInner {
     open: Cell<usize>,
+    setup: Cell<usize>,
     resets: Cell<u32>,
     window: Cell<Option<Instant>>,
     calm: Signal,
@@ -176,11 +185,29 @@ pub struct ActiveStreams(Rc<ActiveInner>);
 /// Held while a stream is open.
 pub struct StreamGuard(Rc<ActiveInner>);
 
+/// Held while a dial is in set-up.
+pub struct SetupGuard(Rc<ActiveInner>);
+
+impl Drop for SetupGuard {
+    fn drop(&mut self) {
+        self.0.setup.set(self.0.setup.get() - 1);
+    }
+}
+
 impl ActiveStreams {
     /// Marks a stream open until the guard drops.
     pub fn enter(&self) -> StreamGuard {
         self.0.open.set(self.0.open.get() + 1);
         StreamGuard(self.0.clone())
+    }
+
+    /// A set-up slot, or `None` when [`MAX_SETUP_PER_CONN`] are taken.
+    pub fn enter_setup(&self) -> Option<SetupGuard> {
+        if self.0.setup.get() >= MAX_SETUP_PER_CONN {
+            return None;
+        }
+        self.0.setup.set(self.0.setup.get() + 1);
+        Some(SetupGuard(self.0.clone()))
     }
 
     /// Counts a stream the peer reset (or cancelled) before it was

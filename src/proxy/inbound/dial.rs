@@ -30,7 +30,7 @@ use crate::proxy::outbound::{self, Opened};
 use crate::proxy::shard::Shard;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, HOPS_HEADER};
 use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
-use crate::transport::h2conf::ActiveStreams;
+use crate::transport::h2conf::{ActiveStreams, MAX_SETUP_PER_CONN};
 use crate::transport::identity::SpiffeId;
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -63,6 +63,11 @@ pub async fn handle(
         return answer_ping(respond);
     }
     shard.stats.dials.inc();
+    let Some(setup) = conn.enter_setup() else {
+        let m = format!("budget exceeded: at most {MAX_SETUP_PER_CONN} dials in set-up per connection");
+        let e = Error::new(Code::ResourceExhausted, Side::Client, Retry::Safe, Label::ResourceExhausted, m);
+        return fail(&shard, respond, &e);
+    };
     let (target, mut recv) = match decode(&shard, req, edge).await {
         Ok(v) => v,
         Err(e) => {
@@ -105,6 +110,7 @@ pub async fn handle(
             return Sink::fail(&mut down, &e).await;
         }
     };
+    drop(setup);
     let rest = recv.decoder().take_rest();
     relay_to_caller(&shard, opened, recv, rest, down).await
 }
