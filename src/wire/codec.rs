@@ -344,37 +344,55 @@ pub fn encode_data(payload: &[u8]) -> Bytes {
 /// [`spare`](Self::spare), then [`commit`](Self::commit) turns the bytes read
 /// into one framed `Bytes` without copying the payload.
 ///
-/// Memory is zero-filled once per allocation (four chunks), not once per
-/// read: a 64-byte read consumes 64 bytes plus headroom of an initialised
-/// region and leaves the rest for the next read. (Alternative rejected:
-/// reading into uninitialised capacity; it needs `unsafe` and a reader that
-/// promises never to read the buffer, which glommio's `read` does not.)
+/// Memory is zero-filled once per allocation, not once per read: a 64-byte
+/// read consumes 64 bytes plus headroom of an initialised region and leaves
+/// the rest for the next read. Allocations start small ([`FIRST_ALLOC`]), so
+/// an idle connection (an SSH session waiting for a key press) holds 16 KiB,
+/// and double whenever a read fills what it was offered, up to four chunks,
+/// so bulk transfers still read a whole chunk at a time. (Alternatives
+/// rejected: reading into uninitialised capacity, which needs `unsafe` and a
+/// reader that promises never to read the buffer, and glommio's `read` does
+/// not; a fixed four-chunk buffer, 256 KiB per idle connection.)
 pub struct DataBuf {
     buf: BytesMut,
     chunk: usize,
+    alloc: usize,
+    offered: usize,
 }
 
 /// The least space a read is offered before a fresh buffer is taken.
 const MIN_SPARE: usize = 4 << 10;
+/// The first allocation of a [`DataBuf`].
+pub const FIRST_ALLOC: usize = 16 << 10;
 
 impl DataBuf {
     /// A buffer that reads up to `chunk` bytes at a time.
     pub fn new(chunk: usize) -> Self {
-        DataBuf { buf: BytesMut::new(), chunk }
+        DataBuf { buf: BytesMut::new(), chunk, alloc: FIRST_ALLOC.max(DATA_HEADROOM + MIN_SPARE), offered: 0 }
     }
 
     /// Space to read the next payload into (up to `chunk` bytes).
     pub fn spare(&mut self) -> &mut [u8] {
         if self.buf.len() < DATA_HEADROOM + MIN_SPARE.min(self.chunk) {
-            self.buf = BytesMut::zeroed((DATA_HEADROOM + self.chunk) * 4);
+            self.buf = BytesMut::zeroed(self.alloc);
         }
         let end = self.buf.len().min(DATA_HEADROOM + self.chunk);
+        self.offered = end - DATA_HEADROOM;
         &mut self.buf[DATA_HEADROOM..end]
+    }
+
+    /// Bytes allocated for reading now (a memory figure).
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Frames the first `n` bytes of the last [`spare`](Self::spare) as one
     /// gRPC Data message.
     pub fn commit(&mut self, n: usize) -> Bytes {
+        if n == self.offered {
+            // The read filled its space: more is coming, read more at once.
+            self.alloc = (self.alloc * 2).min((DATA_HEADROOM + self.chunk) * 4);
+        }
         let h = write_data_header(n, &mut self.buf[..DATA_HEADROOM]);
         let mut framed = self.buf.split_to(DATA_HEADROOM + n);
         let _ = framed.split_to(DATA_HEADROOM - h);
@@ -481,6 +499,22 @@ mod tests {
         let gap = second.as_ptr() as usize - framed.as_ptr() as usize;
         assert!(gap < 64, "second frame starts {gap} bytes after the first");
         assert_eq!(b.spare().len(), 1024, "a read is offered a whole chunk");
+    }
+
+    #[test]
+    fn data_buf_starts_small_and_grows_for_bulk_reads() {
+        let mut b = DataBuf::new(64 << 10);
+        let first = b.spare().len();
+        assert!(b.allocated() <= FIRST_ALLOC + 64, "an idle connection holds {} bytes", b.allocated());
+        // Reads that fill what they were offered double the next allocation.
+        let mut offered = first;
+        for _ in 0..12 {
+            let n = b.spare().len();
+            offered = offered.max(n);
+            let _ = b.commit(n);
+        }
+        assert_eq!(offered, 64 << 10, "bulk reads reach a whole chunk");
+        assert!(b.allocated() <= 4 * ((64 << 10) + DATA_HEADROOM));
     }
 
     #[test]
