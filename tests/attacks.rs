@@ -12,6 +12,23 @@ use ringpeer::wire::codec::encode_msg;
 use ringpeer::wire::error::Label;
 use ringpeer::wire::{paths, DialTarget};
 
+type Conn = h2::client::Connection<ringpeer::transport::ClientTls, Bytes>;
+
+/// A raw HTTP/2 connection to `addr` with the fleet's client certificate.
+async fn raw_client(addr: &str, tls: &std::sync::Arc<rustls::ClientConfig>) -> (h2::client::SendRequest<Bytes>, Conn) {
+    let (stream, _) = ringpeer::transport::connect_tls(tls, addr, Duration::from_secs(5)).await.unwrap();
+    H2Tuning::default().client().handshake::<_, Bytes>(stream).await.unwrap()
+}
+
+/// The request head of a client dial.
+fn dial_head() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
+    req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+    req
+}
+
 /// A rapid-reset client: HEADERS + DialRequest + RST_STREAM, as fast as it
 /// can, on one connection. The proxy ends the connection with GOAWAY
 /// ENHANCE_YOUR_CALM, and the reset dials barely reach the agent's target.
@@ -21,8 +38,7 @@ fn a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_few_target_connects() {
     let addr = fleet.proxy.client_addr.to_string();
     let tls = ringpeer::client::client_tls(fleet.dir(), "client").unwrap();
     let (sent, reason, took) = ringpeer::runtime::block_on("rapid-reset", move || async move {
-        let (stream, _) = ringpeer::transport::connect_tls(&tls, &addr, Duration::from_secs(5)).await.unwrap();
-        let (mut send, conn) = H2Tuning::default().client().handshake::<_, Bytes>(stream).await.unwrap();
+        let (mut send, conn) = raw_client(&addr, &tls).await;
         let ended = glommio::spawn_local(conn);
         let first = encode_msg(&DialTarget::parse("agent-1/echo").unwrap().to_frame());
         let t0 = Instant::now();
@@ -32,11 +48,7 @@ fn a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_few_target_connects() {
                 eprintln!("poll_ready: {e:?}");
                 break;
             }
-            let mut req = http::Request::new(());
-            *req.method_mut() = http::Method::POST;
-            *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
-            req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
-            let (_resp, mut tx) = match send.send_request(req, false) {
+            let (_resp, mut tx) = match send.send_request(dial_head(), false) {
                 Ok(v) => v,
                 Err(e) => {
                     eprintln!("send_request: {e:?}");
@@ -105,18 +117,13 @@ fn dials_that_never_send_their_request_are_held_to_the_setup_budget() {
     let addr = fleet.proxy.client_addr.to_string();
     let tls = ringpeer::client::client_tls(fleet.dir(), "client").unwrap();
     let (answered, status, took) = ringpeer::runtime::block_on("slow-loris", move || async move {
-        let (stream, _) = ringpeer::transport::connect_tls(&tls, &addr, Duration::from_secs(5)).await.unwrap();
-        let (mut send, conn) = H2Tuning::default().client().handshake::<_, Bytes>(stream).await.unwrap();
+        let (mut send, conn) = raw_client(&addr, &tls).await;
         glommio::spawn_local(conn).detach();
         let mut held = Vec::new();
         let mut extra = None;
         for i in 0..=MAX_SETUP_PER_CONN {
             std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
-            let mut req = http::Request::new(());
-            *req.method_mut() = http::Method::POST;
-            *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
-            req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
-            let (resp, tx) = send.send_request(req, false).unwrap();
+            let (resp, tx) = send.send_request(dial_head(), false).unwrap();
             if i < MAX_SETUP_PER_CONN {
                 held.push((resp, tx));
             } else {
