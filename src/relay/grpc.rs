@@ -95,11 +95,6 @@ impl<D: Decode> GrpcRecv<D> {
         self.established = true;
     }
 
-    /// Who sends on this stream.
-    pub fn far(&self) -> Side {
-        self.far
-    }
-
     fn h2_error(&self, e: &h2::Error) -> Error {
         Error::from_h2(self.far, self.established, e)
     }
@@ -161,11 +156,6 @@ impl<D: Decode> GrpcRecv<D> {
     /// The decoder (e.g. to take the bytes it holds undecoded).
     pub fn decoder(&mut self) -> &mut D {
         &mut self.dec
-    }
-
-    /// Switches to another decoder, keeping stream and credit.
-    pub fn with_decoder<E: Decode>(self, dec: E) -> GrpcRecv<E> {
-        GrpcRecv { rx: self.rx, dec, owed: self.owed, far: self.far, established: self.established }
     }
 }
 
