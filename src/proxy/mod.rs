@@ -94,9 +94,6 @@ impl Listeners {
     }
 }
 
-/// Longest a stopping shard waits for its open streams.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 fn to_glommio(l: TcpListener) -> glommio::net::TcpListener {
     // SAFETY: the descriptor is a bound, listening TCP socket we own.
     unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) }
@@ -247,7 +244,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                 t.await;
             }
             // Let open streams finish (their connections got GOAWAY).
-            let _ = crate::runtime::timeout(DRAIN_TIMEOUT, shard.streams.idle()).await;
+            let _ = crate::runtime::timeout(crate::transport::h2conf::DRAIN_TIMEOUT, shard.streams.idle()).await;
             // Close every remaining connection and wait for their tasks to
             // end, then give the reactor a moment to complete the socket
             // closes (glommio closes through the ring), so a successor can

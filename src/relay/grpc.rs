@@ -1,6 +1,7 @@
 //! The gRPC stream type every link kind uses: [`GrpcRecv`] (the decoder and
 //! the receive-side flow-control credit) and [`GrpcSend`] (send capacity,
-//! half-close, trailers, reset), plus opening and answering a call.
+//! half-close, trailers, reset). Opening and answering a call is
+//! [`super::call`].
 //!
 //! Invariants:
 //! - **One credit rule.** Receive credit for a DATA chunk is returned to the
@@ -163,28 +164,27 @@ impl GrpcRecv<FrameDecoder> {
     /// The next Data payload of an established dial (a slice of the
     /// received chunk); `None` at END_STREAM. Any other frame is an error.
     pub async fn next_data(&mut self) -> Result<Option<Bytes>, Error> {
-        match self.next().await? {
-            Some(Event::Data(b)) => Ok(Some(b)),
-            Some(Event::Frame(_)) => Err(unexpected_frame(self.far)),
-            None => Ok(None),
-        }
+        let far = self.far;
+        self.next().await?.map(|ev| data_of(ev, far)).transpose()
     }
 
     /// Every complete Data payload already decoded from the current chunk,
     /// without waiting (for one vectored write of several messages).
     pub fn ready_data(&mut self, out: &mut Vec<Bytes>) -> Result<(), Error> {
         while let Some(ev) = self.dec.decode_next().map_err(|e| self.codec_error(e))? {
-            match ev {
-                Event::Data(b) => out.push(b),
-                Event::Frame(_) => return Err(unexpected_frame(self.far)),
-            }
+            out.push(data_of(ev, self.far)?);
         }
         Ok(())
     }
 }
 
-fn unexpected_frame(far: Side) -> Error {
-    Error::bad_request("unexpected non-Data frame after the dial was established").on(far)
+/// The payload of an established dial's event; any other frame is an error
+/// of the side that sent it.
+fn data_of(ev: Event, far: Side) -> Result<Bytes, Error> {
+    match ev {
+        Event::Data(b) => Ok(b),
+        Event::Frame(_) => Err(Error::bad_request("unexpected non-Data frame after the dial was established").on(far)),
+    }
 }
 
 /// The send half of a gRPC call: a request body (ends with END_STREAM) or

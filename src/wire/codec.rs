@@ -14,7 +14,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use super::pb;
-use super::status::{Code, Status};
 
 /// Length of the gRPC message prefix (flag + u32 length).
 pub const PREFIX_LEN: usize = 5;
@@ -27,7 +26,8 @@ pub const MAX_DATA_MSG: usize = 16 << 20;
 /// Bytes of headroom in front of a payload that [`DataBuf`] reserves.
 pub const DATA_HEADROOM: usize = PREFIX_LEN + 1 + 5 + 1 + 5;
 
-/// A framing error; each carries a static label for metrics.
+/// A framing error. It becomes an [`Error`](super::error::Error) (code and
+/// metric label) through the one `From` conversion in `wire::error`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
     /// The compressed flag was set.
@@ -42,27 +42,6 @@ pub enum CodecError {
     /// The stream ended inside a message.
     #[error("stream ended inside a gRPC message")]
     Truncated,
-}
-
-impl CodecError {
-    /// Static label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CodecError::Compressed => "codec_compressed",
-            CodecError::TooLarge(..) => "codec_too_large",
-            CodecError::Malformed => "codec_malformed",
-            CodecError::Truncated => "codec_truncated",
-        }
-    }
-
-    /// The gRPC status this error ends a call with.
-    pub fn status(&self) -> Status {
-        let code = match self {
-            CodecError::TooLarge(..) => Code::ResourceExhausted,
-            _ => Code::InvalidArgument,
-        };
-        Status::new(code, self.to_string())
-    }
 }
 
 /// One decoded item of a Frame stream.
