@@ -202,7 +202,7 @@ impl ProxyConfig {
         Ok(c)
     }
 
-    /// Validates values.
+    /// Validates values; each error names its key.
     pub fn validate(&self) -> anyhow::Result<()> {
         check_name(Path::new(""), "cluster", &self.cluster)?;
         check_name(Path::new(""), "id", &self.id)?;
@@ -212,11 +212,33 @@ impl ProxyConfig {
         if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
             bail!("backend.kind = \"redis\" needs backend.url");
         }
-        if self.backend.proxy_ttl_ms < 300 || self.backend.resync_interval_ms < 100 || self.backend.events_maxlen == 0 {
-            bail!("backend.proxy_ttl_ms must be >= 300, resync_interval_ms >= 100, events_maxlen >= 1");
+        if self.backend.proxy_ttl_ms < 300 {
+            bail!("backend.proxy_ttl_ms {} must be >= 300", self.backend.proxy_ttl_ms);
         }
-        if self.dial_timeout_ms == 0 || self.peer_connect_timeout_ms == 0 || self.peer_answer_timeout_ms == 0 {
-            bail!("dial_timeout_ms, peer_connect_timeout_ms and peer_answer_timeout_ms must be > 0");
+        if self.backend.resync_interval_ms < 100 {
+            bail!("backend.resync_interval_ms {} must be >= 100", self.backend.resync_interval_ms);
+        }
+        if self.backend.events_maxlen == 0 {
+            bail!("backend.events_maxlen must be >= 1");
+        }
+        for (k, v) in [
+            ("dial_timeout_ms", self.dial_timeout_ms),
+            ("peer_connect_timeout_ms", self.peer_connect_timeout_ms),
+            ("peer_answer_timeout_ms", self.peer_answer_timeout_ms),
+        ] {
+            if v == 0 {
+                bail!("{k} must be > 0");
+            }
+        }
+        // Shard i listens on the peer port + i: the last one must exist.
+        let port = self.peer_addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        let Some(port) = port else { bail!("peer_addr {:?} is not host:port", self.peer_addr) };
+        let last = usize::from(port) + self.shard_count() - 1;
+        if port != 0 && last > 65_535 {
+            bail!(
+                "peer_addr port {port} + {} shards overflows 65535 (shard i listens on port + i); lower peer_addr's port or shards",
+                self.shard_count()
+            );
         }
         self.h2.validate().map_err(anyhow::Error::msg)
     }
@@ -244,6 +266,12 @@ impl AgentConfig {
         }
         if self.services.is_empty() {
             bail!("[services] must define at least one service");
+        }
+        if self.connect_timeout_ms == 0 {
+            bail!("connect_timeout_ms must be > 0");
+        }
+        if self.agent_connection_count == Some(0) {
+            bail!("agent_connection_count must be at least 1");
         }
         for (name, addr) in &self.services {
             if !valid_name(name) {
@@ -275,5 +303,46 @@ mod tests {
         std::fs::write(&p, format!("{base}[h2]\nmax_frame_size=10\n")).unwrap();
         let e = ProxyConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("max_frame_size"), "{e}");
+        // Values that would silently break the proxy: each error names the
+        // file and the key.
+        let top = "cluster='c'\nid='proxy-a'\nclient_addr='127.0.0.1:0'\ntunnel_addr='127.0.0.1:0'\n";
+        let tls = "[tls]\nca='a'\ncert='b'\nkey='c'\n";
+        let cases = [
+            ("", "[h2]\nmax_send_buffer=0\n", "h2.max_send_buffer must be > 0"),
+            ("", "[h2]\nmax_send_buffer=5000000000\n", "h2.max_send_buffer"),
+            ("", "[h2]\nmax_header_list_size=0\n", "h2.max_header_list_size must be > 0"),
+            ("", "[h2]\nkeepalive_timeout_ms=0\n", "h2.keepalive_timeout_ms must be > 0"),
+            ("", "[h2]\nkeepalive_interval_ms=0\n", "h2.keepalive_interval_ms must be > 0"),
+            ("", "[h2]\nkeepalive_miss_ms=0\n", "h2.keepalive_miss_ms must be > 0"),
+            ("", "[h2]\nkeepalive_miss_ms=7000\nkeepalive_timeout_ms=6000\n", "h2.keepalive_miss_ms (7000) must be below"),
+            ("", "[h2]\nmax_concurrent_streams=0\n", "h2.max_concurrent_streams must be > 0"),
+            ("", "[h2]\nhandshake_timeout_ms=0\n", "h2.handshake_timeout_ms must be > 0"),
+            ("", "[h2]\nidle_timeout_ms=5\n", "h2.idle_timeout_ms 5"),
+            ("shards=4\npeer_addr='127.0.0.1:65533'\n", "", "peer_addr port 65533 + 4 shards overflows 65535"),
+            ("peer_addr='nowhere'\n", "", "peer_addr \"nowhere\" is not host:port"),
+            ("dial_timeout_ms=0\n", "", "dial_timeout_ms must be > 0"),
+            ("peer_answer_timeout_ms=0\n", "", "peer_answer_timeout_ms must be > 0"),
+        ];
+        for (head, tail, want) in cases {
+            std::fs::write(&p, format!("{head}{top}{tls}{tail}")).unwrap();
+            let e = ProxyConfig::load(&p).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(&p.display().to_string()), "{want:?} not in {e:?}");
+        }
+        // The last shard may take port 65535 itself.
+        std::fs::write(&p, format!("shards=4\npeer_addr='127.0.0.1:65532'\n{top}{tls}")).unwrap();
+        ProxyConfig::load(&p).unwrap();
+        // The agent's own keys.
+        let a = dir.path().join("a.toml");
+        let agent = "cluster='c'\nid='agent-1'\nproxies=['127.0.0.1:1']\n";
+        let rest = "[tls]\nca='a'\ncert='b'\nkey='c'\n[services]\necho='127.0.0.1:7'\n";
+        for (head, tail, want) in [
+            ("connect_timeout_ms=0\n", "", "connect_timeout_ms must be > 0"),
+            ("agent_connection_count=0\n", "", "agent_connection_count must be at least 1"),
+            ("", "[h2]\nkeepalive_timeout_ms=0\n", "h2.keepalive_timeout_ms must be > 0"),
+        ] {
+            std::fs::write(&a, format!("{head}{agent}{rest}{tail}")).unwrap();
+            let e = AgentConfig::load(&a).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(&a.display().to_string()), "{want:?} not in {e:?}");
+        }
     }
 }

@@ -30,6 +30,7 @@ use crate::relay::splice::{splice, split_tcp, End};
 use crate::route::model::Strategy;
 use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
+use crate::transport::flood::FloodMeter;
 use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
@@ -86,16 +87,7 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
         let now = Instant::now();
         let view: HashMap<String, Slot> = slots
             .iter()
-            .map(|(a, (s, _))| {
-                let v = Slot {
-                    stop: s.stop.clone(),
-                    up: s.up.clone(),
-                    since: s.since.clone(),
-                    proxy: s.proxy.clone(),
-                    ended: s.ended.clone(),
-                };
-                (a.clone(), v)
-            })
+            .map(|(a, (s, _))| (a.clone(), s.clone()))
             .collect();
         let want = {
             let m = ctx.membership.borrow();
@@ -108,20 +100,15 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
         for a in &want {
             if !slots.contains_key(a) {
                 let slot = Slot::new();
-                let copy = Slot {
-                    stop: slot.stop.clone(),
-                    up: slot.up.clone(),
-                    since: slot.since.clone(),
-                    proxy: slot.proxy.clone(),
-                    ended: slot.ended.clone(),
-                };
+                let copy = slot.clone();
                 let task = glommio::spawn_local(tunnel_loop(ctx.clone(), a.clone(), copy)).detach();
                 slots.insert(a.clone(), (slot, task));
             }
         }
         for (a, (s, _)) in &slots {
             if !want.contains(a) && !s.stop.is_triggered() {
-                tracing::info!(agent = ctx.id, addr = a, "draining tunnel: no longer wanted by the strategy");
+                let why = if s.suspect() { "its proxy missed a keepalive ping" } else { "no longer wanted" };
+                tracing::info!(agent = ctx.id, addr = a, why, "draining tunnel");
                 s.stop.trigger();
             }
         }
@@ -149,8 +136,9 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
                 slot.up.set(true);
                 slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, "tunnel up");
-                let why = serve_tunnel(ctx.clone(), tls, &slot.stop).await;
+                let why = serve_tunnel(ctx.clone(), tls, &slot).await;
                 slot.up.set(false);
+                slot.health.replace(Default::default());
                 slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, why, "tunnel down");
                 if started.elapsed() > Duration::from_secs(5) {
@@ -171,12 +159,17 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
     slot.ended.set(true);
 }
 
-async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'static str {
-    let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(tls)).await {
+async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'static str {
+    let stop = &slot.stop;
+    let active = ActiveStreams::default();
+    let metered = FloodMeter::new(tls, &active);
+    let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",
     };
-    let active = ActiveStreams::default();
+    // The strategy reads this tunnel's keepalive verdict: a proxy that
+    // stops answering pings is replaced without waiting for the timeout.
+    *slot.health.borrow_mut() = active.health().clone();
     // Drain on agent shutdown or when the strategy no longer wants this tunnel.
     let drain = Signal::new();
     let d = drain.clone();

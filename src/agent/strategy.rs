@@ -8,6 +8,9 @@
 //!   the configured addresses only seed discovery.
 //! - A tunnel that has been down longer than [`FAILED_AFTER`] is replaced
 //!   when another proxy is available.
+//! - So is a tunnel whose proxy missed a keepalive ping (suspect: frozen or
+//!   cut off), at once: the proxies route around it only once the agent
+//!   holds its `agent_connection_count` tunnels elsewhere.
 //! - A tunnel that is no longer wanted drains (GOAWAY): its open streams
 //!   finish, and no new ones start.
 //! - Proxies are chosen in an order hashed from the agent id, so a fleet of
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::route::model::Strategy;
 use crate::runtime::Shutdown;
+use crate::transport::keepalive::LinkHealth;
 
 /// A tunnel down this long counts as failed and is replaced.
 pub const FAILED_AFTER: Duration = Duration::from_secs(2);
@@ -49,6 +53,8 @@ pub struct Slot {
     pub proxy: Rc<RefCell<Option<String>>>,
     /// Set when the tunnel task has ended.
     pub ended: Rc<Cell<bool>>,
+    /// The keepalive verdict of the tunnel's current connection.
+    pub health: Rc<RefCell<LinkHealth>>,
 }
 
 impl Slot {
@@ -60,7 +66,13 @@ impl Slot {
             since: Rc::new(Cell::new(Instant::now())),
             proxy: Rc::default(),
             ended: Rc::default(),
+            health: Rc::default(),
         }
+    }
+
+    /// Whether the tunnel is up but its proxy missed a keepalive ping.
+    pub fn suspect(&self) -> bool {
+        self.up.get() && self.health.borrow().is_suspect()
     }
 
     /// Whether the slot is up, or still within its grace period.
@@ -100,14 +112,16 @@ pub fn desired(
         Strategy::ProxyPeering { agent_connection_count } => agent_connection_count.max(1) as usize,
     };
     // Keep healthy tunnels first (up ones before connecting ones), then add
-    // new proxies, then fall back to failed ones if nothing else exists.
+    // new proxies, then fall back to suspect ones and, if nothing else
+    // exists, to failed ones.
     let mut keep: Vec<String> = Vec::with_capacity(want);
     let mut ranked: Vec<&String> = candidates.iter().collect();
     ranked.sort_by_key(|a| match slots.get(*a) {
+        Some(s) if s.suspect() => 3,
         Some(s) if s.up.get() => 0,
         Some(s) if s.healthy(now) => 1,
         None => 2,
-        Some(_) => 3,
+        Some(_) => 4,
     });
     for a in ranked {
         if keep.len() == want {
@@ -151,6 +165,27 @@ mod tests {
         let next = desired("a", peering.strategy, &peering, &[], &slots, now);
         assert_eq!(next.len(), 2);
         assert!(!next.contains(failed) && next.contains(&first[1]));
+        // A live tunnel whose proxy missed a ping is replaced at once, while
+        // another proxy is there to take it.
+        let mut slots: HashMap<String, Slot> = HashMap::new();
+        for a in &first {
+            let s = Slot::new();
+            s.up.set(true);
+            slots.insert(a.clone(), s);
+        }
+        let frozen = &first[0];
+        let h = LinkHealth::new();
+        slots[frozen].health.replace(h.clone());
+        h.mark(true);
+        let next = desired("a", peering.strategy, &peering, &[], &slots, now);
+        assert!(!next.contains(frozen) && next.contains(&first[1]) && next.len() == 2, "{next:?}");
+        // With no other proxy, the suspect tunnel is kept.
+        let only_two = Membership {
+            strategy: peering.strategy,
+            proxies: first.iter().enumerate().map(|(i, a)| (format!("q{i}"), a.clone())).collect(),
+            generation: 1,
+        };
+        assert!(desired("a", peering.strategy, &only_two, &[], &slots, now).contains(frozen));
         // With no proxies known yet, the configured seeds are used.
         let seeds = vec!["seed:1".to_string()];
         assert_eq!(desired("a", Strategy::AgentMesh, &Membership::default(), &seeds, &HashMap::new(), now), seeds);

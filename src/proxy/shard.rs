@@ -22,6 +22,7 @@ use super::outbound::peer::{PeerLinkConfig, PeerLinks};
 use super::stats::ShardStats;
 use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
+use crate::transport::keepalive::LinkHealth;
 use crate::route::RouteTable;
 use crate::runtime::mailbox::{Inbox, Mailbox};
 use crate::runtime::pipe::{PipeRx, PipeTx};
@@ -59,6 +60,8 @@ pub struct TunnelRef {
     pub send: SendRequest<Bytes>,
     /// Services the agent announced.
     pub services: Arc<[String]>,
+    /// The tunnel's keepalive verdict: a suspect tunnel is tried last.
+    pub health: LinkHealth,
 }
 
 /// Static settings shared by every shard of a proxy.
@@ -186,9 +189,12 @@ impl Shard {
         let _ = self.events.send(TunnelEvent::TunnelDown { agent: agent.to_string(), conn });
     }
 
-    /// The newest usable tunnel to `agent` on this shard.
+    /// The newest tunnel to `agent` on this shard that answers its
+    /// keepalive, else the newest one (suspect: the plan tries it last).
     pub fn local_tunnel(&self, agent: &str) -> Option<TunnelRef> {
-        self.tunnels.borrow().get(agent).and_then(|v| v.first().cloned())
+        let map = self.tunnels.borrow();
+        let v = map.get(agent)?;
+        v.iter().find(|t| !t.health.is_suspect()).or(v.first()).cloned()
     }
 
     /// The current route snapshot.

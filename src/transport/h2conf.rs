@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::FutureExt;
-use h2::{Ping, PingPong};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::keepalive::{keepalive, LinkHealth};
 use crate::runtime::signal::Signal;
 
 /// HTTP/2 settings (the `[h2]` config section). Defaults were chosen by
@@ -39,9 +39,12 @@ pub struct H2Tuning {
     pub max_send_buffer: usize,
     /// TLS + HTTP/2 handshake deadline, ms.
     pub handshake_timeout_ms: u64,
-    /// Keepalive ping interval, ms.
+    /// Keepalive ping interval (from one answer to the next ping), ms.
     pub keepalive_interval_ms: u64,
-    /// Time to wait for a ping answer, ms.
+    /// A ping unanswered this long marks the link suspect: new dials skip
+    /// it (it stays open, and the answer clears the mark), ms.
+    pub keepalive_miss_ms: u64,
+    /// A ping unanswered this long ends the connection, ms.
     pub keepalive_timeout_ms: u64,
     /// A server connection with no open stream for this long is closed, ms (0: never).
     pub idle_timeout_ms: u64,
@@ -57,8 +60,12 @@ impl Default for H2Tuning {
             max_header_list_size: 32 << 10,
             max_send_buffer: 1 << 20,
             handshake_timeout_ms: 10_000,
-            keepalive_interval_ms: 15_000,
-            keepalive_timeout_ms: 20_000,
+            // A frozen peer is suspect within interval + miss (3 s) and
+            // gone within interval + timeout (8 s); one 17-byte PING per
+            // connection every 2 s costs next to nothing (see README).
+            keepalive_interval_ms: 2_000,
+            keepalive_miss_ms: 1_000,
+            keepalive_timeout_ms: 6_000,
             idle_timeout_ms: 300_000,
         }
     }
@@ -77,7 +84,8 @@ impl H2Tuning {
         }
     }
 
-    /// Checks the values against the HTTP/2 limits.
+    /// Checks the values against the HTTP/2 limits and each other; an
+    /// error names the key (`h2.<key>`).
     pub fn validate(&self) -> Result<(), String> {
         if !(16_384..=16_777_215).contains(&self.max_frame_size) {
             return Err(format!("h2.max_frame_size {} is outside 16384..=16777215", self.max_frame_size));
@@ -87,8 +95,31 @@ impl H2Tuning {
                 return Err(format!("h2.{k} {v} is outside 65535..=2147483647"));
             }
         }
-        if self.max_concurrent_streams == 0 || self.keepalive_interval_ms == 0 || self.handshake_timeout_ms == 0 {
-            return Err("h2.max_concurrent_streams, keepalive_interval_ms and handshake_timeout_ms must be > 0".into());
+        // Zero would refuse every stream, every header block, every send,
+        // or fire at once: none of them is a way to disable a feature.
+        let positive = [
+            ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
+            ("max_header_list_size", u64::from(self.max_header_list_size)),
+            ("max_send_buffer", self.max_send_buffer as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("keepalive_interval_ms", self.keepalive_interval_ms),
+            ("keepalive_miss_ms", self.keepalive_miss_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+        ];
+        if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("h2.{k} must be > 0"));
+        }
+        if self.max_send_buffer > u32::MAX as usize {
+            return Err(format!("h2.max_send_buffer {} is above 4294967295", self.max_send_buffer));
+        }
+        if self.keepalive_miss_ms >= self.keepalive_timeout_ms {
+            return Err(format!(
+                "h2.keepalive_miss_ms ({}) must be below h2.keepalive_timeout_ms ({}): a link is suspect before it is given up",
+                self.keepalive_miss_ms, self.keepalive_timeout_ms
+            ));
+        }
+        if self.idle_timeout_ms != 0 && self.idle_timeout_ms < 100 {
+            return Err(format!("h2.idle_timeout_ms {} must be 0 (never) or >= 100", self.idle_timeout_ms));
         }
         Ok(())
     }
@@ -98,7 +129,9 @@ impl H2Tuning {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
-    /// A server builder with these settings.
+    /// A server builder with these settings. Every limit h2 0.4 exposes is
+    /// set here (the constants below say why each value); only
+    /// `enable_connect_protocol` is left off, as we serve no CONNECT.
     pub fn server(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
         b.initial_window_size(self.stream_window)
@@ -106,47 +139,85 @@ impl H2Tuning {
             .max_frame_size(self.max_frame_size)
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(self.max_header_list_size)
+            .header_table_size(HEADER_TABLE_SIZE)
             .max_send_buffer_size(self.max_send_buffer)
-            .max_concurrent_reset_streams(1024)
-            .max_pending_accept_reset_streams(1024);
+            .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+            .reset_stream_duration(RESET_STREAM_DURATION)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .data_frame_budget(self.data_frame_budget());
         b
     }
 
-    /// A client builder with these settings.
+    /// A client builder with these settings (every limit h2 0.4 exposes;
+    /// `initial_stream_id` stays at 1).
     pub fn client(&self) -> h2::client::Builder {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.max_header_list_size)
+            .header_table_size(HEADER_TABLE_SIZE)
             .max_send_buffer_size(self.max_send_buffer)
             // Until the peer's SETTINGS arrive; a peer with a lower limit
             // refuses the excess unprocessed (retried by the caller).
             .initial_max_send_streams(100)
-            .max_concurrent_reset_streams(1024)
-            .enable_push(false);
+            // Streams the server may open towards us: none (push is off).
+            .max_concurrent_streams(0)
+            .enable_push(false)
+            .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+            .reset_stream_duration(RESET_STREAM_DURATION)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .data_frame_budget(self.data_frame_budget());
         b
+    }
+
+    /// Bytes of small-DATA-frame bookkeeping a peer may make us hold (h2's
+    /// own rule, made explicit): half the connection window, at least
+    /// 25,600. A peer that splits its window into tiny frames past this
+    /// gets GOAWAY ENHANCE_YOUR_CALM from h2.
+    fn data_frame_budget(&self) -> usize {
+        (self.connection_window as usize / 2).max(25_600)
     }
 }
 
-/// Sends a ping every `interval`; resolves (with a static reason) only when
-/// the peer stops answering.
-async fn keepalive(pp: Option<PingPong>, t: &H2Tuning) -> &'static str {
-    let Some(mut pp) = pp else { return std::future::pending().await };
-    loop {
-        glommio::timer::sleep(Duration::from_millis(t.keepalive_interval_ms)).await;
-        if pp.send_ping(Ping::opaque()).is_err() {
-            return "keepalive_send_failed";
-        }
-        let pong =
-            crate::runtime::timeout(Duration::from_millis(t.keepalive_timeout_ms), poll_fn(|cx| pp.poll_pong(cx)));
-        match pong.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "keepalive_failed",
-            Err(_) => return "keepalive_timeout",
-        }
-    }
-}
+/// HPACK dynamic table we let the peer's encoder use (our decoder's memory
+/// per connection). Our header sets are a few hundred bytes and repeat, so
+/// the RFC's 4 KiB already holds them all; more only costs memory per
+/// connection.
+pub const HEADER_TABLE_SIZE: u32 = 4096;
+
+/// Streams we reset (a cancelled dial resets its upstream stream) that h2
+/// remembers for [`RESET_STREAM_DURATION`], so frames still in flight for
+/// them are ignored. Past it the oldest is forgotten, and a late frame for
+/// it is a connection error, which would take a peer link's other streams
+/// with it: a peer link carries thousands of streams, and a client leaving
+/// with its dials resets a burst of them at once. h2's default (50) is far
+/// too small for that; 4096 entries of a few hundred bytes hold ~1 MiB at
+/// worst, only for a second.
+pub const MAX_CONCURRENT_RESET_STREAMS: usize = 4096;
+
+/// How long a reset stream is remembered (about an RTT, per RFC 9113
+/// 5.4.2; h2's default).
+pub const RESET_STREAM_DURATION: Duration = Duration::from_secs(1);
+
+/// Streams the peer reset before we accepted them, waiting in h2's accept
+/// queue; past it h2 ends the connection with ENHANCE_YOUR_CALM. Our accept
+/// loop takes a stream as soon as h2 has parsed it, so only a burst within
+/// one read can queue: a client cancelling a burst of requests it just sent
+/// reaches a few dozen. Equal to [`MAX_RESETS_PER_SEC`], our own bound on
+/// accepted streams reset before establishment: rejected, the old 1024,
+/// which let a flood park five times more dead streams in the queue than
+/// our own rule allows in a second.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = MAX_RESETS_PER_SEC as usize;
+
+/// Streams we had to reset because of the peer's protocol errors (bad
+/// headers, window overruns), over the connection's life; past it h2 ends
+/// the connection with ENHANCE_YOUR_CALM. A conforming peer causes none; an
+/// abusive one makes us do work for each, so the bound is well below h2's
+/// default (1024): a buggy client reconnects, an attacker is cut sooner.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
 /// Longest a server connection drains after GOAWAY before it is closed.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,6 +246,12 @@ struct ActiveInner {
     resets: Cell<u32>,
     window: Cell<Option<Instant>>,
     calm: Signal,
+    /// Why `calm` fired (a static reason: `reset_flood`, `ping_flood`, ...).
+    calm_why: Cell<&'static str>,
+    /// When a stream last opened or closed (for the idle timeout).
+    touched: Cell<Option<Instant>>,
+    /// The connection's keepalive verdict.
+    health: LinkHealth,
 }
 
 /// A server connection's open streams (for the idle timeout) and the
@@ -198,6 +275,7 @@ impl ActiveStreams {
     /// Marks a stream open until the guard drops.
     pub fn enter(&self) -> StreamGuard {
         self.0.open.set(self.0.open.get() + 1);
+        self.0.touched.set(Some(Instant::now()));
         StreamGuard(self.0.clone())
     }
 
@@ -223,20 +301,38 @@ impl ActiveStreams {
         }
         self.0.resets.set(self.0.resets.get() + 1);
         if self.0.resets.get() > MAX_RESETS_PER_SEC {
+            self.calm("reset_flood");
+        }
+    }
+
+    /// Ends the connection with GOAWAY ENHANCE_YOUR_CALM; `why` is what
+    /// [`serve`] returns (the first reason wins).
+    pub fn calm(&self, why: &'static str) {
+        if !self.0.calm.is_triggered() {
+            self.0.calm_why.set(why);
             self.0.calm.trigger();
         }
+    }
+
+    /// The connection's keepalive verdict (suspect after a missed ping).
+    pub fn health(&self) -> &LinkHealth {
+        &self.0.health
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.open.set(self.0.open.get() - 1);
+        self.0.touched.set(Some(Instant::now()));
     }
 }
 
 /// Drives a server connection: hands each request to `on_request`, answers
-/// keepalive, drains with GOAWAY when `stop` fires, closes the
-/// connection after `idle_timeout_ms` without streams (unless `persistent`).
+/// keepalive (its verdict in `active.health()`), drains with GOAWAY when
+/// `stop` fires, ends it with GOAWAY ENHANCE_YOUR_CALM when `active` is
+/// told to calm down, and closes it once no stream was open and none opened
+/// or closed for `idle_timeout_ms` (unless `persistent`; checked every
+/// quarter of it, so a connection goes within 1.25 × the timeout).
 /// Returns why the connection ended.
 pub async fn serve<T, H>(
     mut conn: h2::server::Connection<T, Bytes>,
@@ -250,7 +346,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>),
 {
-    let mut ka = pin!(keepalive(conn.ping_pong(), t));
+    let mut ka = pin!(keepalive(conn.ping_pong(), t, &active.0.health));
     let mut stop = pin!(stop.wait());
     let mut calm = pin!(active.0.calm.wait());
     let mut draining = false;
@@ -304,11 +400,12 @@ where
                 return why;
             }
             Ev::Calm => {
-                tracing::warn!(limit = MAX_RESETS_PER_SEC, "peer reset too many streams; GOAWAY ENHANCE_YOUR_CALM");
+                let why = active.0.calm_why.get();
+                tracing::warn!(why, "peer over an abuse threshold; GOAWAY ENHANCE_YOUR_CALM");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 // Flush the GOAWAY, then end the connection.
                 let _ = crate::runtime::timeout(Duration::from_millis(100), poll_fn(|cx| conn.poll_closed(cx))).await;
-                return "reset_flood";
+                return why;
             }
             Ev::Stop => {
                 conn.graceful_shutdown();
@@ -316,6 +413,13 @@ where
                 drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
             }
             Ev::Tick => {
+                // Idle means no stream open and none opened or closed since:
+                // a connection busy with short streams is never idle.
+                // (Rejected: sampling `open` at ticks alone, which missed
+                // every stream that lived between two ticks.)
+                if let Some(t) = active.0.touched.get() {
+                    idle_since = idle_since.max(t);
+                }
                 if active.0.open.get() > 0 {
                     idle_since = Instant::now();
                 } else if idle_since.elapsed() >= idle && !draining {
@@ -329,12 +433,24 @@ where
 }
 
 /// Drives a client connection with keepalive until it ends; returns why.
-pub async fn drive_client<T>(mut conn: h2::client::Connection<T, Bytes>, t: &H2Tuning) -> &'static str
+pub async fn drive_client<T>(conn: h2::client::Connection<T, Bytes>, t: &H2Tuning) -> &'static str
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    drive_client_watched(conn, t, &LinkHealth::new()).await
+}
+
+/// [`drive_client`], publishing the keepalive verdict in `health`.
+pub async fn drive_client_watched<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    t: &H2Tuning,
+    health: &LinkHealth,
+) -> &'static str
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let pp = conn.ping_pong();
-    let ka = keepalive(pp, t);
+    let ka = keepalive(pp, t, health);
     futures_lite::future::or(
         async move {
             match conn.await {

@@ -5,9 +5,11 @@
 //! from [`h2conf::H2Tuning`] (no h2 default is trusted).
 
 pub mod certs;
+pub mod flood;
 pub mod h2conf;
 pub mod identity;
 pub mod io;
+pub mod keepalive;
 pub mod tls;
 
 use std::net::SocketAddr;

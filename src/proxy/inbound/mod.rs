@@ -19,6 +19,7 @@ use glommio::net::{TcpListener, TcpStream};
 use super::shard::Shard;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
+use crate::transport::flood::FloodMeter;
 use crate::transport::h2conf::{serve, ActiveStreams};
 use crate::wire::error::Label;
 
@@ -89,7 +90,9 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         }
     };
     shard.stats.client_conns.inc();
-    let conn = match timeout(h2cfg.handshake_timeout(), h2cfg.server().handshake::<_, Bytes>(tls)).await {
+    let active = ActiveStreams::default();
+    let metered = FloodMeter::new(tls, &active);
+    let conn = match timeout(h2cfg.handshake_timeout(), h2cfg.server().handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => {
             shard.stats.error(Label::H2Handshake);
@@ -98,7 +101,6 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     };
     tracing::debug!(peer = %peer, ?edge, shard = shard.index, "connected");
     let caller = Rc::new(peer);
-    let active = ActiveStreams::default();
     let serving = serve(conn, h2cfg, &shard.stopping, &active, false, |req, respond| {
         let guard = active.enter();
         let (shard, caller, active) = (shard.clone(), caller.clone(), active.clone());
@@ -113,9 +115,15 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         "proxy_stopping"
     })
     .await;
-    if why == "reset_flood" {
-        tracing::warn!(peer = %caller, "connection ended with GOAWAY ENHANCE_YOUR_CALM: too many reset streams");
-        shard.stats.error(Label::ResetFlood);
+    let flood = match why {
+        "reset_flood" => Some((Label::ResetFlood, "too many streams reset before establishment")),
+        "ping_flood" => Some((Label::PingFlood, "too many PING frames")),
+        "settings_flood" => Some((Label::SettingsFlood, "too many SETTINGS frames")),
+        _ => None,
+    };
+    if let Some((label, what)) = flood {
+        tracing::warn!(peer = %caller, "connection ended with GOAWAY ENHANCE_YOUR_CALM: {what}");
+        shard.stats.error(label);
     }
     tracing::debug!(peer = %caller, why, "connection ended");
 }

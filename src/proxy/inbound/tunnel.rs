@@ -23,7 +23,8 @@ use crate::route::model::Strategy;
 use crate::route::RouteTable;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
-use crate::transport::h2conf::drive_client;
+use crate::transport::h2conf::drive_client_watched;
+use crate::transport::keepalive::LinkHealth;
 use crate::transport::identity::valid_name;
 use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
 use crate::wire::error::{Error, Label, Side};
@@ -56,7 +57,9 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
             return;
         }
     };
-    let driver = glommio::spawn_local(async move { drive_client(conn, &h2cfg).await });
+    let health = LinkHealth::new();
+    let watched = health.clone();
+    let driver = glommio::spawn_local(async move { drive_client_watched(conn, &h2cfg, &watched).await });
     // What the agent is first told is exactly what later pushes compare
     // against (computed once: the snapshot may change meanwhile).
     let sent = membership(&shard, &shard.routes());
@@ -73,7 +76,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
             }
         };
     let conn_id = shard.next_conn_id();
-    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone() });
+    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone(), health });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
     let mut driver = driver;
     let closing = || async {

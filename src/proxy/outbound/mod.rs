@@ -127,7 +127,9 @@ impl Sink for UpSend {
 /// tunnel, then a sibling shard's, then (when `peers` is allowed) the other
 /// proxies that hold one, live links first and then the least loaded.
 /// `link` tells, for a peer address, whether a live link exists and how
-/// many streams it carries.
+/// many streams it carries. A local tunnel whose keepalive ping is overdue
+/// (suspect) goes last: the agent or the path to it may be frozen, and a
+/// sibling or a peer holder answers sooner.
 pub fn plan(
     index: u32,
     local: Option<TunnelRef>,
@@ -137,6 +139,10 @@ pub fn plan(
     link: impl Fn(&str) -> (bool, usize),
 ) -> Vec<Upstream> {
     let mut out = Vec::with_capacity(1);
+    let (local, suspect) = match local {
+        Some(t) if t.health.is_suspect() => (None, Some(t)),
+        t => (t, None),
+    };
     if let Some(t) = local {
         out.push(Upstream::Local(t));
     }
@@ -156,6 +162,7 @@ pub fn plan(
             Some(Upstream::Peer { proxy: Rc::from(&*r.proxy), addr: Rc::from(r.peer_addr.as_deref()?) })
         }));
     }
+    out.extend(suspect.map(Upstream::Local));
     out
 }
 
@@ -211,7 +218,11 @@ impl Upstream {
             Upstream::Peer { proxy, addr } => {
                 shard.stats.dials_peered.inc();
                 let deadline = Instant::now() + left;
-                let mut slot = shard.peers.stream(proxy, addr, deadline).await?;
+                let mut slot = if last {
+                    shard.peers.stream_last_resort(proxy, addr, deadline).await?
+                } else {
+                    shard.peers.stream(proxy, addr, deadline).await?
+                };
                 let left = deadline.saturating_duration_since(Instant::now());
                 let uri = paths::uri(paths::PEER_DIAL);
                 let bound = if last { left } else { shard.shared.peer_answer_timeout.min(left) };

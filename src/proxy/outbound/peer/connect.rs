@@ -16,7 +16,8 @@ use rustls::ClientConfig;
 use super::link::{Flight, Link, State};
 use super::Inner;
 use crate::runtime::timeout;
-use crate::transport::h2conf::{drive_client, H2Tuning};
+use crate::transport::h2conf::{drive_client_watched, H2Tuning};
+use crate::transport::keepalive::LinkHealth;
 use crate::transport::{connect_tls, ClientTls, TransportError};
 use crate::wire::error::{Error, Label, Retry, Side};
 
@@ -49,6 +50,7 @@ pub(super) async fn run_link(
                 state: Cell::new(State::Ready),
                 send: RefCell::new(Some(send)),
                 active: Cell::new(0),
+                health: LinkHealth::new(),
             });
             shared.resumed.set(shared.resumed.get() + u64::from(resumed));
             shared.settle(&addr, Ok(link.clone()));
@@ -63,7 +65,7 @@ pub(super) async fn run_link(
     drop(shared); // the task must not keep the links alive
     flight.finish(Ok(()));
     tracing::info!(peer = &*proxy, addr, resumed, "peer link up");
-    let why = or(drive_client(conn, &h2), async {
+    let why = or(drive_client_watched(conn, &h2, &link.health), async {
         closing.wait().await;
         "shard_stopping"
     })

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::SendStream;
 
+use crate::transport::keepalive::LinkHealth;
 use crate::wire::error::{Error, Retry, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub(super) struct Link {
     pub(super) send: RefCell<Option<SendRequest<Bytes>>>,
     /// Slots handed out and not yet dropped.
     pub(super) active: Cell<usize>,
+    /// The keepalive verdict: a suspect link gets no new stream unless the
+    /// caller has nowhere else to go.
+    pub(super) health: LinkHealth,
 }
 
 impl Link {
@@ -62,9 +66,10 @@ impl Link {
         }
     }
 
-    /// A slot on this link, if it is Ready for `proxy` and below the peer's limit.
-    pub(super) fn admit(self: &Rc<Self>, proxy: &str) -> Option<PeerStream> {
-        if &*self.proxy != proxy || !self.is_ready() {
+    /// A slot on this link, if it is Ready for `proxy`, below the peer's
+    /// limit, and (unless `suspect_ok`) answering its keepalive.
+    pub(super) fn admit(self: &Rc<Self>, proxy: &str, suspect_ok: bool) -> Option<PeerStream> {
+        if &*self.proxy != proxy || !self.is_ready() || (!suspect_ok && self.health.is_suspect()) {
             return None;
         }
         let send = self.send.borrow().as_ref()?.clone();

@@ -154,11 +154,29 @@ impl PeerLinks {
 
     /// A stream slot on a Ready link to `proxy` at `addr`, connecting
     /// (single-flight) if no link has room. Fails at once while the address
-    /// backs off, or when `max_links_per_peer` links are all full.
+    /// backs off, when `max_links_per_peer` links are all full, or when a
+    /// link to it is suspect (its keepalive ping is overdue: the peer may be
+    /// frozen, and connecting another link would wait on it too).
     pub async fn stream(&self, proxy: &str, addr: &str, deadline: Instant) -> Result<PeerStream, Error> {
+        self.stream_with(proxy, addr, deadline, false).await
+    }
+
+    /// [`stream`](Self::stream) for a caller with no other upstream left:
+    /// a suspect link is used rather than failing at once.
+    pub async fn stream_last_resort(&self, proxy: &str, addr: &str, deadline: Instant) -> Result<PeerStream, Error> {
+        self.stream_with(proxy, addr, deadline, true).await
+    }
+
+    async fn stream_with(
+        &self,
+        proxy: &str,
+        addr: &str,
+        deadline: Instant,
+        suspect_ok: bool,
+    ) -> Result<PeerStream, Error> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let flight = match self.step(proxy, addr, left)? {
+            let flight = match self.step(proxy, addr, left, suspect_ok)? {
                 Step::Stream(s) => return Ok(s),
                 Step::Wait(f) => f,
             };
@@ -170,9 +188,14 @@ impl PeerLinks {
         }
     }
 
-    /// Whether a Ready link to `addr` exists (live links are tried first).
+    /// Whether a Ready link to `addr` that answers its keepalive exists
+    /// (live links are tried first).
     pub fn has_ready(&self, addr: &str) -> bool {
-        self.inner.dests.borrow().get(addr).is_some_and(|d| d.links.iter().any(|l| l.is_ready()))
+        self.inner
+            .dests
+            .borrow()
+            .get(addr)
+            .is_some_and(|d| d.links.iter().any(|l| l.is_ready() && !l.health.is_suspect()))
     }
 
     /// Streams this shard has open towards `addr`.
@@ -223,14 +246,22 @@ impl PeerLinks {
 
     /// Takes a slot, or says which connect to wait for (starting one if
     /// allowed). Synchronous: the borrows end before the caller awaits.
-    fn step(&self, proxy: &str, addr: &str, left: Duration) -> Result<Step, Error> {
+    fn step(&self, proxy: &str, addr: &str, left: Duration, suspect_ok: bool) -> Result<Step, Error> {
         let mut dests = self.inner.dests.borrow_mut();
         if !dests.contains_key(addr) {
             dests.insert(addr.to_string(), self.inner.dest(proxy));
         }
         let Some(d) = dests.get_mut(addr) else { return Err(Error::internal("peer address vanished")) };
-        if let Some(s) = d.links.iter().find_map(|l| l.admit(proxy)) {
+        if let Some(s) = d.links.iter().find_map(|l| l.admit(proxy, suspect_ok)) {
             return Ok(Step::Stream(s));
+        }
+        let overdue = d.links.iter().filter(|l| l.is_ready()).find_map(|l| l.health.suspect_since());
+        if let (Some(since), false) = (overdue, suspect_ok) {
+            let msg = format!(
+                "peer {proxy} at {addr} is suspect: its keepalive ping has been unanswered for {} ms",
+                since.elapsed().as_millis() + self.inner.h2.keepalive_miss_ms as u128
+            );
+            return Err(Error::unavailable(Side::Peer, Retry::Safe, Label::LinkSuspect, msg));
         }
         if let Some(f) = &d.connecting {
             return Ok(Step::Wait(f.clone()));

@@ -298,3 +298,29 @@ fn links_of_a_proxy_that_left_drain_and_close_when_their_streams_end() {
         eventually("the drained link closes", || links.link_count() == 0).await;
     });
 }
+
+#[test]
+fn a_link_whose_ping_is_overdue_gets_no_new_stream_unless_it_is_the_last_resort() {
+    run(|dir| async move {
+        let p = peer(&dir, "proxy-b", 100);
+        let (links, _) = new_links(&dir, PeerLinkConfig::default());
+        let _s1 = links.stream("proxy-b", &p.addr, soon()).await.expect("first stream");
+        let health = links.inner.dests.borrow()[&p.addr].links[0].health.clone();
+        // The keepalive misses one answer (what a frozen peer does).
+        health.mark(true);
+        assert!(!links.has_ready(&p.addr), "the plan ranks a suspect link after live ones");
+        let t0 = Instant::now();
+        let e = links.stream("proxy-b", &p.addr, soon()).await.err().expect("no stream on a suspect link");
+        assert_eq!((e.retry, e.side, e.label), (Retry::Safe, Side::Peer, Label::LinkSuspect), "{e}");
+        assert!(e.message.contains("keepalive ping has been unanswered"), "{e}");
+        assert!(t0.elapsed() < Duration::from_millis(50), "fails at once, no connect to the frozen peer");
+        assert_eq!(p.accepts.get(), 1, "no sibling link was dialled");
+        // With nowhere else to go, the dial takes its chance on the link.
+        let _s2 = links.stream_last_resort("proxy-b", &p.addr, soon()).await.expect("last resort");
+        // The answer arrives: the link is live again.
+        health.mark(false);
+        assert!(links.has_ready(&p.addr));
+        let _s3 = links.stream("proxy-b", &p.addr, soon()).await.expect("stream after the pong");
+        assert_eq!((p.accepts.get(), links.link_count()), (1, 1));
+    });
+}
