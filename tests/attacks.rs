@@ -148,3 +148,167 @@ fn dials_that_never_send_their_request_are_held_to_the_setup_budget() {
     });
     assert_eq!(back.unwrap(), b"served");
 }
+
+/// What a control-frame flood got back before the connection ended.
+#[derive(Debug)]
+struct FloodOutcome {
+    /// Frames of the flooded kind written (some may sit unread in buffers).
+    sent: usize,
+    /// ACKs of the flooded kind received: frames the proxy answered.
+    acks: u32,
+    /// The GOAWAY's error code, if one came.
+    goaway: Option<u32>,
+    took: Duration,
+}
+
+/// A raw TLS client that speaks just enough HTTP/2: the preface, an empty
+/// SETTINGS, then `n` copies of `frame` (type `kind`), written in batches
+/// of 500 while a reader counts the proxy's ACKs of that kind until its
+/// GOAWAY.
+fn control_flood(fleet: &Fleet, frame: Vec<u8>, kind: u8, n: usize) -> FloodOutcome {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = fleet.proxy.client_addr.to_string();
+    let tls = ringpeer::client::client_tls(fleet.dir(), "client").unwrap();
+    ringpeer::runtime::block_on("control-flood", move || async move {
+        let (stream, _) = ringpeer::transport::connect_tls(&tls, &addr, Duration::from_secs(5)).await.unwrap();
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (acks, goaway) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(None::<u32>)));
+        let (a, g) = (acks.clone(), goaway.clone());
+        let reader = glommio::spawn_local(async move {
+            let mut buf = Vec::with_capacity(1 << 16);
+            let mut chunk = vec![0u8; 1 << 16];
+            while g.get().is_none() {
+                let Ok(got) = rd.read(&mut chunk).await else { return };
+                if got == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..got]);
+                let mut at = 0;
+                while buf.len() - at >= 9 {
+                    let len = (buf[at] as usize) << 16 | (buf[at + 1] as usize) << 8 | buf[at + 2] as usize;
+                    if buf.len() - at < 9 + len {
+                        break;
+                    }
+                    let (ty, flags, payload) = (buf[at + 3], buf[at + 4], &buf[at + 9..at + 9 + len]);
+                    if ty == kind && flags & 1 == 1 {
+                        a.set(a.get() + 1);
+                    }
+                    if ty == 0x7 && payload.len() >= 8 {
+                        g.set(Some(u32::from_be_bytes(payload[4..8].try_into().unwrap())));
+                    }
+                    at += 9 + len;
+                }
+                buf.drain(..at);
+            }
+        })
+        .detach();
+        let t0 = Instant::now();
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        wr.write_all(&hello).await.unwrap();
+        let batch: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 500).collect();
+        let mut sent = 0;
+        while sent < n && goaway.get().is_none() {
+            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+            sent += 500;
+            // A flood that reads its answers (one that does not is held by
+            // TCP backpressure anyway): at most two batches unanswered. It
+            // also keeps unread bytes at the proxy few, so closing its
+            // socket does not reset the connection before the GOAWAY is read.
+            let wait = Instant::now();
+            while acks.get() as usize + 1000 < sent && goaway.get().is_none() && wait.elapsed() < Duration::from_secs(1) {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        let wait = Instant::now();
+        while goaway.get().is_none() && wait.elapsed() < Duration::from_secs(5) {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        drop(reader);
+        FloodOutcome { sent, acks: acks.get(), goaway: goaway.get(), took: t0.elapsed() }
+    })
+    .unwrap()
+}
+
+/// The worst latency of back-to-back canary dials on their own connection
+/// while `during` runs (or, with `None`, over `n` idle dials).
+fn canary<T>(fleet: &Fleet, during: impl FnOnce() -> T) -> (T, Duration, usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, dir, s) = (fleet.proxy.client_addr, fleet.dir().to_path_buf(), stop.clone());
+    let dials = std::thread::spawn(move || {
+        common::with_client(addr, &dir, "client", move |c| async move {
+            let target = DialTarget::parse("agent-1/echo").unwrap();
+            let (mut worst, mut n) = (Duration::ZERO, 0);
+            while !s.load(Ordering::Relaxed) || n < 5 {
+                let t0 = Instant::now();
+                let back = ringpeer::tools::load::echo_roundtrip(&c, &target, b"canary").await.unwrap();
+                assert_eq!(back, b"canary");
+                worst = worst.max(t0.elapsed());
+                n += 1;
+                glommio::timer::sleep(Duration::from_millis(2)).await;
+            }
+            (worst, n)
+        })
+    });
+    let out = during();
+    stop.store(true, Ordering::Relaxed);
+    let (worst, n) = dials.join().unwrap();
+    (out, worst, n)
+}
+
+/// Floods of PING or SETTINGS frames, each answered by h2 itself: the
+/// flood meter below h2 counts them and ends the connection with GOAWAY
+/// ENHANCE_YOUR_CALM once over its per-second threshold, after answering
+/// at most that many; a canary on another connection of the same shard is
+/// served all along.
+#[test]
+fn ping_and_settings_floods_get_goaway_enhance_your_calm_within_their_thresholds() {
+    use ringpeer::transport::flood::{MAX_PINGS_PER_SEC, MAX_SETTINGS_PER_SEC};
+    let fleet = Fleet::start(1);
+    let ((), idle, _) = canary(&fleet, || std::thread::sleep(Duration::from_millis(300)));
+    let ping = [&[0, 0, 8, 0x6, 0, 0, 0, 0, 0][..], &[7; 8]].concat();
+    let settings = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let cases = [
+        ("PING", ping, 0x6, 100_000, MAX_PINGS_PER_SEC, Label::PingFlood),
+        ("SETTINGS", settings, 0x4, 10_000, MAX_SETTINGS_PER_SEC, Label::SettingsFlood),
+    ];
+    for (name, frame, kind, n, max, label) in cases {
+        // The attacker reconnects and floods again, ten times over, while
+        // the canary dials.
+        let rounds = 10;
+        let (outs, worst, dials) =
+            canary(&fleet, || (0..rounds).map(|_| control_flood(&fleet, frame.clone(), kind, n)).collect::<Vec<_>>());
+        eprintln!("{name} flood, first round: {:?}", outs[0]);
+        let most = outs.iter().map(|o| o.acks).max().unwrap();
+        let longest = outs.iter().map(|o| o.took).max().unwrap();
+        eprintln!(
+            "{name} flood x{rounds}: at most {most} answered per connection, longest {longest:?}; \
+             canary worst {worst:?} over {dials} dials (idle worst {idle:?})"
+        );
+        for out in &outs {
+            assert_eq!(out.goaway, Some(u32::from(h2::Reason::ENHANCE_YOUR_CALM)), "{name}: {out:?}");
+            // Answered at most the threshold per second the flood lasted
+            // (the window restarts each second): it is cut in its first.
+            let seconds = out.took.as_secs() as u32 + 1;
+            assert!(out.acks <= max * seconds, "{name}: {} answered, threshold {max}/s over {:?}", out.acks, out.took);
+            // Sent before the GOAWAY: the threshold plus what the client
+            // keeps unanswered (two batches) and the batch in flight.
+            assert!(out.sent <= (max * seconds) as usize + 1500, "{name}: {out:?}");
+            assert!(out.took < Duration::from_secs(3), "{name}: {out:?}");
+        }
+        let m = &fleet.proxy.metrics;
+        common::eventually("every flood is counted", || m.sum(|s| s.error_count(label)) == rounds);
+        assert!(
+            worst < idle * 3 + Duration::from_millis(200),
+            "{name}: canary took {worst:?} during the floods ({idle:?} idle)"
+        );
+    }
+    // Literal thresholds, so a raised constant fails here too.
+    assert_eq!((MAX_PINGS_PER_SEC, MAX_SETTINGS_PER_SEC), (10_000, 100));
+}

@@ -219,6 +219,13 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = MAX_RESETS_PER_SEC as usize;
 /// default (1024): a buggy client reconnects, an attacker is cut sooner.
 pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
+/// Longest a connection told to calm down may take to read its GOAWAY
+/// (queued behind the answers it has not read yet) before the socket is
+/// closed. The task only waits on a socket meanwhile; h2 reads nothing.
+/// Rejected: 100 ms, after which a flooding client that reads slowly got a
+/// reset instead of the GOAWAY that names its offence.
+pub const CALM_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Longest a server connection drains after GOAWAY before it is closed.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -403,8 +410,9 @@ where
                 let why = active.0.calm_why.get();
                 tracing::warn!(why, "peer over an abuse threshold; GOAWAY ENHANCE_YOUR_CALM");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                // Flush the GOAWAY, then end the connection.
-                let _ = crate::runtime::timeout(Duration::from_millis(100), poll_fn(|cx| conn.poll_closed(cx))).await;
+                // Flush the GOAWAY (h2 reads nothing more meanwhile), then
+                // end the connection.
+                let _ = crate::runtime::timeout(CALM_FLUSH_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;
                 return why;
             }
             Ev::Stop => {
