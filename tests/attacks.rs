@@ -234,8 +234,8 @@ fn control_flood(fleet: &Fleet, frame: Vec<u8>, kind: u8, n: usize) -> FloodOutc
     .unwrap()
 }
 
-/// The worst latency of back-to-back canary dials on their own connection
-/// while `during` runs (or, with `None`, over `n` idle dials).
+/// The worst latency of canary dials (one every 2 ms, at least five) on
+/// their own connection while `during` runs, and how many there were.
 fn canary<T>(fleet: &Fleet, during: impl FnOnce() -> T) -> (T, Duration, usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;

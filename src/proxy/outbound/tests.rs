@@ -47,3 +47,24 @@ fn failover_follows_the_retry_class_never_the_text() {
     let not_here = Error::from_status(Side::Peer, crate::wire::status::Status::new(Code::NotFound, "gone"));
     assert_eq!(after_failure(&not_here, 0), Next::Skip, "a stale route: try the next holder");
 }
+
+/// A tunnel handle on an in-memory connection nobody serves (its requests
+/// are never sent: `plan` only orders upstreams).
+fn tunnel(conn: u64) -> TunnelRef {
+    let (io, _far) = tokio::io::duplex(1 << 16);
+    let (send, _conn) = futures_lite::future::block_on(h2::client::handshake(io)).expect("handshake");
+    TunnelRef { conn, send, services: Arc::from(vec![]), health: Default::default() }
+}
+
+#[test]
+fn a_local_tunnel_whose_ping_is_overdue_goes_after_siblings_and_peers() {
+    let r = [remote("b", Some("b:1"))];
+    let t = tunnel(7);
+    let p = plan(0, Some(t.clone()), [0, 1], &r, true, |_| (true, 0));
+    assert_eq!(names(&p), ["Local(conn 7)", "Sibling(1)", "Peer(b at b:1)"]);
+    t.health.mark(true);
+    let p = plan(0, Some(t.clone()), [0, 1], &r, true, |_| (true, 0));
+    assert_eq!(names(&p), ["Sibling(1)", "Peer(b at b:1)", "Local(conn 7)"], "tried last, not dropped");
+    t.health.mark(false);
+    assert_eq!(names(&plan(0, Some(t), [0], &r, true, |_| (true, 0)))[0], "Local(conn 7)");
+}
