@@ -314,7 +314,11 @@ mod tests {
             ("", "[h2]\nkeepalive_timeout_ms=0\n", "h2.keepalive_timeout_ms must be > 0"),
             ("", "[h2]\nkeepalive_interval_ms=0\n", "h2.keepalive_interval_ms must be > 0"),
             ("", "[h2]\nkeepalive_miss_ms=0\n", "h2.keepalive_miss_ms must be > 0"),
-            ("", "[h2]\nkeepalive_miss_ms=7000\nkeepalive_timeout_ms=6000\n", "h2.keepalive_miss_ms (7000) must be below"),
+            (
+                "",
+                "[h2]\nkeepalive_miss_ms=7000\nkeepalive_timeout_ms=6000\n",
+                "h2.keepalive_miss_ms (7000) must be below",
+            ),
             ("", "[h2]\nmax_concurrent_streams=0\n", "h2.max_concurrent_streams must be > 0"),
             ("", "[h2]\nhandshake_timeout_ms=0\n", "h2.handshake_timeout_ms must be > 0"),
             ("", "[h2]\nidle_timeout_ms=5\n", "h2.idle_timeout_ms 5"),

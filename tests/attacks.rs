@@ -220,7 +220,8 @@ fn control_flood(fleet: &Fleet, frame: Vec<u8>, kind: u8, n: usize) -> FloodOutc
             // also keeps unread bytes at the proxy few, so closing its
             // socket does not reset the connection before the GOAWAY is read.
             let wait = Instant::now();
-            while acks.get() as usize + 1000 < sent && goaway.get().is_none() && wait.elapsed() < Duration::from_secs(1) {
+            while acks.get() as usize + 1000 < sent && goaway.get().is_none() && wait.elapsed() < Duration::from_secs(1)
+            {
                 glommio::timer::sleep(Duration::from_micros(200)).await;
             }
         }

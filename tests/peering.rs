@@ -398,7 +398,10 @@ fn lose_one_of_two_holders(fault: Fault) {
             assert!(gap < Duration::from_secs(1), "longest gap between successful dials {gap:?}");
             // Keepalive interval + miss (3 s), plus the reconnect, with slack.
             let replaced = replaced.unwrap();
-            assert!(replaced < Duration::from_secs(5), "the agent replaced the frozen proxy's tunnel after {replaced:?}");
+            assert!(
+                replaced < Duration::from_secs(5),
+                "the agent replaced the frozen proxy's tunnel after {replaced:?}"
+            );
         }
     }
 }

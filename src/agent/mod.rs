@@ -85,10 +85,7 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
     while !ctx.shutdown.is_triggered() {
         slots.retain(|_, (s, _)| !s.ended.get());
         let now = Instant::now();
-        let view: HashMap<String, Slot> = slots
-            .iter()
-            .map(|(a, (s, _))| (a.clone(), s.clone()))
-            .collect();
+        let view: HashMap<String, Slot> = slots.iter().map(|(a, (s, _))| (a.clone(), s.clone())).collect();
         let want = {
             let m = ctx.membership.borrow();
             let strategy = match (m.strategy, ctx.count_override) {

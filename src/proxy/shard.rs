@@ -22,12 +22,12 @@ use super::outbound::peer::{PeerLinkConfig, PeerLinks};
 use super::stats::ShardStats;
 use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
-use crate::transport::keepalive::LinkHealth;
 use crate::route::RouteTable;
 use crate::runtime::mailbox::{Inbox, Mailbox};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::signal::{Inflight, Signal};
 use crate::transport::h2conf::H2Tuning;
+use crate::transport::keepalive::LinkHealth;
 
 /// Work posted to a shard by another thread.
 pub enum ShardMsg {

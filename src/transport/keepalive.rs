@@ -84,7 +84,10 @@ pub(super) async fn keepalive(pp: Option<PingPong>, t: &H2Tuning, health: &LinkH
         match answered {
             Ok(Ok(_)) => {
                 if health.is_suspect() {
-                    tracing::info!(after_ms = sent.elapsed().as_millis() as u64, "keepalive answered; link healthy again");
+                    tracing::info!(
+                        after_ms = sent.elapsed().as_millis() as u64,
+                        "keepalive answered; link healthy again"
+                    );
                 }
                 health.mark(false);
             }
