@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod flood;
 pub mod h2conf;
+pub mod h2limits;
 pub mod identity;
 pub mod io;
 pub mod keepalive;
