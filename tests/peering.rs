@@ -279,8 +279,12 @@ fn lose_one_of_two_holders(fault: Fault) {
     let mut procs = std::collections::HashMap::new();
     let mut admins = std::collections::HashMap::new();
     let mut seed = None;
+    // Frozen: the default TTL (10 s), so the frozen proxy stays in the
+    // proxy set the agent is told for 10 s, and only the agent's keepalive
+    // can move its tunnel sooner.
+    let ttl_ms = if fault == Fault::Freeze { 10_000 } else { 1_500 };
     for id in ["proxy-a", "proxy-b", "proxy-c"] {
-        let (p, tunnel, admin) = proxy(dir, &redis, id, 1_500, 2);
+        let (p, tunnel, admin) = proxy(dir, &redis, id, ttl_ms, 2);
         seed.get_or_insert(tunnel);
         procs.insert(id, p);
         admins.insert(id, admin);
