@@ -9,7 +9,7 @@
 //! the 9-byte header (24-bit length, type, flags) and skips the payload.
 //! Each frame costs a few comparisons; a read costs nothing more than a walk
 //! over the frame headers it holds (one per 16 KiB to 64 KiB of DATA), with
-//! no allocation and a clock read once per [`MAX_PINGS_PER_SEC`] frames.
+//! no allocation and one clock read per threshold's worth of counted frames.
 //!
 //! Invariants: only non-ACK frames count (ACKs answer our own frames); once
 //! over a threshold, the read that crossed it is cut just before the frame
