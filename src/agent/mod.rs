@@ -21,12 +21,13 @@ use h2::RecvStream;
 use http::Request;
 
 use crate::runtime::backoff::Backoff;
+use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
 pub mod strategy;
 
 use crate::config::AgentConfig;
 use crate::relay::call::{answer_error, answer_ok, established, read_dial_request};
 use crate::relay::grpc::{GrpcRecv, Msgs};
-use crate::relay::splice::{splice, split_tcp, End};
+use crate::relay::splice::{splice, split_tcp_metered, End};
 use crate::route::model::Strategy;
 use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
@@ -52,6 +53,10 @@ struct AgentCtx {
     membership: RefCell<Membership>,
     /// Per-agent override of the cluster's agent_connection_count.
     count_override: Option<u32>,
+    /// Budgets (`[limits]`).
+    limits: AgentLimits,
+    /// Bytes the relay holds (the agent runs one shard).
+    buf: BufMeter,
 }
 
 /// Runs an agent until `shutdown` fires.
@@ -71,6 +76,8 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             shutdown,
             membership: RefCell::default(),
             count_override: cfg.agent_connection_count,
+            buf: BufMeter::new(cfg.limits.shard_buffer_bytes),
+            limits: cfg.limits,
         });
         manage(ctx, proxies).await;
     })?;
@@ -176,7 +183,7 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",
     };
-    let active = ActiveStreams::default();
+    let active = ActiveStreams::with_limits(ctx.limits.streams_per_conn, ctx.limits.setup_per_conn);
     // Drain on agent shutdown or when the strategy no longer wants this tunnel.
     let drain = Signal::new();
     let d = drain.clone();
@@ -187,11 +194,16 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
     })
     .detach();
     serve(conn, &ctx.h2, &drain, &active, true, |req, respond| {
-        let (ctx, guard, drain) = (ctx.clone(), active.enter(), drain.clone());
+        let Some(guard) = active.try_enter() else {
+            let max = ctx.limits.streams_per_conn;
+            tracing::debug!(agent = ctx.id, max, "budget streams_per_conn reached");
+            return answer_error(respond, &exceeded("streams_per_conn", max, Label::BudgetStreamsPerConn, Side::Agent));
+        };
+        let (ctx, drain, active) = (ctx.clone(), drain.clone(), active.clone());
         glommio::spawn_local(async move {
             let _guard = guard;
             match req.uri().path() {
-                paths::AGENT_DIAL => handle_dial(ctx, req, respond).await,
+                paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
                 paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
                 other => {
                     let m = format!("unknown method {other}");
@@ -292,7 +304,15 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
     })
 }
 
-async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn handle_dial(ctx: Rc<AgentCtx>, active: &ActiveStreams, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let Some(setup) = active.enter_setup() else {
+        let max = ctx.limits.setup_per_conn;
+        return answer_error(respond, &exceeded("setup_per_conn", max, Label::BudgetSetupPerConn, Side::Agent));
+    };
+    if ctx.buf.over_budget() {
+        let e = exceeded("shard_buffer_bytes", ctx.buf.budget(), Label::BudgetShardBuffer, Side::Agent);
+        return answer_error(respond, &e);
+    }
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
@@ -324,7 +344,7 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
             return;
         }
     };
-    let (inp, out) = match split_tcp(tcp) {
+    let (inp, out) = match split_tcp_metered(tcp, &ctx.buf) {
         Ok(v) => v,
         Err(e) => return answer_error(respond, &Error::internal(e.to_string())),
     };
@@ -333,6 +353,8 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
         return;
     }
     rx.set_established();
+    rx.meter(&ctx.buf);
+    drop(setup);
     tracing::debug!(agent = ctx.id, service, addr, "dial established");
     if let Err(e) = splice(inp, out, tx, rx, End::Agent).await {
         tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error");

@@ -267,6 +267,13 @@ impl GrpcSend {
         self.tx.send_data(b, false).map_err(|e| self.h2_error(&e))
     }
 
+    /// Asks for `n` bytes of send capacity; whether some is there now (a
+    /// send would not wait).
+    pub fn reserve_now(&mut self, n: usize) -> bool {
+        self.tx.reserve_capacity(n);
+        self.tx.capacity() > 0
+    }
+
     /// Queues `b` without waiting for capacity (small control messages).
     pub fn send_now(&mut self, b: Bytes) -> Result<(), Error> {
         self.tx.send_data(b, false).map_err(|e| self.h2_error(&e))
