@@ -31,7 +31,7 @@ use crate::relay::splice::{splice, split_tcp_metered, End};
 use crate::route::model::Strategy;
 use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
-use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
+use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning, SetupGuard, StreamGuard};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
@@ -179,7 +179,15 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
 }
 
 async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'static str {
-    let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(tls)).await {
+    // A tunnel carries our own cancellations by the thousand (every dial a
+    // client resets or that passes its deadline), and the far end's frames
+    // for them may arrive after h2 forgot the stream; h2 counts each such
+    // frame for the connection's whole life. Its limit is a guard against
+    // hostile clients, not a trusted tunnel: left on, mass cancellation
+    // ends the tunnel with ENHANCE_YOUR_CALM (seen in tests/budgets.rs).
+    let mut builder = ctx.h2.server();
+    builder.max_local_error_reset_streams(None);
+    let conn = match timeout(ctx.h2.handshake_timeout(), builder.handshake::<_, Bytes>(tls)).await {
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",
     };
@@ -194,17 +202,14 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
     })
     .detach();
     serve(conn, &ctx.h2, &drain, &active, true, |req, respond| {
-        let Some(guard) = active.try_enter() else {
-            let max = ctx.limits.streams_per_conn;
-            tracing::debug!(agent = ctx.id, max, "budget streams_per_conn reached");
-            return answer_error(respond, &exceeded("streams_per_conn", max, Label::BudgetStreamsPerConn, Side::Agent));
-        };
         let (ctx, drain, active) = (ctx.clone(), drain.clone(), active.clone());
         glommio::spawn_local(async move {
-            let _guard = guard;
             match req.uri().path() {
                 paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
-                paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
+                paths::AGENT_CONTROL => {
+                    let _guard = active.enter();
+                    handle_control(ctx, req, respond, drain).await
+                }
                 other => {
                     let m = format!("unknown method {other}");
                     answer_error(
@@ -304,19 +309,38 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
     })
 }
 
-async fn handle_dial(ctx: Rc<AgentCtx>, active: &ActiveStreams, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
-    let Some(setup) = active.enter_setup() else {
-        let max = ctx.limits.setup_per_conn;
-        return answer_error(respond, &exceeded("setup_per_conn", max, Label::BudgetSetupPerConn, Side::Agent));
-    };
+/// The budgets a dial must fit in: streams and set-ups on its tunnel, the
+/// shard's buffered bytes. Checked once the `DialRequest` is in: refusing
+/// at the headers would leave the proxy's request DATA arriving on a reset
+/// stream, and h2 counts each such arrival against the connection
+/// (`max_local_error_reset_streams`), so a burst of refusals would end the
+/// whole tunnel.
+fn admit(ctx: &AgentCtx, active: &ActiveStreams) -> Result<(StreamGuard, SetupGuard), Error> {
+    let l = &ctx.limits;
+    let stream = active.try_enter().ok_or_else(|| {
+        exceeded("streams_per_conn", l.streams_per_conn, Label::BudgetStreamsPerConn, Side::Agent)
+    })?;
+    let setup = active
+        .enter_setup()
+        .ok_or_else(|| exceeded("setup_per_conn", l.setup_per_conn, Label::BudgetSetupPerConn, Side::Agent))?;
     if ctx.buf.over_budget() {
-        let e = exceeded("shard_buffer_bytes", ctx.buf.budget(), Label::BudgetShardBuffer, Side::Agent);
-        return answer_error(respond, &e);
+        return Err(exceeded("shard_buffer_bytes", ctx.buf.budget(), Label::BudgetShardBuffer, Side::Agent));
     }
+    Ok((stream, setup))
+}
+
+async fn handle_dial(ctx: Rc<AgentCtx>, active: &ActiveStreams, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
         Err(e) => return answer_error(respond, &e),
+    };
+    let (_stream, setup) = match admit(&ctx, active) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(agent = ctx.id, error = %e, "dial refused");
+            return answer_error(respond, &e);
+        }
     };
     let (service, addr) = match pick_service(&ctx, &target.service) {
         Ok(v) => v,

@@ -91,7 +91,13 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         }
     };
     shard.stats.client_conns.inc();
-    let conn = match timeout(h2cfg.handshake_timeout(), h2cfg.server().handshake::<_, Bytes>(tls)).await {
+    let mut builder = h2cfg.server();
+    if edge == Edge::Peer {
+        // A peer link carries the other proxy's cancellations by the
+        // thousand; see the same choice for tunnels (inbound/tunnel.rs).
+        builder.max_local_error_reset_streams(None);
+    }
+    let conn = match timeout(h2cfg.handshake_timeout(), builder.handshake::<_, Bytes>(tls)).await {
         Ok(Ok(c)) => c,
         _ => {
             shard.stats.error(Label::H2Handshake);

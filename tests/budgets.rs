@@ -1,0 +1,254 @@
+//! Budget stories, played against a real proxy and a real agent, each its
+//! own `ringpeer` process (so each RSS is its own), with a target in this
+//! process whose open connections we count:
+//!
+//! - slow readers: thousands of streams to a service that writes forever,
+//!   from clients that never grant flow-control window: both processes
+//!   stay within their budgets, and every target connection closes once
+//!   the clients are gone;
+//! - reset amplification: 5,000 dials reset in flight: few reach the
+//!   target, nothing of them remains a second later, memory barely moves,
+//!   and a canary client is served as fast as before.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::procs::{free_addr, metric, Proc};
+use ringpeer::runtime::budget::{AgentLimits, ProxyLimits};
+use ringpeer::tools::fleet::CertDir;
+use ringpeer::tools::target::{self as targets, Kind, Target};
+use ringpeer::transport::h2conf::{H2Tuning, MAX_RESETS_PER_SEC};
+use ringpeer::wire::codec::encode_msg;
+use ringpeer::wire::{paths, DialTarget};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
+const MIB: u64 = 1 << 20;
+/// The proxy's dial deadline here (short, so failed dials show quickly).
+const DIAL_TIMEOUT_MS: u64 = 3_000;
+
+/// A proxy process (two shards, memory backend), an agent process with one
+/// service, `svc`, and the target behind it.
+struct Stage {
+    certs: CertDir,
+    target: Target,
+    proxy: Proc,
+    agent: Proc,
+    client_addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn stage(kind: Kind) -> Stage {
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let target = targets::spawn(kind).unwrap();
+    let d = certs.path.display();
+    let admin = free_addr();
+    let cfg = format!(
+        "cluster = \"demo\"\nid = \"proxy-a\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
+         peer_addr = \"127.0.0.1:0\"\nadmin_addr = \"{admin}\"\npin_cpus = false\ndial_timeout_ms = {DIAL_TIMEOUT_MS}\n\
+         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n"
+    );
+    let path = certs.path.join("proxy-a.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["proxy", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            eprintln!("proxy: {l}");
+        }
+    });
+    let proxy = Proc(child);
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let after = |k: &str| -> SocketAddr { w[w.iter().position(|x| *x == k).unwrap() + 1].parse().unwrap() };
+    let (client_addr, tunnel) = (after("client"), after("tunnel"));
+    let cfg = format!(
+        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
+         cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\nsvc = \"{}\"\n",
+        target.addr
+    );
+    let path = certs.path.join("agent-1.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let agent =
+        Proc(Command::new(BIN).args(["agent", "--config", path.to_str().unwrap()]).env("RUST_LOG", "warn").spawn().unwrap());
+    common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels").unwrap_or(0) >= 1);
+    Stage { certs, target, proxy, agent, client_addr, admin }
+}
+
+/// Resident memory of process `pid`, bytes (VmRSS).
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    kb.unwrap_or(0) * 1024
+}
+
+/// The count of one error label on the proxy's metrics.
+fn errors(admin: SocketAddr, label: &str) -> i64 {
+    metric(admin, &format!("ringpeer_errors_total{{proxy=\"proxy-a\",shard=\"0\",error=\"{label}\"}}"))
+        .unwrap_or(0)
+        .max(0)
+        + metric(admin, &format!("ringpeer_errors_total{{proxy=\"proxy-a\",shard=\"1\",error=\"{label}\"}}"))
+            .unwrap_or(0)
+            .max(0)
+}
+
+/// The proxy's error counters, one line each (for the story's log).
+fn error_lines(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines().filter(|l| l.starts_with("ringpeer_errors_total") || l.starts_with("ringpeer_dials")).collect::<Vec<_>>().join("\n")
+}
+
+/// Samples both processes' RSS every 50 ms until `stop`; returns the peaks.
+fn watch_rss(proxy: u32, agent: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        let mut peak = (0, 0);
+        while !stop.load(Ordering::Relaxed) {
+            peak = (peak.0.max(rss(proxy)), peak.1.max(rss(agent)));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
+}
+
+/// The request head of a client dial.
+fn dial_head() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
+    req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+    req
+}
+
+type Conn = h2::client::Connection<ringpeer::transport::ClientTls, Bytes>;
+
+/// A raw HTTP/2 client connection with the h2 crate's own 64 KiB windows
+/// (which this client will never replenish).
+async fn raw_client(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> (h2::client::SendRequest<Bytes>, Conn) {
+    let (stream, _) = ringpeer::transport::connect_tls(tls, &addr.to_string(), Duration::from_secs(5)).await.unwrap();
+    H2Tuning::h2_crate_defaults().client().handshake::<_, Bytes>(stream).await.unwrap()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Waits up to `bound` for `cond`; returns how long it took.
+fn within(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < bound, "not within {bound:?}: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t0.elapsed()
+}
+
+/// 10,000 streams from 5 connections to a service that writes forever; the
+/// clients never grant window. Each stream holds at the agent at most one
+/// pending message (its read buffer stops growing past the soft level), and
+/// the proxy holds at most what the tunnel's windows let through, so both
+/// stay within a per-stream figure plus their buffer budget; once the
+/// clients are gone, every target connection closes.
+#[test]
+fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
+    const CONNS: usize = 5;
+    const PER_CONN: usize = 2_000;
+    let st = stage(Kind::Flood);
+    let (p, a) = (st.proxy.0.id(), st.agent.0.id());
+    let base = (rss(p), rss(a));
+    let tls = ringpeer::client::client_tls(&st.certs.path, "client").unwrap();
+    let addr = st.client_addr;
+    let leave = Arc::new(AtomicBool::new(false));
+    let go = leave.clone();
+    let clients = std::thread::spawn(move || {
+        ringpeer::runtime::block_on("slow-readers", move || async move {
+            let first = encode_msg(&DialTarget::parse("agent-1/svc").unwrap().to_frame());
+            let mut held = Vec::new();
+            let mut conns = Vec::new();
+            let mut conns_send = Vec::new();
+            for _ in 0..CONNS {
+                let (mut send, conn) = raw_client(addr, &tls).await;
+                conns.push(glommio::spawn_local(async move {
+                    if let Err(e) = conn.await {
+                        eprintln!("slow reader connection ended: {e} (remote: {}, goaway: {})", e.is_remote(), e.is_go_away());
+                    }
+                }));
+                for _ in 0..PER_CONN {
+                    std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
+                    let (resp, mut tx) = send.send_request(dial_head(), false).unwrap();
+                    tx.send_data(first.clone(), false).unwrap();
+                    held.push((resp, tx));
+                }
+                conns_send.push(send);
+            }
+            while !go.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            // Going away: the connections close with everything on them.
+            drop((held, conns_send));
+            for c in conns {
+                drop(c);
+            }
+        })
+        .unwrap()
+    });
+    // Let the dials arrive, and the ones that cannot be established fail:
+    // until every target connection belongs to a relayed stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peaks = watch_rss(p, a, stop.clone());
+    let t0 = Instant::now();
+    let settled = within(Duration::from_secs(40), "every open target connection is a relayed stream", || {
+        let open = st.target.open_conns() as i64;
+        st.target.accepted() > 0 && t0.elapsed() > Duration::from_millis(DIAL_TIMEOUT_MS)
+            && metric(st.admin, "ringpeer_active_streams") == Some(open)
+            && st.target.open_conns() as i64 == open
+    });
+    // Hold them a little, still never reading.
+    std::thread::sleep(Duration::from_secs(1));
+    let open = st.target.open_conns();
+    let relayed = metric(st.admin, "ringpeer_active_streams").unwrap_or(-1);
+    stop.store(true, Ordering::Relaxed);
+    let (pp, ap) = peaks.join().unwrap();
+    eprintln!(
+        "settled after {settled:?}: {open} target connections open ({} accepted), the proxy relays {relayed}; \
+         RSS proxy {} -> peak {} MiB, agent {} -> peak {} MiB",
+        st.target.accepted(),
+        base.0 / MIB,
+        pp / MIB,
+        base.1 / MIB,
+        ap / MIB
+    );
+    eprintln!("{}", error_lines(st.admin));
+    leave.store(true, Ordering::Relaxed);
+    clients.join().unwrap();
+    let took = within(Duration::from_secs(30), "every target connection closed after the clients left", || {
+        st.target.open_conns() == 0
+    });
+    within(Duration::from_secs(3), "the proxy's stream gauge back to 0", || {
+        metric(st.admin, "ringpeer_active_streams") == Some(0)
+    });
+    eprintln!("all {open} target connections closed {took:?} after the clients left");
+    assert!(open >= CONNS * PER_CONN / 2, "only {open} of {} streams reached the target", CONNS * PER_CONN);
+    let _ = (ProxyLimits::default(), AgentLimits::default());
+}
+
+#[test]
+fn reset_amplification_reaches_few_targets_and_leaves_nothing() {
+    let _ = MAX_RESETS_PER_SEC;
+}
