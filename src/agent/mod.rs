@@ -6,6 +6,11 @@
 //! once per state change, not once per retry; a dial for an unknown service
 //! or a refusing target ends with NOT_FOUND / UNAVAILABLE and a message that
 //! names them; bytes go target ↔ tunnel through [`splice`].
+//! Budgets (`[limits]`): streams and dials in set-up per tunnel, and the
+//! bytes its relay holds ([`BufMeter`]); past one a dial is answered
+//! RESOURCE_EXHAUSTED naming it, so the agent's memory is bounded by its
+//! budgets, not by its clients. A dial the proxy resets (its caller left,
+//! its deadline passed) stops connecting, or closes its target connection.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -317,9 +322,9 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
 /// whole tunnel.
 fn admit(ctx: &AgentCtx, active: &ActiveStreams) -> Result<(StreamGuard, SetupGuard), Error> {
     let l = &ctx.limits;
-    let stream = active.try_enter().ok_or_else(|| {
-        exceeded("streams_per_conn", l.streams_per_conn, Label::BudgetStreamsPerConn, Side::Agent)
-    })?;
+    let stream = active
+        .try_enter()
+        .ok_or_else(|| exceeded("streams_per_conn", l.streams_per_conn, Label::BudgetStreamsPerConn, Side::Agent))?;
     let setup = active
         .enter_setup()
         .ok_or_else(|| exceeded("setup_per_conn", l.setup_per_conn, Label::BudgetSetupPerConn, Side::Agent))?;
@@ -329,7 +334,12 @@ fn admit(ctx: &AgentCtx, active: &ActiveStreams) -> Result<(StreamGuard, SetupGu
     Ok((stream, setup))
 }
 
-async fn handle_dial(ctx: Rc<AgentCtx>, active: &ActiveStreams, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn handle_dial(
+    ctx: Rc<AgentCtx>,
+    active: &ActiveStreams,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,

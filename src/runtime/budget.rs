@@ -75,11 +75,7 @@ pub struct AgentLimits {
 
 impl Default for AgentLimits {
     fn default() -> Self {
-        AgentLimits {
-            streams_per_conn: 20_000,
-            setup_per_conn: DEFAULT_SETUP_PER_CONN,
-            shard_buffer_bytes: 256 << 20,
-        }
+        AgentLimits { streams_per_conn: 20_000, setup_per_conn: DEFAULT_SETUP_PER_CONN, shard_buffer_bytes: 256 << 20 }
     }
 }
 

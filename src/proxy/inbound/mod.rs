@@ -129,7 +129,8 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     };
     let serving = serve(conn, h2cfg, stop, &active, false, |req, respond| {
         let Some(ident) = &ident else {
-            let e = exceeded("conns_per_identity", limits.conns_per_identity, Label::BudgetConnsPerIdentity, Side::Client);
+            let e =
+                exceeded("conns_per_identity", limits.conns_per_identity, Label::BudgetConnsPerIdentity, Side::Client);
             return dial::fail(&shard, respond, &e);
         };
         let Some(guard) = active.try_enter() else {
