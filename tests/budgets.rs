@@ -267,6 +267,87 @@ fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
     eprintln!("all {open} target connections closed {took:?} after the clients left");
 }
 
+/// Runs `f` on a fresh executor with `n` client connections to `addr`.
+fn with_clients<F, Fut, T>(addr: SocketAddr, dir: &std::path::Path, n: usize, f: F) -> T
+where
+    F: FnOnce(Vec<ringpeer::client::Client>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let tls = ringpeer::client::client_tls(dir, "client").unwrap();
+    ringpeer::runtime::block_on("budget-client", move || async move {
+        let mut cs = Vec::new();
+        for _ in 0..n {
+            cs.push(ringpeer::client::Client::connect(&addr.to_string(), &tls, &H2Tuning::default()).await.unwrap());
+        }
+        f(cs).await
+    })
+    .unwrap()
+}
+
+/// Each budget, set small, refuses the first dial past it with
+/// RESOURCE_EXHAUSTED naming the budget and its value, counted under its
+/// own metric label, while the dials within it are served: streams per
+/// tunnel at the agent, per client connection, per identity, and
+/// connections per identity. (The shard buffer budget is exercised by the
+/// slow readers above and unit-tested in `runtime::budget`.)
+#[test]
+fn each_budget_refuses_the_first_dial_past_it_naming_itself() {
+    use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, ProxyHandle};
+    use ringpeer::wire::status::Code;
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
+    cfg.limits =
+        ProxyLimits { streams_per_conn: 4, streams_per_identity: 6, conns_per_identity: 2, ..Default::default() };
+    let proxy = ProxyHandle::start(cfg).unwrap();
+    let mut a1 = agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)]);
+    a1.limits = AgentLimits { streams_per_conn: 3, ..Default::default() };
+    let a2 = agent_config(&certs.path, "agent-2", &[proxy.tunnel_addr], &[("echo", echo.addr)]);
+    let _agents = [AgentHandle::start(a1).unwrap(), AgentHandle::start(a2).unwrap()];
+    proxy.wait_tunnels(2, Duration::from_secs(10)).unwrap();
+    let refusals = with_clients(proxy.client_addr, &certs.path, 3, |cs| async move {
+        let d = Duration::from_secs(5);
+        let (one, two) = (DialTarget::parse("agent-1/echo").unwrap(), DialTarget::parse("agent-2/echo").unwrap());
+        let mut out = Vec::new();
+        let mut held = Vec::new();
+        // Agent 1's tunnel takes 3 dial streams; the 4th is refused there.
+        for _ in 0..3 {
+            held.push(cs[0].dial(&one, d).await.expect("within the agent's budget"));
+        }
+        out.push(cs[0].dial(&one, d).await.err());
+        // Connection 0 takes a 4th stream, not a 5th.
+        held.push(cs[0].dial(&two, d).await.expect("within the connection's budget"));
+        out.push(cs[0].dial(&two, d).await.err());
+        // The identity takes 2 more on connection 1 (6 in all), not a 7th.
+        for _ in 0..2 {
+            held.push(cs[1].dial(&two, d).await.expect("within the identity's budget"));
+        }
+        out.push(cs[1].dial(&two, d).await.err());
+        // Its third connection is over its budget of 2.
+        out.push(cs[2].dial(&two, d).await.err());
+        drop(held);
+        out.into_iter().map(|e| e.map(|e| (e.code, e.message.to_string()))).collect::<Vec<_>>()
+    });
+    let want = [
+        "budget streams_per_conn (3) reached",
+        "budget streams_per_conn (4) reached",
+        "budget streams_per_identity (6) reached",
+        "budget conns_per_identity (2) reached",
+    ];
+    for (got, want) in refusals.iter().zip(want) {
+        let (code, msg) = got.as_ref().unwrap_or_else(|| panic!("no refusal for {want}"));
+        eprintln!("refused: {code:?} {msg:?}");
+        assert_eq!(*code, Code::ResourceExhausted, "{msg}");
+        assert!(msg.contains(want), "{msg:?} does not name {want:?}");
+    }
+    let m = &proxy.metrics;
+    for label in ["budget_streams_per_conn", "budget_streams_per_identity", "budget_conns_per_identity"] {
+        assert!(common::errors(m, label) >= 1, "{label} not counted");
+    }
+}
+
 /// Dials per attacking connection, and their pace: under the rapid-reset
 /// rule (MAX_RESETS_PER_SEC premature resets in a second end a connection),
 /// so every reset goes down the cancellation path instead of ending its

@@ -211,10 +211,8 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, stop: &Shutdown) -> &'s
         glommio::spawn_local(async move {
             match req.uri().path() {
                 paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
-                paths::AGENT_CONTROL => {
-                    let _guard = active.enter();
-                    handle_control(ctx, req, respond, drain).await
-                }
+                // Not counted in the stream budget: it is the tunnel's own.
+                paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
                 other => {
                     let m = format!("unknown method {other}");
                     answer_error(

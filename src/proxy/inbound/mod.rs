@@ -113,16 +113,22 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         Edge::Peer => ("peer_streams_per_conn", limits.peer_streams_per_conn),
     };
     let active = ActiveStreams::with_limits(per_conn.1, limits.setup_per_conn);
-    // Over its connection budget, an identity's connection is drained at
-    // once: what it sent meanwhile is answered with the budget's error.
-    // (Closing the socket at once was rejected: the caller would see a
-    // bare reset, not which budget it hit.)
+    // Over its connection budget, an identity's connection is drained: the
+    // dials it sent before it read the GOAWAY are answered with the
+    // budget's error, and it ends at the first answer or after a second.
+    // (Closing the socket at once was rejected: the caller would see a bare
+    // reset, not which budget it hit.)
     let ident = shard.identities.enter_conn(&who, limits.conns_per_identity).map(Rc::new);
     let drain_now = Signal::new();
     let stop = if ident.is_none() {
         tracing::warn!(peer = %caller, limit = limits.conns_per_identity, "budget conns_per_identity reached");
         shard.stats.error(Label::BudgetConnsPerIdentity);
-        drain_now.trigger();
+        let d = drain_now.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            d.trigger();
+        })
+        .detach();
         &drain_now
     } else {
         &shard.stopping
