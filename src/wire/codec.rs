@@ -525,6 +525,25 @@ mod tests {
     }
 
     #[test]
+    fn data_buf_past_a_soft_level_keeps_its_first_size_and_sheds() {
+        let mut b = DataBuf::new(64 << 10);
+        b.set_growing(false);
+        let mut fresh = 0;
+        for _ in 0..12 {
+            let (s, f) = b.spare_fresh();
+            let n = s.len();
+            fresh = fresh.max(f);
+            let _ = b.commit(n);
+        }
+        assert!(fresh <= FIRST_ALLOC.max(DATA_HEADROOM + MIN_SPARE), "allocated {fresh} bytes at once");
+        b.shed();
+        assert_eq!(b.allocated(), 0, "a shed buffer holds nothing");
+        b.set_growing(true);
+        let (_, f) = b.spare_fresh();
+        assert!(f > 0, "the next read allocates again");
+    }
+
+    #[test]
     fn msg_decoder_enforces_limit() {
         let m = encode_msg(&crate::wire::established_frame());
         let mut d = MsgDecoder::new(16);

@@ -13,6 +13,11 @@
 //! proxy (`peer_answer_timeout_ms`), which must not include the time the
 //! agent takes to connect its target.
 //!
+//! Before step 1 a dial takes a set-up slot of its connection
+//! (`setup_per_conn`) and is refused while the shard's relay holds more
+//! than `shard_buffer_bytes`; the relayed streams' received bytes are
+//! counted in that meter.
+//!
 //! Invariants: only this module answers the caller; a failed dial is
 //! answered once, with its error's trailers, and counted under its label
 //! and code; a failure after establishment cancels the upstream hop.

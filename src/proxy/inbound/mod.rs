@@ -5,7 +5,10 @@
 //!
 //! Invariants: every connection is mTLS with the role its port expects;
 //! every connection task ends when its shard closes; each refused handshake
-//! is counted under a static label.
+//! is counted under a static label. Budgets (`[limits]`, counted on this
+//! shard): streams per connection (client edge and peer links apart),
+//! connections and client-edge streams per certificate identity; a stream
+//! past one is answered at once, RESOURCE_EXHAUSTED naming the budget.
 
 pub mod dial;
 pub mod tunnel;
