@@ -197,9 +197,11 @@ fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
                     }
                 }));
                 for _ in 0..PER_CONN {
-                    std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
-                    let (resp, mut tx) = send.send_request(dial_head(), false).unwrap();
-                    tx.send_data(first.clone(), false).unwrap();
+                    if std::future::poll_fn(|cx| send.poll_ready(cx)).await.is_err() {
+                        break;
+                    }
+                    let Ok((resp, mut tx)) = send.send_request(dial_head(), false) else { break };
+                    let _ = tx.send_data(first.clone(), false);
                     held.push((resp, tx));
                 }
                 conns_send.push(send);
@@ -207,10 +209,11 @@ fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
             while !go.load(Ordering::Relaxed) {
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
-            // Going away: the connections close with everything on them.
+            // Going away: the connections close with everything on them
+            // (each ends once its last handle is gone).
             drop((held, conns_send));
             for c in conns {
-                drop(c);
+                let _ = ringpeer::runtime::timeout(Duration::from_secs(5), c).await;
             }
         })
         .unwrap()
