@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::budget::{AgentLimits, ProxyLimits};
 use crate::transport::h2conf::H2Tuning;
 use crate::transport::identity::valid_name;
 use crate::transport::tls::TlsFiles;
@@ -127,6 +128,9 @@ pub struct ProxyConfig {
     /// HTTP/2 tuning.
     #[serde(default)]
     pub h2: H2Tuning,
+    /// Budgets per connection, identity and shard (README, "Limits").
+    #[serde(default)]
+    pub limits: ProxyLimits,
 }
 
 fn default_peer_addr() -> String {
@@ -170,6 +174,9 @@ pub struct AgentConfig {
     /// HTTP/2 tuning.
     #[serde(default)]
     pub h2: H2Tuning,
+    /// Budgets per tunnel and for the relay's buffers (README, "Limits").
+    #[serde(default)]
+    pub limits: AgentLimits,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -240,6 +247,7 @@ impl ProxyConfig {
                 self.shard_count()
             );
         }
+        self.limits.validate().map_err(anyhow::Error::msg)?;
         self.h2.validate().map_err(anyhow::Error::msg)
     }
 
@@ -281,6 +289,7 @@ impl AgentConfig {
                 bail!("service {name} = {addr:?} is not host:port");
             }
         }
+        self.limits.validate().map_err(anyhow::Error::msg)?;
         self.h2.validate().map_err(anyhow::Error::msg)
     }
 }
@@ -348,5 +357,13 @@ mod tests {
             let e = AgentConfig::load(&a).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains(&a.display().to_string()), "{want:?} not in {e:?}");
         }
+        std::fs::write(&p, format!("{base}[limits]\nstreams_per_conn=0\n")).unwrap();
+        let e = ProxyConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("limits.streams_per_conn must be > 0"), "{e}");
+        std::fs::write(&p, format!("{base}[limits]\nstreams_per_tunnel=5\n")).unwrap();
+        let e = ProxyConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `streams_per_tunnel`"), "{e}");
+        std::fs::write(&p, format!("{base}[limits]\nconns_per_identity=3\n")).unwrap();
+        assert_eq!(ProxyConfig::load(&p).unwrap().limits.conns_per_identity, 3);
     }
 }

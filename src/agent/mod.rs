@@ -6,6 +6,11 @@
 //! once per state change, not once per retry; a dial for an unknown service
 //! or a refusing target ends with NOT_FOUND / UNAVAILABLE and a message that
 //! names them; bytes go target ↔ tunnel through [`splice`].
+//! Budgets (`[limits]`): streams and dials in set-up per tunnel, and the
+//! bytes its relay holds ([`BufMeter`]); past one a dial is answered
+//! RESOURCE_EXHAUSTED naming it, so the agent's memory is bounded by its
+//! budgets, not by its clients. A dial the proxy resets (its caller left,
+//! its deadline passed) stops connecting, or closes its target connection.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -21,17 +26,18 @@ use h2::RecvStream;
 use http::Request;
 
 use crate::runtime::backoff::Backoff;
+use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
 pub mod strategy;
 
 use crate::config::AgentConfig;
 use crate::relay::call::{answer_error, answer_ok, established, read_dial_request};
 use crate::relay::grpc::{GrpcRecv, Msgs};
-use crate::relay::splice::{splice, split_tcp, End};
+use crate::relay::splice::{splice, split_tcp_metered, End};
 use crate::route::model::Strategy;
 use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
 use crate::transport::flood::FloodMeter;
-use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
+use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning, SetupGuard, StreamGuard};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
@@ -53,6 +59,10 @@ struct AgentCtx {
     membership: RefCell<Membership>,
     /// Per-agent override of the cluster's agent_connection_count.
     count_override: Option<u32>,
+    /// Budgets (`[limits]`).
+    limits: AgentLimits,
+    /// Bytes the relay holds (the agent runs one shard).
+    buf: BufMeter,
 }
 
 /// Runs an agent until `shutdown` fires.
@@ -72,6 +82,8 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             shutdown,
             membership: RefCell::default(),
             count_override: cfg.agent_connection_count,
+            buf: BufMeter::new(cfg.limits.shard_buffer_bytes),
+            limits: cfg.limits,
         });
         manage(ctx, proxies).await;
     })?;
@@ -158,9 +170,17 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
 
 async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'static str {
     let stop = &slot.stop;
-    let active = ActiveStreams::default();
+    let active = ActiveStreams::with_limits(ctx.limits.streams_per_conn, ctx.limits.setup_per_conn);
     let metered = FloodMeter::new(tls, &active);
-    let conn = match timeout(ctx.h2.handshake_timeout(), ctx.h2.server().handshake::<_, Bytes>(metered)).await {
+    // A tunnel carries our own cancellations by the thousand (every dial a
+    // client resets or that passes its deadline), and the far end's frames
+    // for them may arrive after h2 forgot the stream; h2 counts each such
+    // frame for the connection's whole life. Its limit is a guard against
+    // hostile clients, not a trusted tunnel: left on, mass cancellation
+    // ends the tunnel with ENHANCE_YOUR_CALM (seen in tests/budgets.rs).
+    let mut builder = ctx.h2.server();
+    builder.max_local_error_reset_streams(None);
+    let conn = match timeout(ctx.h2.handshake_timeout(), builder.handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",
     };
@@ -177,11 +197,11 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
     })
     .detach();
     serve(conn, &ctx.h2, &drain, &active, true, |req, respond| {
-        let (ctx, guard, drain) = (ctx.clone(), active.enter(), drain.clone());
+        let (ctx, drain, active) = (ctx.clone(), drain.clone(), active.clone());
         glommio::spawn_local(async move {
-            let _guard = guard;
             match req.uri().path() {
-                paths::AGENT_DIAL => handle_dial(ctx, req, respond).await,
+                paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
+                // Not counted in the stream budget: it is the tunnel's own.
                 paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
                 other => {
                     let m = format!("unknown method {other}");
@@ -282,11 +302,43 @@ fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str),
     })
 }
 
-async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// The budgets a dial must fit in: streams and set-ups on its tunnel, the
+/// shard's buffered bytes. Checked once the `DialRequest` is in: refusing
+/// at the headers would leave the proxy's request DATA arriving on a reset
+/// stream, and h2 counts each such arrival against the connection
+/// (`max_local_error_reset_streams`), so a burst of refusals would end the
+/// whole tunnel.
+fn admit(ctx: &AgentCtx, active: &ActiveStreams) -> Result<(StreamGuard, SetupGuard), Error> {
+    let l = &ctx.limits;
+    let stream = active
+        .try_enter()
+        .ok_or_else(|| exceeded("streams_per_conn", l.streams_per_conn, Label::BudgetStreamsPerConn, Side::Agent))?;
+    let setup = active
+        .enter_setup()
+        .ok_or_else(|| exceeded("setup_per_conn", l.setup_per_conn, Label::BudgetSetupPerConn, Side::Agent))?;
+    if ctx.buf.over_budget() {
+        return Err(exceeded("shard_buffer_bytes", ctx.buf.budget(), Label::BudgetShardBuffer, Side::Agent));
+    }
+    Ok((stream, setup))
+}
+
+async fn handle_dial(
+    ctx: Rc<AgentCtx>,
+    active: &ActiveStreams,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
         Err(e) => return answer_error(respond, &e),
+    };
+    let (_stream, setup) = match admit(&ctx, active) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(agent = ctx.id, error = %e, "dial refused");
+            return answer_error(respond, &e);
+        }
     };
     let (service, addr) = match pick_service(&ctx, &target.service) {
         Ok(v) => v,
@@ -314,7 +366,7 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
             return;
         }
     };
-    let (inp, out) = match split_tcp(tcp) {
+    let (inp, out) = match split_tcp_metered(tcp, &ctx.buf) {
         Ok(v) => v,
         Err(e) => return answer_error(respond, &Error::internal(e.to_string())),
     };
@@ -323,6 +375,8 @@ async fn handle_dial(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: S
         return;
     }
     rx.set_established();
+    rx.meter(&ctx.buf);
+    drop(setup);
     tracing::debug!(agent = ctx.id, service, addr, "dial established");
     if let Err(e) = splice(inp, out, tx, rx, End::Agent).await {
         tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error");

@@ -162,6 +162,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         dial_timeout: Duration::from_millis(cfg.dial_timeout_ms),
         peer_connect_timeout: Duration::from_millis(cfg.peer_connect_timeout_ms),
         peer_answer_timeout: Duration::from_millis(cfg.peer_answer_timeout_ms),
+        limits: cfg.limits.clone(),
         client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
         tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
         tunnel_addr,

@@ -23,6 +23,7 @@ use super::stats::ShardStats;
 use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
 use crate::route::RouteTable;
+use crate::runtime::budget::{BufMeter, Identities, ProxyLimits};
 use crate::runtime::mailbox::{Inbox, Mailbox};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::signal::{Inflight, Signal};
@@ -76,6 +77,8 @@ pub struct ProxyShared {
     pub peer_connect_timeout: Duration,
     /// How long a peer may take to answer a dial's headers.
     pub peer_answer_timeout: Duration,
+    /// Budgets (`[limits]`).
+    pub limits: ProxyLimits,
     /// TLS acceptor for the client edge (clients only).
     pub client_tls: TlsAcceptor,
     /// TLS acceptor for agent tunnels (agents only).
@@ -111,6 +114,10 @@ pub struct Shard {
     pub streams: Inflight,
     /// Connection tasks alive on this shard (closing waits for zero).
     pub conns: Inflight,
+    /// Bytes the relay holds on this shard (budget `shard_buffer_bytes`).
+    pub buf: BufMeter,
+    /// Connections and streams per caller identity on this shard.
+    pub identities: Identities,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     routes: RefCell<Arc<RouteTable>>,
     /// Peer links of this shard.
@@ -132,6 +139,7 @@ impl Shard {
         let closing = Signal::new();
         let cfg = PeerLinkConfig { connect_timeout: shared.peer_connect_timeout, ..PeerLinkConfig::default() };
         let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
+        let buf = BufMeter::new(shared.limits.shard_buffer_bytes);
         let gauge = stats.clone();
         peers.on_count(move |n| gauge.peer_links.set(n as i64));
         Shard {
@@ -145,6 +153,8 @@ impl Shard {
             closing,
             streams: Inflight::default(),
             conns: Inflight::default(),
+            buf,
+            identities: Identities::default(),
             tunnels: RefCell::default(),
             routes: RefCell::default(),
             route_waiters: RefCell::default(),

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::HeaderMap;
 
+use crate::runtime::budget::BufMeter;
 use crate::wire::codec::{CodecError, Event, FrameDecoder, MsgDecoder};
 use crate::wire::error::{Error, Side};
 
@@ -83,12 +84,38 @@ pub struct GrpcRecv<D = FrameDecoder> {
     owed: usize,
     far: Side,
     established: bool,
+    /// Counts `owed` against the shard's buffer budget, when set.
+    meter: Option<BufMeter>,
+}
+
+impl<D> Drop for GrpcRecv<D> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.sub(self.owed);
+        }
+    }
 }
 
 impl<D: Decode> GrpcRecv<D> {
     /// Wraps a receive stream whose sender is `far`.
     pub fn new(rx: RecvStream, dec: D, far: Side) -> Self {
-        GrpcRecv { rx, dec, owed: 0, far, established: false }
+        GrpcRecv { rx, dec, owed: 0, far, established: false, meter: None }
+    }
+
+    /// Counts the received bytes not yet handed on (their credit not yet
+    /// returned) in `m`, the shard's buffer meter.
+    pub fn meter(&mut self, m: &BufMeter) {
+        m.add(self.owed);
+        if let Some(old) = self.meter.replace(m.clone()) {
+            old.sub(self.owed);
+        }
+    }
+
+    fn took(&mut self, n: usize) {
+        self.owed += n;
+        if let Some(m) = &self.meter {
+            m.add(n);
+        }
     }
 
     /// Marks the call established: failures from now on are not retry-safe.
@@ -108,6 +135,9 @@ impl<D: Decode> GrpcRecv<D> {
     fn release(&mut self) {
         if self.owed > 0 {
             let _ = self.rx.flow_control().release_capacity(self.owed);
+            if let Some(m) = &self.meter {
+                m.sub(self.owed);
+            }
             self.owed = 0;
         }
     }
@@ -122,7 +152,7 @@ impl<D: Decode> GrpcRecv<D> {
             self.release();
             match poll_fn(|cx| self.rx.poll_data(cx)).await {
                 Some(Ok(c)) => {
-                    self.owed += c.len();
+                    self.took(c.len());
                     self.dec.push(c);
                 }
                 Some(Err(e)) => return Err(self.h2_error(&e)),
@@ -140,7 +170,7 @@ impl<D: Decode> GrpcRecv<D> {
         self.release();
         match poll_fn(|cx| self.rx.poll_data(cx)).await {
             Some(Ok(c)) => {
-                self.owed = c.len();
+                self.took(c.len());
                 Ok(Some(c))
             }
             Some(Err(e)) => Err(self.h2_error(&e)),
@@ -235,6 +265,13 @@ impl GrpcSend {
             }
         }
         self.tx.send_data(b, false).map_err(|e| self.h2_error(&e))
+    }
+
+    /// Asks for `n` bytes of send capacity; whether some is there now (a
+    /// send would not wait).
+    pub fn reserve_now(&mut self, n: usize) -> bool {
+        self.tx.reserve_capacity(n);
+        self.tx.capacity() > 0
     }
 
     /// Queues `b` without waiting for capacity (small control messages).

@@ -44,8 +44,10 @@ use crate::wire::error::{Error, Label, Retry, Side};
 pub enum Item {
     /// Payload (verbatim HTTP/2 DATA payload).
     Data(Bytes),
-    /// The end of this direction, with the far end's trailers when it has them.
-    End(Option<HeaderMap>),
+    /// The end of this direction, with the far end's trailers when it has
+    /// them (boxed: it keeps every pipe slot, a preallocated array, at the
+    /// size of a `Data` or a `Fail`, half of an inline `HeaderMap`'s).
+    End(Option<Box<HeaderMap>>),
     /// The other side failed.
     Fail(Error),
 }
@@ -125,7 +127,7 @@ impl Source for PipeRx<Item> {
     async fn next(&mut self) -> Result<Chunk, Error> {
         match self.recv().await {
             Some(Item::Data(b)) => Ok(Chunk::Data(b)),
-            Some(Item::End(t)) => Ok(Chunk::End(t)),
+            Some(Item::End(t)) => Ok(Chunk::End(t.map(|t| *t))),
             Some(Item::Fail(e)) => Err(e),
             None => Err(broken()),
         }
@@ -138,7 +140,7 @@ impl Sink for PipeTx<Item> {
     }
 
     async fn end(&mut self, t: Option<HeaderMap>) -> Result<(), Error> {
-        PipeTx::send(self, Item::End(t)).await.map_err(|_| broken())
+        PipeTx::send(self, Item::End(t.map(Box::new))).await.map_err(|_| broken())
     }
 
     async fn fail(&mut self, e: &Error) {

@@ -11,6 +11,10 @@
 //! - Credit follows the rule of [`super::grpc`]: a chunk's credit returns
 //!   only once all its payload was written to the byte side.
 //! - Half-close maps to TCP `shutdown(Write)` and back to END_STREAM.
+//! - A metered read half ([`split_tcp_metered`]) counts its read buffer in
+//!   the shard's buffer budget; past the budget's soft level its buffer
+//!   stops growing and a stream stalled on a slow reader holds only its
+//!   one pending message.
 //! - The agent side ends the call with OK trailers at the target's EOF, or
 //!   with the failure's trailers; a reset from the caller ends the splice
 //!   and drops (closes) the target connection.
@@ -26,6 +30,7 @@ use tokio::io::AsyncWrite;
 
 use super::grpc::{GrpcRecv, GrpcSend};
 use super::Item;
+use crate::runtime::budget::BufMeter;
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::transport::io::GlommioIo;
 use crate::wire::codec::DataBuf;
@@ -41,6 +46,14 @@ const MAX_BATCH: usize = 64;
 pub trait ByteIn {
     /// The next framed Data message, `None` at EOF.
     fn next_framed(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>>;
+
+    /// `framed` is about to wait for send capacity (the reader is slow):
+    /// a source with a buffer budget may give memory back here, and return
+    /// the message to send (the same, or a copy that no longer holds a
+    /// larger read buffer).
+    fn stalled(&mut self, framed: Bytes) -> Bytes {
+        framed
+    }
 }
 
 /// The writable side of a byte stream.
@@ -55,6 +68,8 @@ pub trait ByteOut {
 pub struct TcpIn {
     s: TcpStream,
     buf: DataBuf,
+    /// The shard's buffer meter, and the bytes of it this half accounts for.
+    meter: Option<(BufMeter, usize)>,
 }
 
 /// Write half of a TCP stream.
@@ -73,13 +88,62 @@ pub fn split_tcp(s: TcpStream) -> std::io::Result<(TcpIn, TcpOut)> {
     }
     // SAFETY: fd is a fresh, owned, connected TCP socket.
     let w = unsafe { TcpStream::from_raw_fd(fd) };
-    Ok((TcpIn { s, buf: DataBuf::new(READ_CHUNK) }, TcpOut { s: GlommioIo::new(w) }))
+    Ok((TcpIn { s, buf: DataBuf::new(READ_CHUNK), meter: None }, TcpOut { s: GlommioIo::new(w) }))
+}
+
+/// [`split_tcp`], with the read buffer counted in `meter` (the shard's
+/// buffer budget): past its soft level the buffer keeps its first size, and
+/// a stalled stream gives its buffer back.
+pub fn split_tcp_metered(s: TcpStream, meter: &BufMeter) -> std::io::Result<(TcpIn, TcpOut)> {
+    let (mut i, o) = split_tcp(s)?;
+    i.meter = Some((meter.clone(), 0));
+    Ok((i, o))
+}
+
+impl TcpIn {
+    /// Accounts `now` bytes for this half instead of what it had.
+    fn account(&mut self, now: usize) {
+        if let Some((m, had)) = &mut self.meter {
+            m.sub(*had);
+            m.add(now);
+            *had = now;
+        }
+    }
+}
+
+impl Drop for TcpIn {
+    fn drop(&mut self) {
+        self.account(0);
+    }
 }
 
 impl ByteIn for TcpIn {
     async fn next_framed(&mut self) -> std::io::Result<Option<Bytes>> {
+        if let Some((m, _)) = &self.meter {
+            self.buf.set_growing(!m.over_soft());
+        }
+        let (_, fresh) = self.buf.spare_fresh();
+        if fresh > 0 {
+            // The previous allocation lives on only in chunks already sent.
+            self.account(fresh);
+        }
         let n = self.s.read(self.buf.spare()).await?;
         Ok(if n == 0 { None } else { Some(self.buf.commit(n)) })
+    }
+
+    fn stalled(&mut self, framed: Bytes) -> Bytes {
+        match &self.meter {
+            Some((m, _)) if m.over_soft() => {
+                // Past the soft level a stalled stream keeps only its
+                // message, in an allocation of its own size; its (possibly
+                // grown) read buffer goes back.
+                self.buf.shed();
+                let copy = Bytes::copy_from_slice(&framed);
+                self.account(copy.len());
+                copy
+            }
+            _ => framed,
+        }
     }
 }
 
@@ -196,6 +260,7 @@ async fn bytes_to_framed<I: ByteIn>(inp: &mut I, tx: &mut GrpcSend, end: End) ->
     loop {
         match inp.next_framed().await {
             Ok(Some(framed)) => {
+                let framed = if tx.reserve_now(framed.len()) { framed } else { inp.stalled(framed) };
                 tx.send(framed).await?;
                 glommio::yield_if_needed().await;
             }

@@ -7,6 +7,7 @@
 //! [`mailbox`] or [`pipe`].
 
 pub mod backoff;
+pub mod budget;
 pub mod listeners;
 pub mod mailbox;
 pub mod pipe;

@@ -82,6 +82,27 @@ impl<T> PipeTx<T> {
     }
 }
 
+impl<T> PipeTx<T> {
+    /// Resolves once the receiver is gone (whoever was to read gave up).
+    /// Not to be awaited while a [`send`](Self::send) waits: they share
+    /// one waker slot.
+    pub async fn closed(&self) {
+        poll_fn(|cx| {
+            let s = &*self.0;
+            if s.rx_gone.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            s.tx_waker.register(cx.waker());
+            if s.rx_gone.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 impl<T> Drop for PipeTx<T> {
     fn drop(&mut self) {
         self.0.tx_gone.store(true, Ordering::Release);

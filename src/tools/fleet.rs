@@ -43,6 +43,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         strategy: Default::default(),
         admin_addr: None,
         h2: H2Tuning::default(),
+        limits: Default::default(),
     }
 }
 
@@ -57,6 +58,7 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         connect_timeout_ms: 2_000,
         agent_connection_count: None,
         h2: H2Tuning::default(),
+        limits: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test targets served by the demo, bench and tests: `echo` (writes back what
-//! it reads, half-close aware) and `sink` (reads to EOF, then answers the
-//! byte count as a big-endian u64).
+//! it reads, half-close aware), `sink` (reads to EOF, then answers the
+//! byte count as a big-endian u64) and `flood` (writes forever, until the
+//! peer closes: the service a slow reader attacks).
 //!
 //! Invariant: each target runs on its own glommio executor thread, so a
 //! target never shares a core's run queue with the proxy under test more
@@ -25,6 +26,8 @@ pub enum Kind {
     Echo,
     /// Count bytes, answer the count at EOF.
     Sink,
+    /// Write forever, never read.
+    Flood,
 }
 
 /// A running target.
@@ -33,6 +36,7 @@ pub struct Target {
     pub addr: SocketAddr,
     open: Arc<AtomicUsize>,
     accepted: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
     shutdown: Shutdown,
     join: Option<glommio::ExecutorJoinHandle<()>>,
 }
@@ -46,6 +50,17 @@ impl Target {
     /// Connections accepted since the start.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// The most connections open at once since the start (or the last
+    /// [`reset_peak`](Self::reset_peak)).
+    pub fn peak_open(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the peak from the connections open now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.open_conns(), Ordering::Relaxed);
     }
 
     /// A live view of [`open_conns`](Self::open_conns), for other threads.
@@ -65,6 +80,11 @@ impl Drop for Target {
 
 async fn serve_conn(kind: Kind, mut s: TcpStream) {
     let _ = s.set_nodelay(true);
+    if kind == Kind::Flood {
+        let block = vec![0x5au8; 16 << 10];
+        while s.write_all(&block).await.is_ok() {}
+        return;
+    }
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
     loop {
@@ -96,7 +116,8 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
     let sd = shutdown.clone();
     let open = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
-    let (count, total) = (open.clone(), accepted.clone());
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (count, total, most) = (open.clone(), accepted.clone(), peak.clone());
     let join = spawn_executor(&format!("target-{kind:?}"), None, move || async move {
         // SAFETY: a bound, listening socket we own.
         let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
@@ -109,7 +130,8 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
             match r {
                 Some(Ok(s)) => {
                     let count = count.clone();
-                    count.fetch_add(1, Ordering::Relaxed);
+                    let now = count.fetch_add(1, Ordering::Relaxed) + 1;
+                    most.fetch_max(now, Ordering::Relaxed);
                     total.fetch_add(1, Ordering::Relaxed);
                     glommio::spawn_local(async move {
                         serve_conn(kind, s).await;
@@ -122,7 +144,7 @@ pub fn spawn_at(kind: Kind, addr: SocketAddr) -> std::io::Result<Target> {
             }
         }
     })?;
-    Ok(Target { addr, open, accepted, shutdown, join: Some(join) })
+    Ok(Target { addr, open, accepted, peak, shutdown, join: Some(join) })
 }
 
 /// A plain blocking echo server (one thread per connection), the reference

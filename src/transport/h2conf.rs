@@ -153,17 +153,16 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_RESETS_PER_SEC: u32 = 200;
 
 /// Dials a peer may have in set-up at once on one connection (read the
-/// `DialRequest`, resolve, open the upstream). Each holds a task and,
-/// upstream, a stream; a stream over the budget is answered at once with
-/// RESOURCE_EXHAUSTED naming it. Large enough for a multiplexing client's
-/// bursts (the tests open 1000 dials at once on one connection), small
-/// enough that a slow-loris of request-less streams holds a few MiB.
-pub const MAX_SETUP_PER_CONN: usize = 4096;
+/// `DialRequest`, resolve, open the upstream), by default (`[limits]
+/// setup_per_conn`). Each holds a task and, upstream, a stream; a stream
+/// over the budget is answered at once with RESOURCE_EXHAUSTED naming it.
+pub const MAX_SETUP_PER_CONN: usize = crate::runtime::budget::DEFAULT_SETUP_PER_CONN;
 
-#[derive(Default)]
 struct ActiveInner {
     open: Cell<usize>,
     setup: Cell<usize>,
+    max_open: usize,
+    max_setup: usize,
     resets: Cell<u32>,
     window: Cell<Option<Instant>>,
     calm: Signal,
@@ -175,8 +174,23 @@ struct ActiveInner {
     health: LinkHealth,
 }
 
-/// A server connection's open streams (for the idle timeout) and the
-/// streams its peer reset (for the rapid-reset bound).
+impl Default for ActiveInner {
+    fn default() -> Self {
+        ActiveInner {
+            open: Cell::default(),
+            setup: Cell::default(),
+            max_open: usize::MAX,
+            max_setup: MAX_SETUP_PER_CONN,
+            resets: Cell::default(),
+            window: Cell::default(),
+            calm: Signal::default(),
+        }
+    }
+}
+
+/// A server connection's open streams (for the idle timeout and the
+/// per-connection stream budget), its dials in set-up (their budget) and
+/// the streams its peer reset (for the rapid-reset bound).
 #[derive(Clone, Default)]
 pub struct ActiveStreams(Rc<ActiveInner>);
 
@@ -200,9 +214,26 @@ impl ActiveStreams {
         StreamGuard(self.0.clone())
     }
 
-    /// A set-up slot, or `None` when [`MAX_SETUP_PER_CONN`] are taken.
+    /// A connection whose peer may have at most `streams` streams open and
+    /// `setup` dials in set-up (`[limits]`).
+    pub fn with_limits(streams: usize, setup: usize) -> ActiveStreams {
+        ActiveStreams(Rc::new(ActiveInner { max_open: streams, max_setup: setup, ..ActiveInner::default() }))
+    }
+
+    /// Marks a stream open until the guard drops, or `None` when the
+    /// connection already has its budget of open streams.
+    pub fn try_enter(&self) -> Option<StreamGuard> {
+        (self.0.open.get() < self.0.max_open).then(|| self.enter())
+    }
+
+    /// The budgets: (open streams, dials in set-up).
+    pub fn limits(&self) -> (usize, usize) {
+        (self.0.max_open, self.0.max_setup)
+    }
+
+    /// A set-up slot, or `None` when the set-up budget is taken.
     pub fn enter_setup(&self) -> Option<SetupGuard> {
-        if self.0.setup.get() >= MAX_SETUP_PER_CONN {
+        if self.0.setup.get() >= self.0.max_setup {
             return None;
         }
         self.0.setup.set(self.0.setup.get() + 1);

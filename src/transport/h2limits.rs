@@ -98,7 +98,12 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = MAX_RESETS_PER_SEC as usize;
 
 /// Streams we had to reset because of the peer's protocol errors (bad
 /// headers, window overruns), over the connection's life; past it h2 ends
-/// the connection with ENHANCE_YOUR_CALM. A conforming peer causes none; an
-/// abusive one makes us do work for each, so the bound is well below h2's
-/// default (1024): a buggy client reconnects, an attacker is cut sooner.
-pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+/// the connection with ENHANCE_YOUR_CALM. A conforming peer causes few; an
+/// abusive one makes us do work for each. h2 (0.4.20) never decrements the
+/// count, so it is a lifetime budget: kept at h2's own 1024 so a long-lived
+/// client (one `forward` connection for days) is not cut for rare races,
+/// and turned off on tunnels and peer links, which carry every client's
+/// cancellations. Rejected: 256 (cuts long-lived honest clients sooner for
+/// no memory gained: the reset streams themselves are already bounded by
+/// [`MAX_CONCURRENT_RESET_STREAMS`]).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;

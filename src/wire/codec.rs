@@ -337,6 +337,7 @@ pub struct DataBuf {
     chunk: usize,
     alloc: usize,
     offered: usize,
+    growing: bool,
 }
 
 /// The least space a read is offered before a fresh buffer is taken.
@@ -347,17 +348,44 @@ pub const FIRST_ALLOC: usize = 16 << 10;
 impl DataBuf {
     /// A buffer that reads up to `chunk` bytes at a time.
     pub fn new(chunk: usize) -> Self {
-        DataBuf { buf: BytesMut::new(), chunk, alloc: FIRST_ALLOC.max(DATA_HEADROOM + MIN_SPARE), offered: 0 }
+        DataBuf { buf: BytesMut::new(), chunk, alloc: Self::first(), offered: 0, growing: true }
+    }
+
+    fn first() -> usize {
+        FIRST_ALLOC.max(DATA_HEADROOM + MIN_SPARE)
     }
 
     /// Space to read the next payload into (up to `chunk` bytes).
     pub fn spare(&mut self) -> &mut [u8] {
+        self.spare_fresh().0
+    }
+
+    /// [`spare`](Self::spare), and the bytes it newly allocated (0 when it
+    /// reused the buffer), for a memory meter.
+    pub fn spare_fresh(&mut self) -> (&mut [u8], usize) {
+        let mut fresh = 0;
         if self.buf.len() < DATA_HEADROOM + MIN_SPARE.min(self.chunk) {
             self.buf = BytesMut::zeroed(self.alloc);
+            fresh = self.alloc;
         }
         let end = self.buf.len().min(DATA_HEADROOM + self.chunk);
         self.offered = end - DATA_HEADROOM;
-        &mut self.buf[DATA_HEADROOM..end]
+        (&mut self.buf[DATA_HEADROOM..end], fresh)
+    }
+
+    /// Allows (the default) or stops growth; stopped, the next allocation
+    /// is the first size again (a memory budget's soft level).
+    pub fn set_growing(&mut self, on: bool) {
+        self.growing = on;
+        if !on {
+            self.alloc = Self::first();
+        }
+    }
+
+    /// Drops the space held for the next read; the allocation goes back once
+    /// the payloads cut from it are gone too.
+    pub fn shed(&mut self) {
+        self.buf = BytesMut::new();
     }
 
     /// Bytes allocated for reading now (a memory figure).
@@ -368,7 +396,7 @@ impl DataBuf {
     /// Frames the first `n` bytes of the last [`spare`](Self::spare) as one
     /// gRPC Data message.
     pub fn commit(&mut self, n: usize) -> Bytes {
-        if n == self.offered {
+        if n == self.offered && self.growing {
             // The read filled its space: more is coming, read more at once.
             self.alloc = (self.alloc * 2).min((DATA_HEADROOM + self.chunk) * 4);
         }
@@ -494,6 +522,25 @@ mod tests {
         }
         assert_eq!(offered, 64 << 10, "bulk reads reach a whole chunk");
         assert!(b.allocated() <= 4 * ((64 << 10) + DATA_HEADROOM));
+    }
+
+    #[test]
+    fn data_buf_past_a_soft_level_keeps_its_first_size_and_sheds() {
+        let mut b = DataBuf::new(64 << 10);
+        b.set_growing(false);
+        let mut fresh = 0;
+        for _ in 0..12 {
+            let (s, f) = b.spare_fresh();
+            let n = s.len();
+            fresh = fresh.max(f);
+            let _ = b.commit(n);
+        }
+        assert!(fresh <= FIRST_ALLOC.max(DATA_HEADROOM + MIN_SPARE), "allocated {fresh} bytes at once");
+        b.shed();
+        assert_eq!(b.allocated(), 0, "a shed buffer holds nothing");
+        b.set_growing(true);
+        let (_, f) = b.spare_fresh();
+        assert!(f > 0, "the next read allocates again");
     }
 
     #[test]

@@ -129,6 +129,11 @@ labels! {
     CodecMalformed => "codec_malformed",
     CodecTruncated => "codec_truncated",
     ResourceExhausted => "resource_exhausted",
+    BudgetStreamsPerConn => "budget_streams_per_conn",
+    BudgetSetupPerConn => "budget_setup_per_conn",
+    BudgetConnsPerIdentity => "budget_conns_per_identity",
+    BudgetStreamsPerIdentity => "budget_streams_per_identity",
+    BudgetShardBuffer => "budget_shard_buffer_bytes",
     Upstream => "upstream_status",
     Internal => "internal",
 }

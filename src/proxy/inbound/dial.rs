@@ -13,6 +13,11 @@
 //! proxy (`peer_answer_timeout_ms`), which must not include the time the
 //! agent takes to connect its target.
 //!
+//! Before step 1 a dial takes a set-up slot of its connection
+//! (`setup_per_conn`) and is refused while the shard's relay holds more
+//! than `shard_buffer_bytes`; the relayed streams' received bytes are
+//! counted in that meter.
+//!
 //! Invariants: only this module answers the caller; a failed dial is
 //! answered once, with its error's trailers, and counted under its label
 //! and code; a failure after establishment cancels the upstream hop.
@@ -26,11 +31,12 @@ use h2::RecvStream;
 use http::Request;
 
 use super::Edge;
-use crate::proxy::outbound::{self, Opened};
+use crate::proxy::outbound::{self, Opened, UpRecv};
 use crate::proxy::shard::Shard;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, HOPS_HEADER};
 use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
-use crate::transport::h2conf::{ActiveStreams, MAX_SETUP_PER_CONN};
+use crate::runtime::budget::exceeded;
+use crate::transport::h2conf::ActiveStreams;
 use crate::transport::identity::SpiffeId;
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -64,10 +70,15 @@ pub async fn handle(
     }
     shard.stats.dials.inc();
     let Some(setup) = conn.enter_setup() else {
-        let m = format!("budget exceeded: at most {MAX_SETUP_PER_CONN} dials in set-up per connection");
-        let e = Error::new(Code::ResourceExhausted, Side::Client, Retry::Safe, Label::ResourceExhausted, m);
+        let max = conn.limits().1;
+        let mut e = exceeded("setup_per_conn", max, Label::BudgetSetupPerConn, Side::Client);
+        e.message = format!("{}: at most {max} dials in set-up per connection", e.message).into();
         return fail(&shard, respond, &e);
     };
+    if shard.buf.over_budget() {
+        let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
+        return fail(&shard, respond, &e);
+    }
     let (target, mut recv) = match decode(&shard, req, edge).await {
         Ok(v) => v,
         Err(e) => {
@@ -167,6 +178,10 @@ fn no_route(agent: &str, edge: Edge) -> Error {
 /// Step 5: answers the caller and relays until the call ends.
 async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut down: GrpcSend) {
     let Opened { mut send, recv: mut up_recv, held, slot: _slot } = o;
+    recv.meter(&shard.buf);
+    if let UpRecv::H2(r) = &mut up_recv {
+        r.meter(&shard.buf);
+    }
     let _open = shard.streams.enter();
     let _gauge = StreamGauge::new(shard);
     let start = async {

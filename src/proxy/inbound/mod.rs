@@ -5,7 +5,10 @@
 //!
 //! Invariants: every connection is mTLS with the role its port expects;
 //! every connection task ends when its shard closes; each refused handshake
-//! is counted under a static label.
+//! is counted under a static label. Budgets (`[limits]`, counted on this
+//! shard): streams per connection (client edge and peer links apart),
+//! connections and client-edge streams per certificate identity; a stream
+//! past one is answered at once, RESOURCE_EXHAUSTED naming the budget.
 
 pub mod dial;
 pub mod tunnel;
@@ -17,11 +20,13 @@ use futures_lite::future::or;
 use glommio::net::{TcpListener, TcpStream};
 
 use super::shard::Shard;
+use crate::runtime::budget::exceeded;
+use crate::runtime::signal::Signal;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
 use crate::transport::flood::FloodMeter;
 use crate::transport::h2conf::{serve, ActiveStreams};
-use crate::wire::error::Label;
+use crate::wire::error::{Label, Side};
 
 /// Accepts connections on `l` until the shard stops, running `f` for each.
 pub async fn accept_each<F, Fut>(shard: &Rc<Shard>, l: TcpListener, what: &'static str, f: F)
@@ -90,9 +95,20 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         }
     };
     shard.stats.client_conns.inc();
-    let active = ActiveStreams::default();
+    let limits = &shard.shared.limits;
+    let per_conn = match edge {
+        Edge::Client => ("streams_per_conn", limits.streams_per_conn),
+        Edge::Peer => ("peer_streams_per_conn", limits.peer_streams_per_conn),
+    };
+    let active = ActiveStreams::with_limits(per_conn.1, limits.setup_per_conn);
     let metered = FloodMeter::new(tls, &active);
-    let conn = match timeout(h2cfg.handshake_timeout(), h2cfg.server().handshake::<_, Bytes>(metered)).await {
+    let mut builder = h2cfg.server();
+    if edge == Edge::Peer {
+        // A peer link carries the other proxy's cancellations by the
+        // thousand; see the same choice for tunnels (inbound/tunnel.rs).
+        builder.max_local_error_reset_streams(None);
+    }
+    let conn = match timeout(h2cfg.handshake_timeout(), builder.handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => {
             shard.stats.error(Label::H2Handshake);
@@ -100,12 +116,51 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         }
     };
     tracing::debug!(peer = %peer, ?edge, shard = shard.index, "connected");
+    let who = peer.to_string();
     let caller = Rc::new(peer);
-    let serving = serve(conn, h2cfg, &shard.stopping, &active, false, |req, respond| {
-        let guard = active.enter();
+    // Over its connection budget, an identity's connection is drained: the
+    // dials it sent before it read the GOAWAY are answered with the
+    // budget's error, and it ends at the first answer or after a second.
+    // (Closing the socket at once was rejected: the caller would see a bare
+    // reset, not which budget it hit.)
+    let ident = shard.identities.enter_conn(&who, limits.conns_per_identity).map(Rc::new);
+    let drain_now = Signal::new();
+    let stop = if ident.is_none() {
+        tracing::warn!(peer = %caller, limit = limits.conns_per_identity, "budget conns_per_identity reached");
+        shard.stats.error(Label::BudgetConnsPerIdentity);
+        let d = drain_now.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            d.trigger();
+        })
+        .detach();
+        &drain_now
+    } else {
+        &shard.stopping
+    };
+    let serving = serve(conn, h2cfg, stop, &active, false, |req, respond| {
+        let Some(ident) = &ident else {
+            let e =
+                exceeded("conns_per_identity", limits.conns_per_identity, Label::BudgetConnsPerIdentity, Side::Client);
+            return dial::fail(&shard, respond, &e);
+        };
+        let Some(guard) = active.try_enter() else {
+            let e = exceeded(per_conn.0, per_conn.1, Label::BudgetStreamsPerConn, Side::Client);
+            return dial::fail(&shard, respond, &e);
+        };
+        let stream = match edge {
+            Edge::Client => match ident.enter_stream(limits.streams_per_identity) {
+                Some(s) => Some(s),
+                None => {
+                    let (max, label) = (limits.streams_per_identity, Label::BudgetStreamsPerIdentity);
+                    return dial::fail(&shard, respond, &exceeded("streams_per_identity", max, label, Side::Client));
+                }
+            },
+            Edge::Peer => None,
+        };
         let (shard, caller, active) = (shard.clone(), caller.clone(), active.clone());
         glommio::spawn_local(async move {
-            let _guard = guard;
+            let _guards = (guard, stream);
             dial::handle(shard, &caller, &active, req, respond, edge).await;
         })
         .detach();

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_lite::future::or;
 
 use super::{Opened, UpRecv, UpSend};
 use crate::proxy::shard::{CrossDial, Shard, ShardMsg};
@@ -58,12 +59,26 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
     };
     let mut send = t.send.clone();
     let uri = paths::uri(paths::AGENT_DIAL);
-    let e = match call::open(&mut send, uri, 0, first, Side::Agent, shard.shared.dial_timeout).await {
-        Ok(e) => e,
-        Err(e) => return down.fail(&e).await,
+    // The entry shard gives up (its caller reset, its deadline passed) by
+    // dropping its pipe ends: the opening is dropped with it, which resets
+    // the agent stream, so the agent stops connecting the target.
+    let open = call::open(&mut send, uri, 0, first, Side::Agent, shard.shared.dial_timeout);
+    let e = match or(async { Some(open.await) }, async {
+        down.closed().await;
+        None
+    })
+    .await
+    {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return down.fail(&e).await,
+        None => {
+            tracing::debug!(shard = shard.index, agent, "the entry shard gave up on the dial; cancelled it");
+            return;
+        }
     };
     let _open = shard.streams.enter();
     let (mut agent_tx, mut agent_rx) = (e.send, e.recv);
+    agent_rx.meter(&shard.buf);
     for b in e.held {
         if Sink::send(&mut down, b).await.is_err() {
             return;
