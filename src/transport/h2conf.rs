@@ -184,6 +184,9 @@ impl Default for ActiveInner {
             resets: Cell::default(),
             window: Cell::default(),
             calm: Signal::default(),
+            calm_why: Cell::new(""),
+            touched: Cell::default(),
+            health: LinkHealth::default(),
         }
     }
 }
