@@ -44,6 +44,10 @@ pub struct ControlOpts {
     pub strategy: Strategy,
 }
 
+/// Messages (full loads, event batches of up to 10,000 events) queued from
+/// the backend reader before it waits for the control thread.
+pub const READER_MSGS: usize = 16;
+
 /// The latest snapshot, readable off the hot path (admin endpoint, tests).
 pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
 
@@ -62,13 +66,17 @@ impl Control {
     /// Starts the control thread (and its backend reader); `publish` hands
     /// each new route snapshot to the shards.
     pub fn spawn(
+        events_cap: usize,
         opts: ControlOpts,
         store: Arc<dyn StoreFactory>,
         publish: Publish,
         snapshot: SnapshotCell,
     ) -> anyhow::Result<Control> {
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let (rtx, rrx) = crossbeam::channel::unbounded();
+        // Bounded both ways. Shards never block on `tx` (they keep a
+        // backlog, see `proxy::shard`); the reader thread may block on `rtx`
+        // (it then reads the backend later, which only delays events).
+        let (tx, rx) = crossbeam::channel::bounded(events_cap);
+        let (rtx, rrx) = crossbeam::channel::bounded(READER_MSGS);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (store, stop, resync) = (store.clone(), stop.clone(), opts.resync);

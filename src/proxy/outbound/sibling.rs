@@ -14,13 +14,15 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Opened, UpRecv, UpSend};
-use crate::proxy::shard::{CrossDial, Shard, ShardMsg};
+use crate::proxy::shard::{CrossDial, Shard, ShardMsg, MAILBOX_DIALS};
 use crate::relay::{call, relay, Item, Leg, Sink};
+use crate::runtime::mailbox::Refused;
 use crate::runtime::pipe::pipe;
 use crate::runtime::stats::Counter;
 use crate::runtime::timeout;
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
+use crate::wire::status::Code;
 
 /// Items buffered per direction between two shards (each at most one DATA
 /// frame, so a cross-shard stream buffers at most this many frames).
@@ -33,8 +35,16 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
     let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), first, up: up_rx, down: down_tx }));
     let stopped =
         || Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped"));
-    if shard.mailboxes.get(owner as usize).ok_or_else(stopped)?.post(msg).is_err() {
-        return Err(stopped());
+    match shard.mailboxes.get(owner as usize).ok_or_else(stopped)?.post(msg) {
+        Ok(()) => {}
+        Err(Refused::Closed(_)) => return Err(stopped()),
+        Err(Refused::Full(_)) => {
+            // Retry-safe: the dial never reached the owner; a peer may serve it.
+            let m = format!(
+                "budget shard_mailbox ({MAILBOX_DIALS}) reached: shard {owner} has that many cross-shard dials queued"
+            );
+            return Err(Error::new(Code::ResourceExhausted, Side::Proxy, Retry::Safe, Label::ResourceExhausted, m));
+        }
     }
     // The owner runs the same deadline; the margin lets its answer arrive.
     match timeout(left + Duration::from_millis(200), down_rx.recv()).await {

@@ -1,0 +1,124 @@
+//! Operations stories: a tunnel is reachable from every shard the moment it
+//! is usable on its own, the admin endpoint cannot be stalled, and a proxy
+//! that cannot load its routes says why on /healthz.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringpeer::route::model::{AgentRoute, ProxyInfo, Strategy};
+use ringpeer::route::store::{Loaded, MemoryStore, Read as StoreRead, RouteStore, StoreFactory, StreamId};
+use ringpeer::runtime::listeners::bind_group;
+use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
+use ringpeer::tools::load::echo_roundtrip;
+use ringpeer::tools::target::{self as targets, Kind};
+use ringpeer::wire::DialTarget;
+
+fn t(s: &str) -> DialTarget {
+    DialTarget::parse(s).unwrap()
+}
+
+/// A memory store whose announced route writes take `delay` (a slow or
+/// distant Redis): the control thread publishes a new tunnel's table only
+/// after that write.
+struct SlowStore {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+struct SlowConn {
+    inner: Box<dyn RouteStore>,
+    delay: Duration,
+}
+
+impl StoreFactory for SlowStore {
+    fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>> {
+        Ok(Box::new(SlowConn { inner: self.inner.connect()?, delay: self.delay }))
+    }
+    fn describe(&self) -> String {
+        "slow memory".into()
+    }
+}
+
+impl RouteStore for SlowConn {
+    fn put_proxy(&mut self, info: &ProxyInfo, ttl: Duration) -> anyhow::Result<()> {
+        self.inner.put_proxy(info, ttl)
+    }
+    fn remove_proxy(&mut self, id: &str) -> anyhow::Result<()> {
+        self.inner.remove_proxy(id)
+    }
+    fn put_route(&mut self, agent: &str, route: &AgentRoute, announce: bool) -> anyhow::Result<()> {
+        if announce {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.put_route(agent, route, announce)
+    }
+    fn remove_route(&mut self, agent: &str, proxy: &str, announce: bool) -> anyhow::Result<()> {
+        self.inner.remove_route(agent, proxy, announce)
+    }
+    fn seed_strategy(&mut self, s: Strategy) -> anyhow::Result<Strategy> {
+        self.inner.seed_strategy(s)
+    }
+    fn set_strategy(&mut self, s: Strategy) -> anyhow::Result<()> {
+        self.inner.set_strategy(s)
+    }
+    fn load(&mut self) -> anyhow::Result<Loaded> {
+        self.inner.load()
+    }
+    fn read(&mut self, after: StreamId, block: Duration) -> anyhow::Result<StoreRead> {
+        self.inner.read(after, block)
+    }
+}
+
+#[test]
+fn a_tunnel_is_reachable_from_a_sibling_shard_as_soon_as_it_is_usable() {
+    // The rare wrong NOT_FOUND: sibling shards used to learn of a tunnel
+    // only from the control thread's next table, published after its backend
+    // write. Here that write takes 400 ms, the tunnel port is open only on
+    // shard 0 and the client port only on shard 1: 200 dials fired the
+    // moment shard 0 holds the tunnel must all reach the agent.
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let cfg = proxy_config(&certs.path, "proxy-a", 2);
+    let client = bind_group("127.0.0.1:0".parse().unwrap(), 1, "client").unwrap().pop();
+    let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
+    let listeners =
+        ringpeer::Listeners { client: vec![None, client], tunnel: vec![tunnel, None], peer: vec![], admin: None };
+    let store = Arc::new(SlowStore { inner: MemoryStore::new(1000), delay: Duration::from_millis(400) });
+    let proxy = ProxyHandle::start_full(cfg, listeners, Some(store)).unwrap();
+    let (metrics, tunnel_addr, dir) = (proxy.metrics.clone(), proxy.tunnel_addr, certs.path.clone());
+    let (failures, first_after, _agent) =
+        common::with_client(proxy.client_addr, &certs.path, "client", move |c| async move {
+            // The client is connected (to shard 1) before the agent starts.
+            let agent =
+                AgentHandle::start(agent_config(&dir, "agent-1", &[tunnel_addr], &[("echo", echo.addr)])).unwrap();
+            let t0 = Instant::now();
+            while metrics.shards[0].tunnels.get() < 1 {
+                assert!(t0.elapsed() < Duration::from_secs(10), "the tunnel never came up");
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+            let up = Instant::now();
+            let mut handles = Vec::new();
+            for i in 0..200u32 {
+                let c = c.clone();
+                handles.push(glommio::spawn_local(async move {
+                    let msg = i.to_be_bytes();
+                    echo_roundtrip(&c, &t("agent-1/echo"), &msg).await.map(|b| b == msg)
+                }));
+            }
+            let mut failures = Vec::new();
+            for h in handles {
+                match h.await {
+                    Ok(true) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (failures, up.elapsed(), (agent, echo))
+        });
+    eprintln!("200 dials on the sibling shard, answered within {first_after:?} of the tunnel coming up");
+    assert!(failures.is_empty(), "{} of 200 dials failed, first: {}", failures.len(), failures[0]);
+    assert!(first_after < Duration::from_millis(400), "answered before the control thread's table: {first_after:?}");
+    assert_eq!(proxy.metrics.shards[1].dials_cross_shard.get(), 200);
+}
