@@ -208,7 +208,15 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     };
     let control = Control::spawn(shard::CONTROL_EVENTS, copts, store, publish, opts.snapshot.unwrap_or_default())?;
     let admin = match listeners.admin {
-        Some(l) => Some(admin::spawn(l, cfg.id.clone(), metrics.clone(), control.snapshot.clone(), shutdown.clone())?),
+        Some(l) => {
+            let state = admin::AdminState {
+                proxy: cfg.id.clone(),
+                metrics: metrics.clone(),
+                snapshot: control.snapshot.clone(),
+                health: control.health.clone(),
+            };
+            Some(admin::spawn(l, state, shutdown.clone())?)
+        }
         None => None,
     };
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
