@@ -206,7 +206,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             }
         })
     };
-    let control = Control::spawn(shard::CONTROL_EVENTS, copts, store, publish, opts.snapshot.unwrap_or_default())?;
+    let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
     let admin = match listeners.admin {
         Some(l) => {
             let state = admin::AdminState {

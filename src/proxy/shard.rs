@@ -42,10 +42,6 @@ use crate::transport::h2conf::H2Tuning;
 /// them up within their deadline anyway).
 pub const MAILBOX_DIALS: usize = 4096;
 
-/// Tunnel events queued towards the control thread before shards keep
-/// them in their own backlog (see [`Shard`]).
-pub const CONTROL_EVENTS: usize = 1024;
-
 /// How often a shard retries tunnel events the full control channel refused.
 const BACKLOG_RETRY: Duration = Duration::from_millis(5);
 

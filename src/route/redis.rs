@@ -428,9 +428,12 @@ fn pairs(v: Value) -> Vec<(Value, Value)> {
     }
 }
 
+/// A stream entry's fields, as raw (name, value) pairs.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The entries of an XREAD reply (one stream), as (id, [(field, value)]),
 /// whatever bytes the fields hold. RESP2 replies are arrays, RESP3 maps.
-fn stream_entries(reply: Value) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> {
+fn stream_entries(reply: Value) -> Vec<(String, Fields)> {
     let streams = match reply {
         Value::Array(a) => a.into_iter().filter_map(|s| pairs_of_two(s).map(|(_, e)| e)).collect(),
         m @ Value::Map(_) => pairs(m).into_iter().map(|(_, e)| e).collect(),

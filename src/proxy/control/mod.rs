@@ -44,6 +44,10 @@ pub struct ControlOpts {
     pub strategy: Strategy,
 }
 
+/// Tunnel events queued from the shards before they keep further ones in
+/// their own backlog (see `proxy::shard`): shards never wait on this thread.
+pub const EVENTS: usize = 1024;
+
 /// Messages (full loads, event batches of up to 10,000 events) queued from
 /// the backend reader before it waits for the control thread.
 pub const READER_MSGS: usize = 16;
@@ -115,7 +119,6 @@ impl Control {
     /// Starts the control thread (and its backend reader); `publish` hands
     /// each new route snapshot to the shards.
     pub fn spawn(
-        events_cap: usize,
         opts: ControlOpts,
         store: Arc<dyn StoreFactory>,
         publish: Publish,
@@ -124,7 +127,7 @@ impl Control {
         // Bounded both ways. Shards never block on `tx` (they keep a
         // backlog, see `proxy::shard`); the reader thread may block on `rtx`
         // (it then reads the backend later, which only delays events).
-        let (tx, rx) = crossbeam::channel::bounded(events_cap);
+        let (tx, rx) = crossbeam::channel::bounded(EVENTS);
         let (rtx, rrx) = crossbeam::channel::bounded(READER_MSGS);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
