@@ -130,6 +130,11 @@ impl<T, L> Mailbox<T, L> {
         Ok(())
     }
 
+    /// The queue's bound.
+    pub fn cap(&self) -> usize {
+        self.0.cap
+    }
+
     /// Messages queued now (the latest-wins slot not counted).
     pub fn len(&self) -> usize {
         self.0.q.len()

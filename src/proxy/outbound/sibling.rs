@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Opened, UpRecv, UpSend};
-use crate::proxy::shard::{CrossDial, Shard, ShardMsg, MAILBOX_DIALS};
+use crate::proxy::shard::{CrossDial, Shard, ShardMailbox, ShardMsg};
 use crate::relay::{call, relay, Item, Leg, Sink};
 use crate::runtime::mailbox::Refused;
 use crate::runtime::pipe::pipe;
@@ -28,6 +28,26 @@ use crate::wire::status::Code;
 /// frame, so a cross-shard stream buffers at most this many frames).
 pub const PIPE_CAP: usize = 64;
 
+/// Queues a dial in shard `owner`'s mailbox, or says why it cannot:
+/// past its bound ([`crate::proxy::shard::MAILBOX_DIALS`]) of queued dials, RESOURCE_EXHAUSTED naming the
+/// budget (retry-safe: the dial never reached the owner, a peer may serve
+/// it); a stopped shard, UNAVAILABLE.
+pub fn post_dial(mailbox: &ShardMailbox, owner: u32, msg: ShardMsg) -> Result<(), Error> {
+    match mailbox.post(msg) {
+        Ok(()) => Ok(()),
+        Err(Refused::Closed(_)) => {
+            Err(Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped")))
+        }
+        Err(Refused::Full(_)) => {
+            let m = format!(
+                "budget shard_mailbox ({}) reached: shard {owner} has that many cross-shard dials queued",
+                mailbox.cap()
+            );
+            Err(Error::new(Code::ResourceExhausted, Side::Proxy, Retry::Safe, Label::ResourceExhausted, m))
+        }
+    }
+}
+
 /// Shard A: hands the dial to shard `owner` and waits for its answer.
 pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left: Duration) -> Result<Opened, Error> {
     let (up_tx, up_rx) = pipe(PIPE_CAP);
@@ -35,17 +55,7 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
     let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), first, up: up_rx, down: down_tx }));
     let stopped =
         || Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped"));
-    match shard.mailboxes.get(owner as usize).ok_or_else(stopped)?.post(msg) {
-        Ok(()) => {}
-        Err(Refused::Closed(_)) => return Err(stopped()),
-        Err(Refused::Full(_)) => {
-            // Retry-safe: the dial never reached the owner; a peer may serve it.
-            let m = format!(
-                "budget shard_mailbox ({MAILBOX_DIALS}) reached: shard {owner} has that many cross-shard dials queued"
-            );
-            return Err(Error::new(Code::ResourceExhausted, Side::Proxy, Retry::Safe, Label::ResourceExhausted, m));
-        }
-    }
+    post_dial(shard.mailboxes.get(owner as usize).ok_or_else(stopped)?, owner, msg)?;
     // The owner runs the same deadline; the margin lets its answer arrive.
     match timeout(left + Duration::from_millis(200), down_rx.recv()).await {
         Ok(Some(Item::Data(b))) => {

@@ -47,3 +47,22 @@ fn failover_follows_the_retry_class_never_the_text() {
     let not_here = Error::from_status(Side::Peer, crate::wire::status::Status::new(Code::NotFound, "gone"));
     assert_eq!(after_failure(&not_here, 0), Next::Skip, "a stale route: try the next holder");
 }
+
+#[test]
+fn a_cross_shard_dial_past_the_mailbox_bound_is_refused_naming_the_budget() {
+    use crate::proxy::shard::{CrossDial, ShardMsg};
+    use crate::runtime::mailbox::mailbox;
+    use crate::runtime::pipe::pipe;
+    let dial = || {
+        let ((_, up), (down, _)) = (pipe(1), pipe(1));
+        ShardMsg::Dial(Box::new(CrossDial { agent: "a".into(), first: bytes::Bytes::new(), up, down }))
+    };
+    let (mb, inbox) = mailbox(2);
+    assert!(sibling::post_dial(&mb, 1, dial()).is_ok() && sibling::post_dial(&mb, 1, dial()).is_ok());
+    let e = sibling::post_dial(&mb, 1, dial()).unwrap_err();
+    assert_eq!((e.code, e.retry), (Code::ResourceExhausted, Retry::Safe));
+    assert!(e.message.contains("budget shard_mailbox (2) reached"), "{e}");
+    drop(inbox);
+    let e = sibling::post_dial(&mb, 1, dial()).unwrap_err();
+    assert_eq!((e.code, e.label), (Code::Unavailable, Label::ShardStopped));
+}
