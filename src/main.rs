@@ -103,6 +103,9 @@ enum Cmd {
     },
     /// Load generator: direct TCP vs. through the proxy; JSON out.
     Bench(ringpeer::tools::bench::BenchOpts),
+    /// Long mixed load through a running fleet, every byte checked, RSS
+    /// watched; exits non-zero on a mismatch or RSS growth (scripts/soak).
+    Soak(ringpeer::tools::soak::SoakOpts),
 }
 
 /// How `dial` and `forward` reach the fleet.
@@ -230,6 +233,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             ringpeer::tools::demo::run(serve, sd)?;
         }
         Cmd::Bench(opts) => ringpeer::tools::bench::run(opts)?,
+        Cmd::Soak(opts) => {
+            if !ringpeer::tools::soak::run(opts)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Cmd::Target { kind, listen } => {
             use ringpeer::tools::target::{spawn_at, Kind};
             let kind = match kind.as_str() {

@@ -277,6 +277,74 @@ fn keys_of_the_wrong_type_are_skipped_and_never_stop_sync() {
 }
 
 #[test]
+fn key_names_and_values_that_do_not_decode_are_skipped_and_sync_goes_on() {
+    // Before any proxy starts: key names that are not UTF-8, a hash field
+    // name that is not UTF-8, garbage values, and stream entries whose field
+    // name is not UTF-8 or whose value is garbage.
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let raw = |k: &[u8]| [key("").as_bytes(), k].concat();
+    let good_route =
+        pb::AgentRoute { proxy_id: "proxy-z".into(), shard: 0, services: vec![], expires_unix_ms: u64::MAX }
+            .encode_to_vec();
+    let bad_event = |con: &mut redis::Connection, field: &[u8], value: &[u8]| {
+        let _: String = redis::cmd("XADD").arg(key("events")).arg("*").arg(field).arg(value).query(con).unwrap();
+    };
+    let _: () = redis::cmd("SET").arg(raw(b"proxy:\xff\xfe")).arg("x").arg("PX").arg(60_000).query(&mut con).unwrap();
+    let _: () = redis::cmd("HSET").arg(raw(b"agent:\xc3\x28")).arg("proxy-z").arg(&good_route).query(&mut con).unwrap();
+    let _: () =
+        redis::cmd("HSET").arg(key("agent:agent-9")).arg(b"\xff".as_slice()).arg(&good_route).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key("proxy:junk"))
+        .arg(b"\x0a\xff\xff".as_slice())
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut con)
+        .unwrap();
+    bad_event(&mut con, b"\xff\xfe", b"x");
+    bad_event(&mut con, b"e", b"\x08\x63\xff garbage");
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let a = redis_proxy(&certs, &redis, "proxy-a", 3_000);
+    let b = redis_proxy(&certs, &redis, "proxy-b", 3_000);
+    let _agent1 =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("A routes agent-1 via B", || has_route(&a, "agent-1", "proxy-b"));
+    // More bad entries while the proxies follow the stream: the reader
+    // skips them and keeps following (a later agent still propagates by
+    // event, well before the periodic resync).
+    bad_event(&mut con, b"\xff", b"\xff");
+    bad_event(&mut con, b"e", b"garbage");
+    let t0 = Instant::now();
+    let _agent2 =
+        AgentHandle::start(agent_config(&certs.path, "agent-2", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    eventually("A routes agent-2 via B", || has_route(&a, "agent-2", "proxy-b"));
+    eprintln!("agent-2 propagated past the bad entries in {:?}", t0.elapsed());
+    let back = common::with_client(a.client_addr, &certs.path, "client", |c| async move {
+        echo_roundtrip(&c, &t("agent-2/echo"), b"past bad bytes").await
+    });
+    assert_eq!(back.unwrap(), b"past bad bytes");
+    assert!(a.routes().backend_up && b.routes().backend_up);
+    // Heartbeats go on: B's record (TTL 3 s) is refreshed.
+    let pttl =
+        |con: &mut redis::Connection| -> i64 { redis::cmd("PTTL").arg(key("proxy:proxy-b")).query(con).unwrap() };
+    let first = pttl(&mut con);
+    eventually("B's record is refreshed by a heartbeat", || pttl(&mut redis.con()) > first);
+    // The good route of agent-9 (beside a field name that is not UTF-8)
+    // is dropped with that field only; routes list works and names each
+    // bad key, escaped.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpeer"))
+        .args(["routes", "--backend", &redis.url(), "--cluster", "demo", "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    for k in ["proxy:\\xff\\xfe", "agent:\\xc3(", "agent:agent-9 field \\xff", "proxy:junk", "agent-1", "agent-2"] {
+        assert!(text.contains(k), "routes list lacks {k:?}:\n{text}");
+    }
+}
+
+#[test]
 fn a_trimmed_event_stream_forces_a_full_resync_that_converges() {
     let redis = Redis::start();
     let certs = CertDir::temp().unwrap();

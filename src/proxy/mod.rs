@@ -34,7 +34,7 @@ use crate::runtime::mailbox::mailbox;
 use crate::runtime::{spawn_executor, Shutdown};
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
-use shard::{ProxyShared, Shard, ShardMsg};
+use shard::{ProxyShared, Shard};
 use stats::Metrics;
 
 /// The listening sockets of a proxy, one per shard and role. A `None` leaves
@@ -170,7 +170,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         tls: tls.clone(),
     });
     let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
-    let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox()).unzip();
+    let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox(shard::MAILBOX_DIALS)).unzip();
     let store = match opts.store {
         Some(s) => s,
         None => store_for(&cfg)?,
@@ -203,13 +203,21 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         let boxes = boxes.clone();
         Box::new(move |t| {
             for b in &boxes {
-                let _ = b.post(ShardMsg::Routes(t.clone()));
+                let _ = b.replace(t.clone());
             }
         })
     };
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
     let admin = match listeners.admin {
-        Some(l) => Some(admin::spawn(l, cfg.id.clone(), metrics.clone(), control.snapshot.clone(), shutdown.clone())?),
+        Some(l) => {
+            let state = admin::AdminState {
+                proxy: cfg.id.clone(),
+                metrics: metrics.clone(),
+                snapshot: control.snapshot.clone(),
+                health: control.health.clone(),
+            };
+            Some(admin::spawn(l, state, shutdown.clone())?)
+        }
         None => None,
     };
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);

@@ -3,18 +3,27 @@
 //!
 //! Invariants: everything here is owned by one executor thread (`Rc`,
 //! `RefCell`, never borrowed across an await); other threads reach a shard
-//! only through its mailbox ([`ShardMsg`]). The shard knows the control
-//! thread only as a channel of [`TunnelEvent`]s, and receives route tables
-//! as messages: it imports no control type.
+//! only through its mailbox ([`ShardMsg`], route tables in its latest-wins
+//! slot). The shard knows the control thread only as a bounded channel of
+//! [`TunnelEvent`]s: it imports no control type.
+//! - A tunnel is announced to the sibling shards *before* it is usable on
+//!   its own shard, directly through their mailboxes, so no dial can learn
+//!   of a tunnel (even by using it) before every sibling has the notice
+//!   queued. Learning it only from route tables left a window (the control
+//!   thread's wake-up, its backend write, the table's delivery) in which a
+//!   dial entering a sibling shard got NOT_FOUND while the tunnel was up.
+//! - Tunnel events never wait and are never lost: when the control channel
+//!   is full they queue in this shard's backlog (bounded by its tunnels'
+//!   changes) and a flusher retries them in order.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam::channel::Sender;
+use crossbeam::channel::{Sender, TrySendError};
 use h2::client::SendRequest;
 use tokio_rustls::TlsAcceptor;
 
@@ -24,18 +33,40 @@ use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
 use crate::route::RouteTable;
 use crate::runtime::budget::{BufMeter, Identities, ProxyLimits};
-use crate::runtime::mailbox::{Inbox, Mailbox};
+use crate::runtime::mailbox::{Inbox, Mailbox, Next};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::signal::{Inflight, Signal};
 use crate::transport::h2conf::H2Tuning;
 use crate::transport::keepalive::LinkHealth;
 
+/// Cross-shard dials queued in one shard's mailbox before more are
+/// refused with RESOURCE_EXHAUSTED (a shard this far behind would not set
+/// them up within their deadline anyway).
+pub const MAILBOX_DIALS: usize = 4096;
+
+/// How often a shard retries tunnel events the full control channel refused.
+const BACKLOG_RETRY: Duration = Duration::from_millis(5);
+
+/// A shard's mailbox: queued [`ShardMsg`]s and the latest route table.
+pub type ShardMailbox = Mailbox<ShardMsg, RouteTable>;
+
 /// Work posted to a shard by another thread.
 pub enum ShardMsg {
-    /// A new route snapshot from the control thread.
-    Routes(Arc<RouteTable>),
-    /// A dial that entered on another shard for a tunnel held here.
+    /// A dial that entered on another shard for a tunnel held here
+    /// (bounded: [`MAILBOX_DIALS`]).
     Dial(Box<CrossDial>),
+    /// A sibling shard's tunnel came up or went down (exempt from the
+    /// bound: one per tunnel change, and losing one would misroute).
+    Tunnel {
+        /// Agent id.
+        agent: String,
+        /// The shard holding it.
+        shard: u32,
+        /// Its connection id.
+        conn: u64,
+        /// Up (true) or down.
+        up: bool,
+    },
 }
 
 /// A dial crossing shards: the entry shard keeps the client stream, this
@@ -101,7 +132,7 @@ pub struct Shard {
     /// Counters of this shard.
     pub stats: Arc<ShardStats>,
     /// Every shard's mailbox, by index.
-    pub mailboxes: Vec<Mailbox<ShardMsg>>,
+    pub mailboxes: Vec<ShardMailbox>,
     /// Tunnel events for the control thread.
     pub events: Sender<TunnelEvent>,
     /// Fired when the proxy stops: stop accepting, send GOAWAY, drain.
@@ -119,6 +150,10 @@ pub struct Shard {
     /// Connections and streams per caller identity on this shard.
     pub identities: Identities,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
+    /// Tunnels on sibling shards: agent → (shard, conn), newest first.
+    siblings: RefCell<HashMap<String, Vec<(u32, u64)>>>,
+    /// Tunnel events the control channel had no room for, oldest first.
+    backlog: Rc<RefCell<VecDeque<TunnelEvent>>>,
     routes: RefCell<Arc<RouteTable>>,
     /// Peer links of this shard.
     pub peers: PeerLinks,
@@ -133,7 +168,7 @@ impl Shard {
         index: u32,
         shared: Arc<ProxyShared>,
         stats: Arc<ShardStats>,
-        mailboxes: Vec<Mailbox<ShardMsg>>,
+        mailboxes: Vec<ShardMailbox>,
         events: Sender<TunnelEvent>,
     ) -> Shard {
         let closing = Signal::new();
@@ -156,6 +191,8 @@ impl Shard {
             buf,
             identities: Identities::default(),
             tunnels: RefCell::default(),
+            siblings: RefCell::default(),
+            backlog: Rc::default(),
             routes: RefCell::default(),
             route_waiters: RefCell::default(),
             next_conn: Cell::new(0),
@@ -169,8 +206,10 @@ impl Shard {
         (u64::from(self.index) << 48) | n
     }
 
-    /// Registers a tunnel and tells the control thread.
+    /// Registers a tunnel: tells the sibling shards first (see the module
+    /// invariants), then makes it usable here, then tells the control thread.
     pub fn add_tunnel(&self, agent: &str, t: TunnelRef) {
+        self.tell_siblings(agent, t.conn, true);
         let ev = TunnelEvent::TunnelUp {
             agent: agent.to_string(),
             shard: self.index,
@@ -179,10 +218,10 @@ impl Shard {
         };
         self.tunnels.borrow_mut().entry(agent.to_string()).or_default().insert(0, t);
         self.stats.tunnels.add(1);
-        let _ = self.events.send(ev);
+        self.report(ev);
     }
 
-    /// Removes a tunnel and tells the control thread.
+    /// Removes a tunnel and tells the sibling shards and the control thread.
     pub fn remove_tunnel(&self, agent: &str, conn: u64) {
         let mut map = self.tunnels.borrow_mut();
         if let Some(v) = map.get_mut(agent) {
@@ -196,7 +235,75 @@ impl Shard {
             }
         }
         drop(map);
-        let _ = self.events.send(TunnelEvent::TunnelDown { agent: agent.to_string(), conn });
+        self.tell_siblings(agent, conn, false);
+        self.report(TunnelEvent::TunnelDown { agent: agent.to_string(), conn });
+    }
+
+    fn tell_siblings(&self, agent: &str, conn: u64, up: bool) {
+        for (k, b) in self.mailboxes.iter().enumerate() {
+            if k as u32 != self.index {
+                let msg = ShardMsg::Tunnel { agent: agent.to_string(), shard: self.index, conn, up };
+                let _ = b.post_always(msg);
+            }
+        }
+    }
+
+    /// Sends a tunnel event to the control thread without waiting: when the
+    /// channel is full, the event joins the backlog, which a flusher task
+    /// drains in order.
+    fn report(&self, ev: TunnelEvent) {
+        let mut backlog = self.backlog.borrow_mut();
+        if !backlog.is_empty() {
+            backlog.push_back(ev);
+            return;
+        }
+        match self.events.try_send(ev) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(ev)) => backlog.push_back(ev),
+        }
+        drop(backlog);
+        let (backlog, tx) = (self.backlog.clone(), self.events.clone());
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(BACKLOG_RETRY).await;
+                let mut b = backlog.borrow_mut();
+                while let Some(ev) = b.pop_front() {
+                    match tx.try_send(ev) {
+                        Ok(()) => {}
+                        Err(TrySendError::Disconnected(_)) => {
+                            b.clear();
+                            return;
+                        }
+                        Err(TrySendError::Full(ev)) => {
+                            b.push_front(ev);
+                            break;
+                        }
+                    }
+                }
+                if b.is_empty() {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// The sibling shards holding a tunnel to `agent`, newest first, as
+    /// their own notices said (fresher than any route table).
+    pub fn sibling_tunnels(&self, agent: &str) -> Vec<u32> {
+        self.siblings.borrow().get(agent).map(|v| v.iter().map(|(s, _)| *s).collect()).unwrap_or_default()
+    }
+
+    /// Lets this shard's inbox catch up (bounded): a dial about to fail for
+    /// want of a route first sees every notice already queued for it.
+    pub async fn catch_up(&self) {
+        let Some(me) = self.mailboxes.get(self.index as usize) else { return };
+        for _ in 0..64 {
+            if !me.has_pending() {
+                return;
+            }
+            futures_lite::future::yield_now().await;
+        }
     }
 
     /// The newest tunnel to `agent` on this shard that answers its
@@ -229,10 +336,10 @@ impl Shard {
     }
 
     /// Handles this shard's mailbox until the shard stops.
-    pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg>) {
+    pub async fn run_inbox(self: Rc<Self>, mut inbox: Inbox<ShardMsg, RouteTable>) {
         loop {
             match inbox.recv().await {
-                ShardMsg::Routes(t) => {
+                Next::Latest(t) => {
                     let mut cur = self.routes.borrow_mut();
                     if t.version > cur.version {
                         self.peers.retain_proxies(|p| t.proxies.contains_key(p));
@@ -244,8 +351,19 @@ impl Shard {
                         }
                     }
                 }
-                ShardMsg::Dial(d) => {
+                Next::Msg(ShardMsg::Dial(d)) => {
                     glommio::spawn_local(super::outbound::sibling::serve(self.clone(), *d)).detach();
+                }
+                Next::Msg(ShardMsg::Tunnel { agent, shard, conn, up }) => {
+                    let mut map = self.siblings.borrow_mut();
+                    if up {
+                        map.entry(agent).or_default().insert(0, (shard, conn));
+                    } else if let Some(v) = map.get_mut(&agent) {
+                        v.retain(|&(s, c)| (s, c) != (shard, conn));
+                        if v.is_empty() {
+                            map.remove(&agent);
+                        }
+                    }
                 }
             }
         }

@@ -5,8 +5,9 @@
 //! imports the other's types: the proxy wires the two together (the callback
 //! posts the table into every shard's mailbox).
 //!
-//! Invariant: shards never wait on the control thread (events go through an
-//! unbounded channel, tables through lock-free mailboxes).
+//! Invariant: shards never wait on the control thread (events go through a
+//! bounded channel with a per-shard backlog, tables through the latest-wins
+//! slot of lock-free mailboxes).
 
 use std::sync::Arc;
 

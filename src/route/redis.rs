@@ -132,11 +132,13 @@ impl RedisStore {
             .ignore();
     }
 
-    fn scan(&mut self, pattern: &str) -> anyhow::Result<Vec<String>> {
+    /// Key names as bytes: a name that is not UTF-8 must not fail the
+    /// whole scan (the caller skips it, naming it escaped).
+    fn scan(&mut self, pattern: &str) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) =
+            let (next, keys): (u64, Vec<Vec<u8>>) =
                 redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query(&mut self.con)?;
             out.extend(keys);
             if next == 0 {
@@ -269,16 +271,21 @@ impl RouteStore for RedisStore {
             newest.into_iter().filter_map(|e| redis::from_redis_value::<(String, Value)>(&e).ok()).collect();
         l.cursor = last.first().and_then(|(id, _)| StreamId::parse(id)).unwrap_or_default();
         let plen = self.prefix.len();
-        for key in self.scan(&format!("{}proxy:*", self.prefix))? {
+        let bad = |what: &'static str, why: String| super::model::BadValue { what, why };
+        for raw in self.scan(&format!("{}proxy:*", self.prefix))? {
+            let key = match utf8_key(raw, plen) {
+                Ok(k) => k,
+                Err(skip) => {
+                    l.skipped.push((skip, bad("ProxyRecord", "the key name is not UTF-8".into())));
+                    continue;
+                }
+            };
             let got: Result<(Option<Vec<u8>>, i64), _> =
                 redis::pipe().get(&key).cmd("PTTL").arg(&key).query(&mut self.con);
             let (val, pttl) = match got {
                 Ok(v) => v,
                 Err(e) if data_error(&e) => {
-                    l.skipped.push((
-                        key[plen..].to_string(),
-                        super::model::BadValue { what: "ProxyRecord", why: e.to_string() },
-                    ));
+                    l.skipped.push((key[plen..].to_string(), bad("ProxyRecord", e.to_string())));
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -289,24 +296,46 @@ impl RouteStore for RedisStore {
                 Err(e) => l.skipped.push((key[plen..].to_string(), e)),
             }
         }
-        for key in self.scan(&format!("{}agent:*", self.prefix))? {
+        for raw in self.scan(&format!("{}agent:*", self.prefix))? {
+            let key = match utf8_key(raw, plen) {
+                Ok(k) => k,
+                Err(skip) => {
+                    l.skipped.push((skip, bad("agent hash", "the key name is not UTF-8".into())));
+                    continue;
+                }
+            };
             let agent = key[plen + "agent:".len()..].to_string();
-            let fields: Vec<(String, Vec<u8>)> = match self.con.hgetall(&key) {
+            if !crate::transport::identity::valid_name(&agent) {
+                l.skipped
+                    .push((key[plen..].to_string(), bad("agent hash", format!("agent {agent:?} is not a valid name"))));
+                continue;
+            }
+            // Field names as bytes too: one bad field skips that field only.
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = match self.con.hgetall(&key) {
                 Ok(f) => f,
                 Err(e) if !data_error(&e) => return Err(e.into()),
                 Err(e) => {
-                    l.skipped.push((
-                        key[plen..].to_string(),
-                        super::model::BadValue { what: "agent hash", why: e.to_string() },
-                    ));
+                    l.skipped.push((key[plen..].to_string(), bad("agent hash", e.to_string())));
                     continue;
                 }
             };
             let mut routes = Vec::new();
             for (proxy, b) in fields {
+                let field = format!("{} field {}", &key[plen..], proxy.escape_ascii());
                 match AgentRoute::decode(&b) {
-                    Ok(r) => routes.push(r),
-                    Err(e) => l.skipped.push((format!("{} field {proxy}", &key[plen..]), e)),
+                    Ok(r) if r.proxy.as_bytes() == proxy => routes.push(r),
+                    Ok(r) => l.skipped.push((
+                        field,
+                        bad(
+                            "AgentRoute",
+                            format!(
+                                "field names proxy {:?} but the value {:?}",
+                                proxy.escape_ascii().to_string(),
+                                r.proxy
+                            ),
+                        ),
+                    )),
+                    Err(e) => l.skipped.push((field, e)),
                 }
             }
             l.agents.push((agent, routes));
@@ -351,19 +380,85 @@ impl RouteStore for RedisStore {
             Err(e) if data_error(&e) && self.repair_events()? => return Ok(Read::Trimmed),
             r => r?,
         };
-        let reply: Option<redis::streams::StreamReadReply> = redis::from_redis_value(&r).ok();
-        let Some(reply) = reply.filter(|r| !r.keys.is_empty()) else { return Ok(Read::Timeout) };
+        // Parsed by hand, entry by entry: a typed parse of the whole reply
+        // fails on one bad entry (a field name that is not UTF-8), and the
+        // reader would then re-read the same batch forever.
         let mut out = Vec::new();
-        for k in reply.keys {
-            for entry in k.ids {
-                let Some(id) = StreamId::parse(&entry.id) else { continue };
-                let ev = match entry.map.get("e").map(redis::from_redis_value::<Vec<u8>>) {
-                    Some(Ok(b)) => Event::decode(&b),
-                    _ => Err(super::model::BadValue { what: "RouteEvent", why: "entry has no field e".into() }),
-                };
-                out.push((id, ev));
-            }
+        for (id, fields) in stream_entries(r) {
+            let Some(id) = StreamId::parse(&id) else { continue };
+            let ev = match fields.iter().find(|(k, _)| k == b"e") {
+                Some((_, b)) => Event::decode(b),
+                None => Err(super::model::BadValue { what: "RouteEvent", why: "entry has no field e".into() }),
+            };
+            out.push((id, ev));
         }
         Ok(if out.is_empty() { Read::Timeout } else { Read::Events(out) })
+    }
+}
+
+/// A scanned key name as UTF-8, or the escaped name (without the prefix) to
+/// report it under.
+fn utf8_key(raw: Vec<u8>, plen: usize) -> Result<String, String> {
+    String::from_utf8(raw).map_err(|e| {
+        let b = e.into_bytes();
+        b.get(plen..).unwrap_or(&b).escape_ascii().to_string()
+    })
+}
+
+fn bulk(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn pairs(v: Value) -> Vec<(Value, Value)> {
+    match v {
+        Value::Map(m) => m,
+        Value::Array(a) => {
+            let mut it = a.into_iter();
+            let mut out = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                out.push((k, v));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A stream entry's fields, as raw (name, value) pairs.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The entries of an XREAD reply (one stream), as (id, [(field, value)]),
+/// whatever bytes the fields hold. RESP2 replies are arrays, RESP3 maps.
+fn stream_entries(reply: Value) -> Vec<(String, Fields)> {
+    let streams = match reply {
+        Value::Array(a) => a.into_iter().filter_map(|s| pairs_of_two(s).map(|(_, e)| e)).collect(),
+        m @ Value::Map(_) => pairs(m).into_iter().map(|(_, e)| e).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else { continue };
+        for e in entries {
+            let Some((id, fields)) = pairs_of_two(e) else { continue };
+            let Some(id) = bulk(id).and_then(|b| String::from_utf8(b).ok()) else { continue };
+            let fields = pairs(fields).into_iter().filter_map(|(k, v)| Some((bulk(k)?, bulk(v)?))).collect();
+            out.push((id, fields));
+        }
+    }
+    out
+}
+
+/// A two-element array as a pair.
+fn pairs_of_two(v: Value) -> Option<(Value, Value)> {
+    match v {
+        Value::Array(a) if a.len() == 2 => {
+            let mut it = a.into_iter();
+            Some((it.next()?, it.next()?))
+        }
+        _ => None,
     }
 }

@@ -3,7 +3,8 @@
 //! `demo` (the embedded default fleet), `bench` (the load generator),
 //! `target` (echo/sink/source services), `fleet` (in-process proxies and
 //! agents, used by the demo, the bench and the tests), `load` (dial drivers)
-//! and `routes` (the backend reader behind `ringpeer routes`).
+//! `routes` (the backend reader behind `ringpeer routes`) and `soak` (a long
+//! mixed load with every byte checked).
 //!
 //! Invariant: this is the top layer; nothing under `wire`, `runtime`,
 //! `transport`, `relay`, `route` or the roles imports it (checked by
@@ -15,4 +16,5 @@ pub mod demo;
 pub mod fleet;
 pub mod load;
 pub mod routes;
+pub mod soak;
 pub mod target;

@@ -44,8 +44,63 @@ pub struct ControlOpts {
     pub strategy: Strategy,
 }
 
+/// Tunnel events queued from the shards before they keep further ones in
+/// their own backlog (see `proxy::shard`): shards never wait on this thread.
+pub const EVENTS: usize = 1024;
+
+/// Messages (full loads, event batches of up to 10,000 events) queued from
+/// the backend reader before it waits for the control thread.
+pub const READER_MSGS: usize = 16;
+
 /// The latest snapshot, readable off the hot path (admin endpoint, tests).
 pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
+
+/// Whether this proxy has its routes from the backend and keeps them
+/// current, and why not: what `/healthz` answers and the log says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The backend description (`redis redis://…`, `memory`).
+    pub backend: String,
+    /// A full load has completed since the last outage began (or ever).
+    pub synced: bool,
+    /// Whether a full load ever completed.
+    pub ever_synced: bool,
+    /// Why the backend reader cannot load or follow the routes.
+    pub reader_error: Option<String>,
+    /// Why writes (registration, heartbeats, routes) fail.
+    pub writer_error: Option<String>,
+    /// Keys the last full load skipped as bad data.
+    pub skipped: usize,
+    /// Version of the latest published snapshot.
+    pub version: u64,
+}
+
+impl Health {
+    /// Healthy (routes loaded, backend reachable both ways), and a one-line
+    /// reason either way.
+    pub fn verdict(&self) -> (bool, String) {
+        let b = &self.backend;
+        if let Some(e) = &self.reader_error {
+            let what = if self.ever_synced {
+                "serving the last snapshot"
+            } else {
+                "no routes loaded yet: every dial to another proxy's agent fails"
+            };
+            return (false, format!("route backend {b} unreachable ({what}): {e}"));
+        }
+        if !self.synced {
+            return (false, format!("not yet synced with route backend {b}"));
+        }
+        if let Some(e) = &self.writer_error {
+            return (false, format!("route backend {b} refuses writes (heartbeats and routes not published): {e}"));
+        }
+        let bad = if self.skipped > 0 { format!("; {} bad keys skipped", self.skipped) } else { String::new() };
+        (true, format!("ok: synced with {b}, routes version {}{bad}", self.version))
+    }
+}
+
+/// The latest [`Health`], readable off the hot path.
+pub type HealthCell = Arc<Mutex<Health>>;
 
 /// The control thread's handle.
 pub struct Control {
@@ -53,6 +108,8 @@ pub struct Control {
     pub events: Sender<TunnelEvent>,
     /// The latest published snapshot.
     pub snapshot: SnapshotCell,
+    /// The latest health verdict.
+    pub health: HealthCell,
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
@@ -67,8 +124,11 @@ impl Control {
         publish: Publish,
         snapshot: SnapshotCell,
     ) -> anyhow::Result<Control> {
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let (rtx, rrx) = crossbeam::channel::unbounded();
+        // Bounded both ways. Shards never block on `tx` (they keep a
+        // backlog, see `proxy::shard`); the reader thread may block on `rtx`
+        // (it then reads the backend later, which only delays events).
+        let (tx, rx) = crossbeam::channel::bounded(EVENTS);
+        let (rtx, rrx) = crossbeam::channel::bounded(READER_MSGS);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (store, stop, resync) = (store.clone(), stop.clone(), opts.resync);
@@ -78,11 +138,13 @@ impl Control {
         };
         let name = format!("{}-control", opts.me.id);
         let cell = snapshot.clone();
+        let health = HealthCell::default();
+        let h = health.clone();
         let join = std::thread::Builder::new().name(name).spawn(move || {
-            let mut c = ControlLoop::new(opts, store, publish, cell);
+            let mut c = ControlLoop::new(opts, store, publish, cell, h);
             c.run(rx, rrx);
         })?;
-        Ok(Control { events: tx, snapshot, stop, join: Some(join), reader: Some(reader) })
+        Ok(Control { events: tx, snapshot, health, stop, join: Some(join), reader: Some(reader) })
     }
 
     /// Stops both threads and waits for them.
@@ -100,6 +162,11 @@ struct ControlLoop {
     store: Arc<dyn StoreFactory>,
     publish: Publish,
     cell: SnapshotCell,
+    health: HealthCell,
+    /// Why the reader is down (None while it follows the backend).
+    reader_error: Option<String>,
+    ever_synced: bool,
+    skipped: usize,
     writer: Option<Box<dyn RouteStore>>,
     writer_backoff: Backoff,
     next_connect: Instant,
@@ -160,13 +227,23 @@ impl BadDataLog {
 }
 
 impl ControlLoop {
-    fn new(opts: ControlOpts, store: Arc<dyn StoreFactory>, publish: Publish, cell: SnapshotCell) -> Self {
+    fn new(
+        opts: ControlOpts,
+        store: Arc<dyn StoreFactory>,
+        publish: Publish,
+        cell: SnapshotCell,
+        health: HealthCell,
+    ) -> Self {
         let now = Instant::now();
         ControlLoop {
             opts,
             store,
             publish,
             cell,
+            health,
+            reader_error: None,
+            ever_synced: false,
+            skipped: 0,
             writer: None,
             writer_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_connect: now,
@@ -255,6 +332,9 @@ impl ControlLoop {
         match msg {
             FromReader::Loaded(l) => {
                 self.bad_data.loaded(&l.skipped, now);
+                self.skipped = l.skipped.len();
+                self.reader_error = None;
+                self.ever_synced = true;
                 if !self.reader_up {
                     tracing::info!(
                         proxy = self.opts.me.id,
@@ -292,7 +372,18 @@ impl ControlLoop {
                         error = why,
                         "route backend unreachable; keeping every known route"
                     );
+                } else if self.reader_error.is_none() {
+                    // Never synced (or not since the last outage): say so
+                    // once, or the proxy would answer NOT_FOUND in silence.
+                    tracing::error!(
+                        proxy = self.opts.me.id,
+                        backend = self.store.describe(),
+                        error = why,
+                        synced_before = self.ever_synced,
+                        "cannot load routes from the route backend; retrying with backoff"
+                    );
                 }
+                self.reader_error = Some(why);
                 self.reader_up = false;
                 self.pending.cluster = true;
             }
@@ -367,6 +458,23 @@ impl ControlLoop {
         *self.cell.lock().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
+    /// Publishes the health verdict when it changed.
+    fn report_health(&self) {
+        let h = Health {
+            backend: self.store.describe(),
+            synced: self.reader_up,
+            ever_synced: self.ever_synced,
+            reader_error: self.reader_error.clone(),
+            writer_error: self.writer_error.clone(),
+            skipped: self.skipped,
+            version: self.version,
+        };
+        let mut cur = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != h {
+            *cur = h;
+        }
+    }
+
     fn leave(&mut self) {
         let me = self.opts.me.id.clone();
         let agents: Vec<String> = self.local.keys().cloned().collect();
@@ -415,6 +523,7 @@ impl ControlLoop {
             if !self.pending.is_empty() {
                 self.publish();
             }
+            self.report_health();
         }
         self.leave();
     }

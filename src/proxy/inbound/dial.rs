@@ -91,7 +91,13 @@ pub async fn handle(
     if let Err(e) = authorize(caller, &target) {
         return fail(&shard, respond, &e);
     }
-    let plan = resolve(&shard, &target.agent, edge);
+    let mut plan = resolve(&shard, &target.agent, edge);
+    if plan.is_empty() {
+        // Before answering NOT_FOUND, take in what is already queued for
+        // this shard (a sibling's tunnel notice, a newer table).
+        shard.catch_up().await;
+        plan = resolve(&shard, &target.agent, edge);
+    }
     if plan.is_empty() {
         return fail(&shard, respond, &no_route(&target.agent, edge));
     }
@@ -159,7 +165,9 @@ fn authorize(_caller: &SpiffeId, _target: &DialTarget) -> Result<(), Error> {
 fn resolve(shard: &Shard, agent: &str, edge: Edge) -> Vec<outbound::Upstream> {
     let routes = shard.routes();
     let r = routes.get(agent);
-    let siblings = r.iter().flat_map(|r| r.local.iter().map(|l| l.shard));
+    // Siblings' own notices first (exact and immediate), then the table's.
+    let noticed = shard.sibling_tunnels(agent);
+    let siblings = noticed.into_iter().chain(r.iter().flat_map(|r| r.local.iter().map(|l| l.shard)));
     let remote = r.map(|r| &r.remote[..]).unwrap_or_default();
     outbound::plan(shard.index, shard.local_tunnel(agent), siblings, remote, edge == Edge::Client, |a| {
         (shard.peers.has_ready(a), shard.peers.load(a))

@@ -15,17 +15,39 @@ use bytes::Bytes;
 use futures_lite::future::or;
 
 use super::{Opened, UpRecv, UpSend};
-use crate::proxy::shard::{CrossDial, Shard, ShardMsg};
+use crate::proxy::shard::{CrossDial, Shard, ShardMailbox, ShardMsg};
 use crate::relay::{call, relay, Item, Leg, Sink};
+use crate::runtime::mailbox::Refused;
 use crate::runtime::pipe::pipe;
 use crate::runtime::stats::Counter;
 use crate::runtime::timeout;
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
+use crate::wire::status::Code;
 
 /// Items buffered per direction between two shards (each at most one DATA
 /// frame, so a cross-shard stream buffers at most this many frames).
 pub const PIPE_CAP: usize = 64;
+
+/// Queues a dial in shard `owner`'s mailbox, or says why it cannot:
+/// past its bound ([`crate::proxy::shard::MAILBOX_DIALS`]) of queued dials, RESOURCE_EXHAUSTED naming the
+/// budget (retry-safe: the dial never reached the owner, a peer may serve
+/// it); a stopped shard, UNAVAILABLE.
+pub fn post_dial(mailbox: &ShardMailbox, owner: u32, msg: ShardMsg) -> Result<(), Error> {
+    match mailbox.post(msg) {
+        Ok(()) => Ok(()),
+        Err(Refused::Closed(_)) => {
+            Err(Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped")))
+        }
+        Err(Refused::Full(_)) => {
+            let m = format!(
+                "budget shard_mailbox ({}) reached: shard {owner} has that many cross-shard dials queued",
+                mailbox.cap()
+            );
+            Err(Error::new(Code::ResourceExhausted, Side::Proxy, Retry::Safe, Label::ResourceExhausted, m))
+        }
+    }
+}
 
 /// Shard A: hands the dial to shard `owner` and waits for its answer.
 pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left: Duration) -> Result<Opened, Error> {
@@ -34,9 +56,7 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
     let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), first, up: up_rx, down: down_tx }));
     let stopped =
         || Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped"));
-    if shard.mailboxes.get(owner as usize).ok_or_else(stopped)?.post(msg).is_err() {
-        return Err(stopped());
-    }
+    post_dial(shard.mailboxes.get(owner as usize).ok_or_else(stopped)?, owner, msg)?;
     // The owner runs the same deadline; the margin lets its answer arrive.
     match timeout(left + Duration::from_millis(200), down_rx.recv()).await {
         Ok(Some(Item::Data(b))) => {

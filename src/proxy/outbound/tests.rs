@@ -68,3 +68,22 @@ fn a_local_tunnel_whose_ping_is_overdue_goes_after_siblings_and_peers() {
     t.health.mark(false);
     assert_eq!(names(&plan(0, Some(t), [0], &r, true, |_| (true, 0)))[0], "Local(conn 7)");
 }
+
+#[test]
+fn a_cross_shard_dial_past_the_mailbox_bound_is_refused_naming_the_budget() {
+    use crate::proxy::shard::{CrossDial, ShardMsg};
+    use crate::runtime::mailbox::mailbox;
+    use crate::runtime::pipe::pipe;
+    let dial = || {
+        let ((_, up), (down, _)) = (pipe(1), pipe(1));
+        ShardMsg::Dial(Box::new(CrossDial { agent: "a".into(), first: bytes::Bytes::new(), up, down }))
+    };
+    let (mb, inbox) = mailbox(2);
+    assert!(sibling::post_dial(&mb, 1, dial()).is_ok() && sibling::post_dial(&mb, 1, dial()).is_ok());
+    let e = sibling::post_dial(&mb, 1, dial()).unwrap_err();
+    assert_eq!((e.code, e.retry), (Code::ResourceExhausted, Retry::Safe));
+    assert!(e.message.contains("budget shard_mailbox (2) reached"), "{e}");
+    drop(inbox);
+    let e = sibling::post_dial(&mb, 1, dial()).unwrap_err();
+    assert_eq!((e.code, e.label), (Code::Unavailable, Label::ShardStopped));
+}
