@@ -12,6 +12,7 @@
 //!   (capped, jittered); after a reconnect the whole local state is
 //!   republished, so the backend converges.
 
+pub mod health;
 pub mod reader;
 pub mod view;
 
@@ -28,6 +29,8 @@ use crate::route::model::{now_ms, AgentRoute, ProxyInfo, Strategy};
 use crate::route::store::{RouteStore, StoreFactory};
 use crate::route::{LocalRoute, RouteTable};
 use crate::runtime::backoff::Backoff;
+use health::BadDataLog;
+pub use health::{Health, HealthCell, BAD_DATA_LOG_EVERY};
 use reader::FromReader;
 use view::{Affected, ClusterView, LocalTunnels};
 
@@ -54,53 +57,6 @@ pub const READER_MSGS: usize = 16;
 
 /// The latest snapshot, readable off the hot path (admin endpoint, tests).
 pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
-
-/// Whether this proxy has its routes from the backend and keeps them
-/// current, and why not: what `/healthz` answers and the log says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Health {
-    /// The backend description (`redis redis://…`, `memory`).
-    pub backend: String,
-    /// A full load has completed since the last outage began (or ever).
-    pub synced: bool,
-    /// Whether a full load ever completed.
-    pub ever_synced: bool,
-    /// Why the backend reader cannot load or follow the routes.
-    pub reader_error: Option<String>,
-    /// Why writes (registration, heartbeats, routes) fail.
-    pub writer_error: Option<String>,
-    /// Keys the last full load skipped as bad data.
-    pub skipped: usize,
-    /// Version of the latest published snapshot.
-    pub version: u64,
-}
-
-impl Health {
-    /// Healthy (routes loaded, backend reachable both ways), and a one-line
-    /// reason either way.
-    pub fn verdict(&self) -> (bool, String) {
-        let b = &self.backend;
-        if let Some(e) = &self.reader_error {
-            let what = if self.ever_synced {
-                "serving the last snapshot"
-            } else {
-                "no routes loaded yet: every dial to another proxy's agent fails"
-            };
-            return (false, format!("route backend {b} unreachable ({what}): {e}"));
-        }
-        if !self.synced {
-            return (false, format!("not yet synced with route backend {b}"));
-        }
-        if let Some(e) = &self.writer_error {
-            return (false, format!("route backend {b} refuses writes (heartbeats and routes not published): {e}"));
-        }
-        let bad = if self.skipped > 0 { format!("; {} bad keys skipped", self.skipped) } else { String::new() };
-        (true, format!("ok: synced with {b}, routes version {}{bad}", self.version))
-    }
-}
-
-/// The latest [`Health`], readable off the hot path.
-pub type HealthCell = Arc<Mutex<Health>>;
 
 /// The control thread's handle.
 pub struct Control {
@@ -184,46 +140,6 @@ struct ControlLoop {
     /// Bad backend data: reported in one line, again only when the set of
     /// bad keys changes or after [`BAD_DATA_LOG_EVERY`].
     bad_data: BadDataLog,
-}
-
-/// How often the same bad backend data is reported again.
-pub const BAD_DATA_LOG_EVERY: Duration = Duration::from_secs(300);
-
-/// The rate limit of the bad-data log line.
-#[derive(Default)]
-struct BadDataLog {
-    keys: Vec<String>,
-    at: Option<Instant>,
-    events: u64,
-}
-
-impl BadDataLog {
-    /// Reports the keys a full load skipped, when they are news.
-    fn loaded(&mut self, skipped: &[(String, crate::route::model::BadValue)], now: Instant) {
-        let keys: Vec<String> = skipped.iter().map(|(k, _)| k.clone()).collect();
-        let stale = self.at.is_none_or(|t| now.duration_since(t) >= BAD_DATA_LOG_EVERY);
-        if !keys.is_empty() && (keys != self.keys || stale) {
-            let (key, e) = &skipped[0];
-            tracing::error!(
-                count = keys.len(),
-                first = key,
-                error = %e,
-                keys = ?keys.iter().take(8).collect::<Vec<_>>(),
-                "skipping backend values that do not decode or have the wrong type; sync goes on"
-            );
-            self.at = Some(now);
-        }
-        self.keys = keys;
-    }
-
-    /// Reports an undecodable event, at most once per period.
-    fn event(&mut self, id: &dyn std::fmt::Display, e: &crate::route::model::BadValue, now: Instant) {
-        self.events += 1;
-        if self.at.is_none_or(|t| now.duration_since(t) >= BAD_DATA_LOG_EVERY) {
-            tracing::error!(id = %id, error = %e, skipped_so_far = self.events, "skipping route events that do not decode");
-            self.at = Some(now);
-        }
-    }
 }
 
 impl ControlLoop {
