@@ -141,6 +141,9 @@ struct MeterInner {
     peak: Cell<usize>,
     soft: Cell<usize>,
     hard: Cell<usize>,
+    /// Connection window granted beyond the connections' base windows
+    /// (see `transport::window`); at most the soft level in all.
+    windows: Cell<usize>,
 }
 
 /// A shard's meter of bytes held by the relay (read buffers, received
@@ -194,6 +197,23 @@ impl BufMeter {
     /// The budget, bytes.
     pub fn budget(&self) -> usize {
         self.0.hard.get()
+    }
+
+    /// The extra connection window a connection that holds `own` of it may
+    /// have at most: the soft level less what the others hold.
+    pub fn window_room(&self, own: usize) -> usize {
+        let others = self.0.windows.get().saturating_sub(own);
+        self.0.soft.get().saturating_sub(others)
+    }
+
+    /// A connection's extra window changes from `old` to `new` bytes.
+    pub fn regrant_window(&self, old: usize, new: usize) {
+        self.0.windows.set(self.0.windows.get().saturating_sub(old) + new);
+    }
+
+    /// Extra connection window granted on this shard, bytes.
+    pub fn windows(&self) -> usize {
+        self.0.windows.get()
     }
 }
 

@@ -60,7 +60,7 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
     // The owner runs the same deadline; the margin lets its answer arrive.
     match timeout(left + Duration::from_millis(200), down_rx.recv()).await {
         Ok(Some(Item::Data(b))) => {
-            Ok(Opened { send: UpSend::Pipe(up_tx), recv: UpRecv::Pipe(down_rx), held: vec![b], slot: None })
+            Ok(Opened { send: UpSend::Pipe(up_tx), recv: UpRecv::Pipe(down_rx), held: vec![b], slot: None, tunnel_slot: None })
         }
         Ok(Some(Item::Fail(e))) => Err(e),
         Ok(_) => Err(stopped()),
@@ -78,6 +78,7 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
         return;
     };
     let mut send = t.send.clone();
+    let _on_tunnel = t.streams.enter();
     let uri = paths::uri(paths::AGENT_DIAL);
     // The entry shard gives up (its caller reset, its deadline passed) by
     // dropping its pipe ends: the opening is dropped with it, which resets
