@@ -232,7 +232,8 @@ impl ActiveStreams {
     /// [`ActiveStreams::with_limits`], with a connection window that grows
     /// with the open streams from `pool`'s share of the buffer budget.
     pub fn with_pool(streams: usize, setup: usize, pool: &BufMeter) -> ActiveStreams {
-        let inner = ActiveInner { max_open: streams, max_setup: setup, pool: Some(pool.clone()), ..ActiveInner::default() };
+        let inner =
+            ActiveInner { max_open: streams, max_setup: setup, pool: Some(pool.clone()), ..ActiveInner::default() };
         ActiveStreams(Rc::new(inner))
     }
 

@@ -14,9 +14,10 @@
 //!   what its streams may hold: the target window is `base + grant`, where
 //!   `grant` bounds what the open streams can hold (each at most the stream
 //!   window it was given), as far as the shard's pool allows.
-//! - The grants of a shard's connections add up to at most the soft level of
-//!   `shard_buffer_bytes` ([`BufMeter::window_room`]): memory stays bounded
-//!   by the connections' base windows plus half the buffer budget.
+//! - The grants of a shard's connections add up to at most a quarter of
+//!   `shard_buffer_bytes`, and with the bytes the relay holds to at most
+//!   half of it ([`BufMeter::window_room`]): memory stays bounded by the
+//!   connections' base windows plus a share of the buffer budget.
 //! - When the pool cannot cover every open stream's full window, the stream
 //!   window (SETTINGS_INITIAL_WINDOW_SIZE) of that connection is lowered to
 //!   its share (a power of two, at least [`MIN_STREAM_WINDOW`]), so the
@@ -100,8 +101,7 @@ impl ConnWindow {
             self.old = 0;
         }
         self.old = self.old.min(open);
-        let want = self.old.saturating_mul(self.full as usize)
-            + (open - self.old).saturating_mul(self.level as usize);
+        let want = self.old.saturating_mul(self.full as usize) + (open - self.old).saturating_mul(self.level as usize);
         let grant = want.min(room).min(MAX_WINDOW - self.base);
         self.meter.regrant_window(self.grant, grant);
         self.grant = grant;
@@ -152,11 +152,12 @@ mod tests {
     fn past_the_pool_the_stream_window_shrinks_and_old_streams_keep_their_share() {
         let m = BufMeter::new(256 * MIB);
         let mut w = ConnWindow::new(&m, 32 << 20, 4 << 20);
-        // 200 streams at 4 MiB would want 800 MiB; the pool has 128 MiB:
-        // 640 KiB each, lowered to 512 KiB, and the connection gets all of
-        // the pool (the 200 open ones may hold 4 MiB each).
+        // 200 streams at 4 MiB would want 800 MiB; the pool has 64 MiB
+        // (half the soft level): 327 KiB each, lowered to 256 KiB, and the
+        // connection gets all of the pool (the 200 open ones may hold 4 MiB
+        // each).
         let p = w.tick(200);
-        assert_eq!(p, Plan { target: Some((32 + 128) << 20), stream: Some(512 << 10) });
+        assert_eq!(p, Plan { target: Some((32 + 64) << 20), stream: Some(256 << 10) });
         // Another connection now gets nothing beyond its base, and at
         // least the least stream window.
         let mut other = ConnWindow::new(&m, 32 << 20, 4 << 20);

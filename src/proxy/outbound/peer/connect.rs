@@ -30,9 +30,8 @@ pub(super) async fn run_link(
     tls: Arc<ClientConfig>,
     flight: Rc<Flight>,
 ) {
-    let Some((h2, connect_timeout, closing, pool)) = inner
-        .upgrade()
-        .map(|i| (i.h2.clone(), i.cfg.connect_timeout, i.closing.clone(), i.pool.borrow().clone()))
+    let Some((h2, connect_timeout, closing, pool)) =
+        inner.upgrade().map(|i| (i.h2.clone(), i.cfg.connect_timeout, i.closing.clone(), i.pool.borrow().clone()))
     else {
         return flight.finish(Err(stopped()));
     };
