@@ -508,6 +508,18 @@ fn reset_amplification_reaches_few_targets_and_leaves_nothing() {
 /// documented bound.
 #[test]
 fn stalled_streams_leave_the_tunnel_open_to_new_dials() {
+    stalled_story(false)
+}
+
+/// The same, the stalled clients also uploading as fast as they are let
+/// to a target that never reads: their data holds the agent's side of the
+/// tunnel (the agent is its HTTP/2 server), whose window grows the same way.
+#[test]
+fn stalled_uploads_leave_the_tunnel_open_to_new_dials() {
+    stalled_story(true)
+}
+
+fn stalled_story(upload: bool) {
     const CONNS: usize = 5;
     const PER_CONN: usize = 40;
     const CANARY: usize = 10;
@@ -532,7 +544,28 @@ fn stalled_streams_leave_the_tunnel_open_to_new_dials() {
                     std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
                     let (resp, mut tx) = send.send_request(dial_head(), false).unwrap();
                     tx.send_data(first.clone(), false).unwrap();
-                    held.push((resp, tx));
+                    if upload {
+                        // Writes as fast as the proxy's windows let it.
+                        glommio::spawn_local(async move {
+                            let _resp = resp;
+                            let chunk = ringpeer::wire::codec::encode_data(&[7u8; 16 << 10]);
+                            loop {
+                                tx.reserve_capacity(chunk.len());
+                                match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                                    Some(Ok(n)) if n >= chunk.len() => {
+                                        if tx.send_data(chunk.clone(), false).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Some(Ok(_)) => {}
+                                    _ => break,
+                                }
+                            }
+                        })
+                        .detach();
+                    } else {
+                        held.push((resp, tx));
+                    }
                 }
                 sends.push(send);
             }
@@ -564,7 +597,7 @@ fn stalled_streams_leave_the_tunnel_open_to_new_dials() {
     stop.store(true, Ordering::Relaxed);
     let (pp, ap) = peaks.join().unwrap();
     eprintln!(
-        "{dials} stalled dials ({established} relayed); canary dials {canary:?}; \
+        "{dials} stalled dials ({established} relayed, upload {upload}); canary dials {canary:?}; \
          RSS proxy {} -> peak {} MiB, agent {} -> peak {} MiB",
         base.0 / MIB,
         pp / MIB,
@@ -579,13 +612,14 @@ fn stalled_streams_leave_the_tunnel_open_to_new_dials() {
     }
     assert_eq!(established, dials as i64, "every stalled dial was established");
     // The documented bound: per open dial PER_DIAL, and per stalled dial
-    // that crosses shards a full pipe (PIPE_CAP frames); plus the tunnel's
-    // connection window (32 MiB) and the buffers up to the soft level of
-    // `shard_buffer_bytes` (what the window may grow by is part of it).
+    // that crosses shards a full pipe (PIPE_CAP frames); plus each
+    // connection's own window (the tunnel's and, uploading, each client
+    // connection's: 32 MiB) and the buffers up to the soft level of
+    // `shard_buffer_bytes` (what the windows may grow by is part of it).
     const PER_DIAL: u64 = 40 << 10;
     let h2 = H2Tuning::default();
     let pipe = (PIPE_CAP as u64) * h2.max_frame_size as u64;
-    let window = h2.connection_window as u64;
+    let window = h2.connection_window as u64 * if upload { CONNS as u64 + 1 } else { 1 };
     let proxy_budget = dials as u64 * (PER_DIAL + pipe) + window + ProxyLimits::default().shard_buffer_bytes as u64 / 2;
     let agent_budget = dials as u64 * PER_DIAL + window + AgentLimits::default().shard_buffer_bytes as u64 / 2;
     assert!(pp - base.0 <= proxy_budget, "proxy RSS grew {} MiB > {} MiB", (pp - base.0) / MIB, proxy_budget / MIB);
