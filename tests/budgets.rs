@@ -238,8 +238,11 @@ fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
             && st.target.open_conns() as i64 == open
     });
     // Hold them a little, still never reading; meanwhile another client
-    // dials the same agent (logged here; asserted with fewer stalled
-    // streams in `stalled_streams_leave_the_tunnel_open_to_new_dials`).
+    // dials the same agent. Logged, not asserted: this many stalled streams
+    // hold more than half of `shard_buffer_bytes` in the relay, where the
+    // tunnel's window no longer grows (it is what bounds memory), so the
+    // dial may pass its deadline. Within the budget it is asserted:
+    // `stalled_streams_leave_the_tunnel_open_to_new_dials`.
     let canary = with_clients(st.client_addr, &st.certs.path, 1, |cs| async move {
         let t0 = Instant::now();
         let r = cs[0].dial(&DialTarget::parse("agent-1/svc").unwrap(), Duration::from_secs(5)).await;
