@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::keepalive::{keepalive, LinkHealth};
-use super::window::{ConnWindow, TICK};
+use super::window::{apply, ConnWindow, TICK};
 use crate::runtime::budget::BufMeter;
 use crate::runtime::signal::Signal;
 
@@ -416,45 +416,6 @@ where
                 idle_tick.set(glommio::timer::sleep((idle / 4).max(Duration::from_millis(100))));
             }
         }
-    }
-}
-
-/// An h2 connection whose receive windows can be changed.
-trait Windows {
-    fn target(&mut self, size: u32);
-    fn stream(&mut self, size: u32) -> Result<(), h2::Error>;
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> Windows for h2::server::Connection<T, Bytes> {
-    fn target(&mut self, size: u32) {
-        self.set_target_window_size(size)
-    }
-    fn stream(&mut self, size: u32) -> Result<(), h2::Error> {
-        self.set_initial_window_size(size)
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> Windows for h2::client::Connection<T, Bytes> {
-    fn target(&mut self, size: u32) {
-        self.set_target_window_size(size)
-    }
-    fn stream(&mut self, size: u32) -> Result<(), h2::Error> {
-        self.set_initial_window_size(size)
-    }
-}
-
-/// One window tick: re-computes `w` for `open` streams and applies it.
-fn apply(w: &mut ConnWindow, open: usize, conn: &mut impl Windows) {
-    let was = w.level();
-    let plan = w.tick(open);
-    if let Some(size) = plan.stream {
-        if let Err(e) = conn.stream(size) {
-            tracing::debug!(error = %e, "stream window not changed yet");
-            w.stream_not_sent(was);
-        }
-    }
-    if let Some(size) = plan.target {
-        conn.target(size);
     }
 }
 

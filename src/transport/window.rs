@@ -38,6 +38,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use crate::runtime::budget::BufMeter;
 
 /// How often a connection's windows are re-computed.
@@ -127,6 +130,45 @@ impl ConnWindow {
 impl Drop for ConnWindow {
     fn drop(&mut self) {
         self.meter.regrant_window(self.grant, 0);
+    }
+}
+
+/// An h2 connection whose receive windows can be changed.
+pub(super) trait Windows {
+    fn target(&mut self, size: u32);
+    fn stream(&mut self, size: u32) -> Result<(), h2::Error>;
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Windows for h2::server::Connection<T, Bytes> {
+    fn target(&mut self, size: u32) {
+        self.set_target_window_size(size)
+    }
+    fn stream(&mut self, size: u32) -> Result<(), h2::Error> {
+        self.set_initial_window_size(size)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Windows for h2::client::Connection<T, Bytes> {
+    fn target(&mut self, size: u32) {
+        self.set_target_window_size(size)
+    }
+    fn stream(&mut self, size: u32) -> Result<(), h2::Error> {
+        self.set_initial_window_size(size)
+    }
+}
+
+/// One window tick: re-computes `w` for `open` streams and applies it.
+pub(super) fn apply(w: &mut ConnWindow, open: usize, conn: &mut impl Windows) {
+    let was = w.level();
+    let plan = w.tick(open);
+    if let Some(size) = plan.stream {
+        if let Err(e) = conn.stream(size) {
+            tracing::debug!(error = %e, "stream window not changed yet");
+            w.stream_not_sent(was);
+        }
+    }
+    if let Some(size) = plan.target {
+        conn.target(size);
     }
 }
 
