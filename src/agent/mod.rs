@@ -170,7 +170,7 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
 
 async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'static str {
     let stop = &slot.stop;
-    let active = ActiveStreams::with_limits(ctx.limits.streams_per_conn, ctx.limits.setup_per_conn);
+    let active = ActiveStreams::with_pool(ctx.limits.streams_per_conn, ctx.limits.setup_per_conn, &ctx.buf);
     let metered = FloodMeter::new(tls, &active);
     // A tunnel carries our own cancellations by the thousand (every dial a
     // client resets or that passes its deadline), and the far end's frames

@@ -36,7 +36,7 @@ use crate::runtime::budget::{BufMeter, Identities, ProxyLimits};
 use crate::runtime::mailbox::{Inbox, Mailbox, Next};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::signal::{Inflight, Signal};
-use crate::transport::h2conf::H2Tuning;
+use crate::transport::h2conf::{ActiveStreams, H2Tuning};
 use crate::transport::keepalive::LinkHealth;
 
 /// Cross-shard dials queued in one shard's mailbox before more are
@@ -94,6 +94,9 @@ pub struct TunnelRef {
     pub services: Arc<[String]>,
     /// The tunnel's keepalive verdict: a suspect tunnel is tried last.
     pub health: LinkHealth,
+    /// Dial streams open on the tunnel (its connection window grows with
+    /// them, `transport::window`): each dial holds a guard while it lives.
+    pub streams: ActiveStreams,
 }
 
 /// Static settings shared by every shard of a proxy.
@@ -176,6 +179,7 @@ impl Shard {
         let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
         let buf = BufMeter::new(shared.limits.shard_buffer_bytes);
         let gauge = stats.clone();
+        peers.pool(&buf);
         peers.on_count(move |n| gauge.peer_links.set(n as i64));
         Shard {
             index,

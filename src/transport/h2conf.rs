@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::keepalive::{keepalive, LinkHealth};
+use super::window::{apply, ConnWindow, TICK};
+use crate::runtime::budget::BufMeter;
 use crate::runtime::signal::Signal;
 
 /// HTTP/2 settings (the `[h2]` config section). Defaults were chosen by
@@ -172,6 +174,9 @@ struct ActiveInner {
     touched: Cell<Option<Instant>>,
     /// The connection's keepalive verdict.
     health: LinkHealth,
+    /// The shard's buffer meter, whose pool the connection window grows
+    /// from ([`super::window`]); `None`: a fixed window.
+    pool: Option<BufMeter>,
 }
 
 impl Default for ActiveInner {
@@ -187,6 +192,7 @@ impl Default for ActiveInner {
             calm_why: Cell::new(""),
             touched: Cell::default(),
             health: LinkHealth::default(),
+            pool: None,
         }
     }
 }
@@ -223,10 +229,23 @@ impl ActiveStreams {
         ActiveStreams(Rc::new(ActiveInner { max_open: streams, max_setup: setup, ..ActiveInner::default() }))
     }
 
+    /// [`ActiveStreams::with_limits`], with a connection window that grows
+    /// with the open streams from `pool`'s share of the buffer budget.
+    pub fn with_pool(streams: usize, setup: usize, pool: &BufMeter) -> ActiveStreams {
+        let inner =
+            ActiveInner { max_open: streams, max_setup: setup, pool: Some(pool.clone()), ..ActiveInner::default() };
+        ActiveStreams(Rc::new(inner))
+    }
+
     /// Marks a stream open until the guard drops, or `None` when the
     /// connection already has its budget of open streams.
     pub fn try_enter(&self) -> Option<StreamGuard> {
         (self.0.open.get() < self.0.max_open).then(|| self.enter())
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.0.open.get()
     }
 
     /// The budgets: (open streams, dials in set-up).
@@ -309,6 +328,8 @@ where
     let mut idle_since = Instant::now();
     let mut idle_tick = pin!(glommio::timer::sleep(idle.max(Duration::from_millis(100))));
     let mut drain_deadline = pin!(futures_lite::future::pending::<()>().boxed_local());
+    let mut win = active.0.pool.as_ref().map(|m| ConnWindow::new(m, t.connection_window, t.stream_window));
+    let mut win_tick = pin!(glommio::timer::sleep(TICK));
     loop {
         enum Ev<R> {
             Req(R),
@@ -316,6 +337,7 @@ where
             Stop,
             Calm,
             Tick,
+            Window,
         }
         let ev = poll_fn(|cx| {
             if let Poll::Ready(r) = conn.poll_accept(cx) {
@@ -335,6 +357,9 @@ where
             }
             if !persistent && t.idle_timeout_ms > 0 && idle_tick.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ev::Tick);
+            }
+            if win.is_some() && win_tick.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Window);
             }
             Poll::Pending
         })
@@ -368,6 +393,12 @@ where
                 draining = true;
                 drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
             }
+            Ev::Window => {
+                if let Some(w) = &mut win {
+                    apply(w, active.0.open.get(), &mut conn);
+                }
+                win_tick.set(glommio::timer::sleep(TICK));
+            }
             Ev::Tick => {
                 // Idle means no stream open and none opened or closed since:
                 // a connection busy with short streams is never idle.
@@ -398,26 +429,65 @@ where
 
 /// [`drive_client`], publishing the keepalive verdict in `health`.
 pub async fn drive_client_watched<T>(
-    mut conn: h2::client::Connection<T, Bytes>,
+    conn: h2::client::Connection<T, Bytes>,
     t: &H2Tuning,
     health: &LinkHealth,
 ) -> &'static str
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let pp = conn.ping_pong();
-    let ka = keepalive(pp, t, health);
-    futures_lite::future::or(
-        async move {
-            match conn.await {
-                Ok(()) => "closed",
-                Err(e) => {
-                    tracing::debug!(error = %e, "h2 client connection error");
-                    "h2_error"
-                }
+    drive_client_pooled(conn, t, health, None, || None).await
+}
+
+/// [`drive_client_watched`], with a connection window that grows from
+/// `pool`'s share of the buffer budget as streams open ([`super::window`]);
+/// `open` counts the connection's open streams (`None`: unknown now, keep
+/// the windows as they are).
+pub async fn drive_client_pooled<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    t: &H2Tuning,
+    health: &LinkHealth,
+    pool: Option<&BufMeter>,
+    open: impl Fn() -> Option<usize>,
+) -> &'static str
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ka = pin!(keepalive(conn.ping_pong(), t, health));
+    let mut win = pool.map(|m| ConnWindow::new(m, t.connection_window, t.stream_window));
+    let mut tick = pin!(glommio::timer::sleep(TICK));
+    loop {
+        enum Ev {
+            Done(Result<(), h2::Error>),
+            Dead(&'static str),
+            Window,
+        }
+        let ev = poll_fn(|cx| {
+            if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
+                return Poll::Ready(Ev::Done(r));
             }
-        },
-        ka,
-    )
-    .await
+            if let Poll::Ready(why) = ka.as_mut().poll(cx) {
+                return Poll::Ready(Ev::Dead(why));
+            }
+            if win.is_some() && tick.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Window);
+            }
+            Poll::Pending
+        })
+        .await;
+        match ev {
+            Ev::Done(Ok(())) => return "closed",
+            Ev::Done(Err(e)) => {
+                tracing::debug!(error = %e, "h2 client connection error");
+                return "h2_error";
+            }
+            Ev::Dead(why) => return why,
+            Ev::Window => {
+                if let (Some(w), Some(n)) = (&mut win, open()) {
+                    apply(w, n, &mut conn);
+                }
+                tick.set(glommio::timer::sleep(TICK));
+            }
+        }
+    }
 }

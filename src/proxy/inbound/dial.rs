@@ -185,7 +185,7 @@ fn no_route(agent: &str, edge: Edge) -> Error {
 
 /// Step 5: answers the caller and relays until the call ends.
 async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut down: GrpcSend) {
-    let Opened { mut send, recv: mut up_recv, held, slot: _slot } = o;
+    let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot } = o;
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
         r.meter(&shard.buf);

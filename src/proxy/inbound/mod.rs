@@ -100,7 +100,7 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         Edge::Client => ("streams_per_conn", limits.streams_per_conn),
         Edge::Peer => ("peer_streams_per_conn", limits.peer_streams_per_conn),
     };
-    let active = ActiveStreams::with_limits(per_conn.1, limits.setup_per_conn);
+    let active = ActiveStreams::with_pool(per_conn.1, limits.setup_per_conn, &shard.buf);
     let metered = FloodMeter::new(tls, &active);
     let mut builder = h2cfg.server();
     if edge == Edge::Peer {

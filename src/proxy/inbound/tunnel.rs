@@ -23,7 +23,7 @@ use crate::route::model::Strategy;
 use crate::route::RouteTable;
 use crate::runtime::timeout;
 use crate::transport::accept_tls;
-use crate::transport::h2conf::drive_client_watched;
+use crate::transport::h2conf::{drive_client_pooled, ActiveStreams};
 use crate::transport::identity::valid_name;
 use crate::transport::keepalive::LinkHealth;
 use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
@@ -67,7 +67,14 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     };
     let health = LinkHealth::new();
     let watched = health.clone();
-    let driver = glommio::spawn_local(async move { drive_client_watched(conn, &h2cfg, &watched).await });
+    // The tunnel carries every client's responses from this agent: its
+    // window grows with the dial streams open on it (a few stalled readers
+    // must not block the rest).
+    let streams = ActiveStreams::default();
+    let (count, pool) = (streams.clone(), shard.buf.clone());
+    let driver = glommio::spawn_local(async move {
+        drive_client_pooled(conn, &h2cfg, &watched, Some(&pool), || Some(count.open())).await
+    });
     // What the agent is first told is exactly what later pushes compare
     // against (computed once: the snapshot may change meanwhile).
     let sent = membership(&shard, &shard.routes());
@@ -84,7 +91,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
             }
         };
     let conn_id = shard.next_conn_id();
-    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone(), health });
+    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone(), health, streams });
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
     let mut driver = driver;
     let closing = || async {

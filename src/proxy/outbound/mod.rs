@@ -23,6 +23,7 @@ use crate::relay::call::{self, Established};
 use crate::relay::{Chunk, GrpcRecv, GrpcSend, Item, Sink, Source};
 use crate::route::RemoteRoute;
 use crate::runtime::pipe::{PipeRx, PipeTx};
+use crate::transport::h2conf::StreamGuard;
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
 
@@ -83,11 +84,13 @@ pub struct Opened {
     pub held: Vec<Bytes>,
     /// Keeps the peer link's stream slot for as long as the dial lives.
     pub slot: Option<peer::PeerStream>,
+    /// Counts the dial among the tunnel's open streams while it lives.
+    pub tunnel_slot: Option<StreamGuard>,
 }
 
 impl From<Established> for Opened {
     fn from(e: Established) -> Opened {
-        Opened { send: UpSend::H2(e.send), recv: UpRecv::H2(e.recv), held: e.held, slot: None }
+        Opened { send: UpSend::H2(e.send), recv: UpRecv::H2(e.recv), held: e.held, slot: None, tunnel_slot: None }
     }
 }
 
@@ -209,7 +212,10 @@ impl Upstream {
                 shard.stats.dials_local.inc();
                 let mut send = t.send.clone();
                 let uri = paths::uri(paths::AGENT_DIAL);
-                Ok(call::open(&mut send, uri, 0, first.clone(), Side::Agent, left).await?.into())
+                let guard = t.streams.enter();
+                let mut o = Opened::from(call::open(&mut send, uri, 0, first.clone(), Side::Agent, left).await?);
+                o.tunnel_slot = Some(guard);
+                Ok(o)
             }
             Upstream::Sibling(k) => {
                 shard.stats.dials_cross_shard.inc();

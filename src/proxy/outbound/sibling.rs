@@ -26,8 +26,14 @@ use crate::wire::paths;
 use crate::wire::status::Code;
 
 /// Items buffered per direction between two shards (each at most one DATA
-/// frame, so a cross-shard stream buffers at most this many frames).
-pub const PIPE_CAP: usize = 64;
+/// frame, so a cross-shard stream buffers at most this many frames: 1 MiB
+/// at 64 KiB frames, as much as an h2 stream's send buffer). These bytes
+/// are not metered (their credit was returned when they entered the pipe).
+/// Rejected: 64, i.e. 4 MiB per stalled cross-shard stream; hidden while a
+/// few stalled streams blocked the whole tunnel, it let the proxy grow by
+/// 350 to 500 MiB with 200 stalled streams once the tunnel's window grew
+/// with its streams (tests/budgets.rs).
+pub const PIPE_CAP: usize = 16;
 
 /// Queues a dial in shard `owner`'s mailbox, or says why it cannot:
 /// past its bound ([`crate::proxy::shard::MAILBOX_DIALS`]) of queued dials, RESOURCE_EXHAUSTED naming the
@@ -59,9 +65,13 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
     post_dial(shard.mailboxes.get(owner as usize).ok_or_else(stopped)?, owner, msg)?;
     // The owner runs the same deadline; the margin lets its answer arrive.
     match timeout(left + Duration::from_millis(200), down_rx.recv()).await {
-        Ok(Some(Item::Data(b))) => {
-            Ok(Opened { send: UpSend::Pipe(up_tx), recv: UpRecv::Pipe(down_rx), held: vec![b], slot: None })
-        }
+        Ok(Some(Item::Data(b))) => Ok(Opened {
+            send: UpSend::Pipe(up_tx),
+            recv: UpRecv::Pipe(down_rx),
+            held: vec![b],
+            slot: None,
+            tunnel_slot: None,
+        }),
         Ok(Some(Item::Fail(e))) => Err(e),
         Ok(_) => Err(stopped()),
         Err(_) => Err(Error::deadline(Side::Proxy, format!("shard {owner} did not answer the dial in time"))),
@@ -78,6 +88,7 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
         return;
     };
     let mut send = t.send.clone();
+    let _on_tunnel = t.streams.enter();
     let uri = paths::uri(paths::AGENT_DIAL);
     // The entry shard gives up (its caller reset, its deadline passed) by
     // dropping its pipe ends: the opening is dropped with it, which resets

@@ -16,7 +16,7 @@ use rustls::ClientConfig;
 use super::link::{Flight, Link, State};
 use super::Inner;
 use crate::runtime::timeout;
-use crate::transport::h2conf::{drive_client_watched, H2Tuning};
+use crate::transport::h2conf::{drive_client_pooled, H2Tuning};
 use crate::transport::keepalive::LinkHealth;
 use crate::transport::{connect_tls, ClientTls, TransportError};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -30,8 +30,8 @@ pub(super) async fn run_link(
     tls: Arc<ClientConfig>,
     flight: Rc<Flight>,
 ) {
-    let Some((h2, connect_timeout, closing)) =
-        inner.upgrade().map(|i| (i.h2.clone(), i.cfg.connect_timeout, i.closing.clone()))
+    let Some((h2, connect_timeout, closing, pool)) =
+        inner.upgrade().map(|i| (i.h2.clone(), i.cfg.connect_timeout, i.closing.clone(), i.pool.borrow().clone()))
     else {
         return flight.finish(Err(stopped()));
     };
@@ -65,7 +65,10 @@ pub(super) async fn run_link(
     drop(shared); // the task must not keep the links alive
     flight.finish(Ok(()));
     tracing::info!(peer = &*proxy, addr, resumed, "peer link up");
-    let why = or(drive_client_watched(conn, &h2, &link.health), async {
+    // The link carries many clients' responses: its window grows with the
+    // streams open on it (a few stalled readers must not block the rest).
+    let open = || Some(link.active.get());
+    let why = or(drive_client_pooled(conn, &h2, &link.health, pool.as_ref(), open), async {
         closing.wait().await;
         "shard_stopping"
     })

@@ -61,6 +61,7 @@ use std::time::{Duration, Instant};
 use rustls::ClientConfig;
 
 use crate::runtime::backoff::Backoff;
+use crate::runtime::budget::BufMeter;
 use crate::runtime::signal::Signal;
 use crate::runtime::timeout;
 use crate::transport::h2conf::H2Tuning;
@@ -119,6 +120,9 @@ struct Inner {
     resumed: Cell<u64>,
     /// Told the open-link count whenever it changes (the shard's gauge).
     on_count: RefCell<Option<CountHook>>,
+    /// The shard's buffer meter: links' connection windows grow from its
+    /// pool (`transport::window`).
+    pool: RefCell<Option<BufMeter>>,
 }
 
 /// What [`PeerLinks::on_count`] calls.
@@ -148,6 +152,7 @@ impl PeerLinks {
             open: Cell::new(0),
             resumed: Cell::new(0),
             on_count: RefCell::default(),
+            pool: RefCell::default(),
         };
         PeerLinks { inner: Rc::new(inner) }
     }
@@ -206,6 +211,12 @@ impl PeerLinks {
     /// Open connections (Ready and Draining).
     pub fn link_count(&self) -> usize {
         self.inner.open.get()
+    }
+
+    /// Lets the links' connection windows grow from `meter`'s pool (the
+    /// shard's buffer budget) while many streams are open on them.
+    pub fn pool(&self, meter: &BufMeter) {
+        *self.inner.pool.borrow_mut() = Some(meter.clone());
     }
 
     /// Calls `f` with the open-link count whenever it changes.
