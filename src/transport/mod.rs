@@ -12,6 +12,7 @@ pub mod identity;
 pub mod io;
 pub mod keepalive;
 pub mod tls;
+pub mod tuning;
 pub mod window;
 
 use std::net::SocketAddr;
