@@ -285,13 +285,10 @@ where
                 drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
             }
             Ev::Window => {
-                let mut next = TICK;
                 if let Some(w) = &mut win {
-                    let open = active.0.open.get();
-                    apply(w, open, &mut conn);
-                    next = w.next_tick(open);
+                    apply(w, active.0.open.get(), &mut conn);
                 }
-                win_tick.set(glommio::timer::sleep(next));
+                win_tick.set(glommio::timer::sleep(TICK));
             }
             Ev::Tick => {
                 // Idle means no stream open and none opened or closed since:
@@ -377,12 +374,10 @@ where
             }
             Ev::Dead(why) => return why,
             Ev::Window => {
-                let mut next = TICK;
                 if let (Some(w), Some(n)) = (&mut win, open()) {
                     apply(w, n, &mut conn);
-                    next = w.next_tick(n);
                 }
-                tick.set(glommio::timer::sleep(next));
+                tick.set(glommio::timer::sleep(TICK));
             }
         }
     }

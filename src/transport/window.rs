@@ -25,8 +25,12 @@
 //!   pool has room again. A lowered window applies to the open streams too
 //!   (RFC 9113 §6.9.2), but data they already hold stays counted: streams
 //!   open when the window was lowered are assumed to hold a full one.
-//! - Checked every [`TICK`] by the connection's driver (every [`IDLE_TICK`]
-//!   while it has no stream and no grant), never per frame.
+//! - Checked every [`TICK`] by the connection's driver, never per frame.
+//!   The tick must stay short even on an idle connection: a burst of
+//!   streams opened between two ticks each gets the full stream window
+//!   before the window can be lowered (tried: a 1 s tick while idle let
+//!   200 streams opened at once hold the whole window, and new dials on the
+//!   tunnel timed out). Cost: 20 timer wake-ups a second per connection.
 //!
 //! Rejected: a 2 GiB connection window (unblocks, but the window is also
 //! what bounds memory: an agent reached 908 MiB RSS); growing the window by
@@ -46,12 +50,6 @@ use crate::runtime::budget::BufMeter;
 
 /// How often a connection's windows are re-computed.
 pub const TICK: Duration = Duration::from_millis(50);
-
-/// How often a connection with no open stream and no grant re-computes:
-/// a new stream has the whole base window meanwhile, so the grant may lag
-/// this long. (Rejected: [`TICK`] always, 20 wake-ups a second for every
-/// idle connection.)
-pub const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// The least stream window a crowded connection lowers its streams to.
 pub const MIN_STREAM_WINDOW: u32 = 64 << 10;
@@ -126,15 +124,6 @@ impl ConnWindow {
     /// acknowledged): the next tick tries again.
     pub fn stream_not_sent(&mut self, was: u32) {
         self.level = was;
-    }
-
-    /// When to re-compute next, given `open` streams now.
-    pub fn next_tick(&self, open: usize) -> Duration {
-        if open == 0 && self.grant == 0 && self.level == self.full {
-            IDLE_TICK
-        } else {
-            TICK
-        }
     }
 
     /// The stream window in force.
