@@ -8,185 +8,27 @@
 //!   the clients are gone;
 //! - reset amplification: 5,000 dials reset in flight: few reach the
 //!   target, nothing of them remains a second later, memory barely moves,
-//!   and a canary client is served as fast as before.
+//!   and a canary client is served as fast as before;
+//! - each budget refuses the first dial past it, naming itself.
+//!
+//! Stalled streams on a shared link are in `tests/stalls.rs`.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use common::stage::*;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::procs::{free_addr, metric, Proc};
-use ringpeer::proxy::outbound::sibling::PIPE_CAP;
+use common::procs::metric;
 use ringpeer::runtime::budget::{AgentLimits, ProxyLimits};
 use ringpeer::tools::fleet::CertDir;
-use ringpeer::tools::target::{self as targets, Kind, Target};
+use ringpeer::tools::target::{self as targets, Kind};
 use ringpeer::transport::h2conf::{H2Tuning, MAX_RESETS_PER_SEC};
 use ringpeer::wire::codec::encode_msg;
-use ringpeer::wire::{paths, DialTarget};
+use ringpeer::wire::DialTarget;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
-
-/// The stories here each load both cores (proxy, agent, target and an
-/// attacker); two at once would measure each other. They take turns.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-const MIB: u64 = 1 << 20;
-/// The proxy's dial deadline here (short, so failed dials show quickly).
-const DIAL_TIMEOUT_MS: u64 = 3_000;
-
-/// A proxy process (two shards, memory backend), an agent process with one
-/// service, `svc`, and the target behind it.
-struct Stage {
-    certs: CertDir,
-    target: Target,
-    proxy: Proc,
-    agent: Proc,
-    client_addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn stage(kind: Kind) -> Stage {
-    stage_with(kind, None)
-}
-
-/// [`stage`], the agent also serving `echo` at `echo_addr` when given.
-fn stage_with(kind: Kind, echo_addr: Option<SocketAddr>) -> Stage {
-    ringpeer::runtime::raise_memlock();
-    let certs = CertDir::temp().unwrap();
-    let target = targets::spawn(kind).unwrap();
-    let d = certs.path.display();
-    let admin = free_addr();
-    let cfg = format!(
-        "cluster = \"demo\"\nid = \"proxy-a\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
-         peer_addr = \"127.0.0.1:0\"\nadmin_addr = \"{admin}\"\npin_cpus = false\ndial_timeout_ms = {DIAL_TIMEOUT_MS}\n\
-         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n"
-    );
-    let path = certs.path.join("proxy-a.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["proxy", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            eprintln!("proxy: {l}");
-        }
-    });
-    let proxy = Proc(child);
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let after = |k: &str| -> SocketAddr { w[w.iter().position(|x| *x == k).unwrap() + 1].parse().unwrap() };
-    let (client_addr, tunnel) = (after("client"), after("tunnel"));
-    let cfg = format!(
-        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
-         cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\nsvc = \"{}\"\n{}",
-        target.addr,
-        echo_addr.map(|a| format!("echo = \"{a}\"\n")).unwrap_or_default()
-    );
-    let path = certs.path.join("agent-1.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let agent = Proc(
-        Command::new(BIN).args(["agent", "--config", path.to_str().unwrap()]).env("RUST_LOG", "warn").spawn().unwrap(),
-    );
-    common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels").unwrap_or(0) >= 1);
-    Stage { certs, target, proxy, agent, client_addr, admin }
-}
-
-/// Resident memory of process `pid`, bytes (VmRSS).
-fn rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
-    kb.unwrap_or(0) * 1024
-}
-
-/// The count of one error label on the proxy's metrics (all shards).
-fn errors(admin: SocketAddr, label: &str) -> i64 {
-    let tag = format!("error=\"{label}\"}}");
-    error_lines(admin)
-        .lines()
-        .filter(|l| l.contains(&tag))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-        .sum()
-}
-
-/// The proxy's error counters, one line each (for the story's log).
-fn error_lines(admin: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with("ringpeer_errors_total") || l.starts_with("ringpeer_dials"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Samples both processes' RSS every 50 ms until `stop`; returns the peaks.
-fn watch_rss(proxy: u32, agent: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
-    std::thread::spawn(move || {
-        let mut peak = (0, 0);
-        while !stop.load(Ordering::Relaxed) {
-            peak = (peak.0.max(rss(proxy)), peak.1.max(rss(agent)));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        peak
-    })
-}
-
-/// The request head of a client dial.
-fn dial_head() -> http::Request<()> {
-    let mut req = http::Request::new(());
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = paths::uri(paths::PROXY_DIAL).clone();
-    req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
-    req
-}
-
-type Conn = h2::client::Connection<ringpeer::transport::ClientTls, Bytes>;
-
-/// A raw HTTP/2 client connection with the h2 crate's own 64 KiB windows
-/// (which this client will never replenish).
-async fn raw_client(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> (h2::client::SendRequest<Bytes>, Conn) {
-    let (stream, _) = ringpeer::transport::connect_tls(tls, &addr.to_string(), Duration::from_secs(5)).await.unwrap();
-    let mut b = H2Tuning::h2_crate_defaults().client();
-    // This client stays however many of its dials the proxy fails.
-    b.max_local_error_reset_streams(None);
-    b.handshake::<_, Bytes>(stream).await.unwrap()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// Waits up to `bound` for `cond`; returns how long it took.
-fn within(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < bound, "not within {bound:?}: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t0.elapsed()
-}
-
-/// 10,000 streams from 5 connections to a service that writes forever; the
-/// clients never grant window. Each stream holds at the agent at most one
-/// pending message (its read buffer stops growing past the soft level), and
-/// the proxy holds at most what the tunnel's windows let through, so both
-/// stay within a per-stream figure plus their buffer budget; once the
-/// clients are gone, every target connection closes.
 #[test]
 fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
     let _turn = turn();
@@ -298,24 +140,6 @@ fn slow_readers_stay_within_the_budgets_and_leave_no_target_connection() {
         metric(st.admin, "ringpeer_active_streams") == Some(0)
     });
     eprintln!("all {open} target connections closed {took:?} after the clients left");
-}
-
-/// Runs `f` on a fresh executor with `n` client connections to `addr`.
-fn with_clients<F, Fut, T>(addr: SocketAddr, dir: &std::path::Path, n: usize, f: F) -> T
-where
-    F: FnOnce(Vec<ringpeer::client::Client>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-    T: Send + 'static,
-{
-    let tls = ringpeer::client::client_tls(dir, "client").unwrap();
-    ringpeer::runtime::block_on("budget-client", move || async move {
-        let mut cs = Vec::new();
-        for _ in 0..n {
-            cs.push(ringpeer::client::Client::connect(&addr.to_string(), &tls, &H2Tuning::default()).await.unwrap());
-        }
-        f(cs).await
-    })
-    .unwrap()
 }
 
 /// Each budget, set small, refuses the first dial past it with
@@ -515,135 +339,4 @@ fn reset_amplification_reaches_few_targets_and_leaves_nothing() {
     assert!(ap.saturating_sub(base.1) <= 64 * MIB, "agent RSS grew {} MiB", (ap - base.1) / MIB);
     assert!(attacked.len() >= 5, "the canary ran {} dials during the attack", attacked.len());
     assert!(attacked_m < idle_m * 2, "canary median {attacked_m:?} under attack vs {idle_m:?} idle");
-}
-
-/// 200 stalled streams (5 connections x 40, from clients that never grant
-/// window) to a service that writes forever: on the tunnel they may hold
-/// 800 MiB of stream windows, 25 times its 32 MiB connection window. The
-/// tunnel's window grows with its streams, within the shard's buffer
-/// budget, so every stalled dial is established, and a canary client then
-/// dials an echo service on the same agent 10 times: each dial is
-/// established and echoes within 1 s, while both processes stay within the
-/// documented bound.
-#[test]
-fn stalled_streams_leave_the_tunnel_open_to_new_dials() {
-    let _turn = turn();
-    stalled_story(false)
-}
-
-/// The same, the stalled clients also uploading as fast as they are let
-/// to a target that never reads: their data holds the agent's side of the
-/// tunnel (the agent is its HTTP/2 server), whose window grows the same way.
-#[test]
-fn stalled_uploads_leave_the_tunnel_open_to_new_dials() {
-    let _turn = turn();
-    stalled_story(true)
-}
-
-fn stalled_story(upload: bool) {
-    const CONNS: usize = 5;
-    const PER_CONN: usize = 40;
-    const CANARY: usize = 10;
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let st = stage_with(Kind::Flood, Some(echo.addr));
-    let (p, a) = (st.proxy.0.id(), st.agent.0.id());
-    let base = (rss(p), rss(a));
-    let stop = Arc::new(AtomicBool::new(false));
-    let peaks = watch_rss(p, a, stop.clone());
-    let tls = ringpeer::client::client_tls(&st.certs.path, "client").unwrap();
-    let addr = st.client_addr;
-    let leave = Arc::new(AtomicBool::new(false));
-    let go = leave.clone();
-    let stalled = std::thread::spawn(move || {
-        ringpeer::runtime::block_on("stalled", move || async move {
-            let first = encode_msg(&DialTarget::parse("agent-1/svc").unwrap().to_frame());
-            let (mut held, mut sends) = (Vec::new(), Vec::new());
-            for _ in 0..CONNS {
-                let (mut send, conn) = raw_client(addr, &tls).await;
-                glommio::spawn_local(conn).detach();
-                for _ in 0..PER_CONN {
-                    std::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
-                    let (resp, mut tx) = send.send_request(dial_head(), false).unwrap();
-                    tx.send_data(first.clone(), false).unwrap();
-                    if upload {
-                        // Writes as fast as the proxy's windows let it.
-                        glommio::spawn_local(async move {
-                            let _resp = resp;
-                            let chunk = ringpeer::wire::codec::encode_data(&[7u8; 16 << 10]);
-                            loop {
-                                tx.reserve_capacity(chunk.len());
-                                match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
-                                    Some(Ok(n)) if n >= chunk.len() => {
-                                        if tx.send_data(chunk.clone(), false).is_err() {
-                                            break;
-                                        }
-                                    }
-                                    Some(Ok(_)) => {}
-                                    _ => break,
-                                }
-                            }
-                        })
-                        .detach();
-                    } else {
-                        held.push((resp, tx));
-                    }
-                }
-                sends.push(send);
-            }
-            while !go.load(Ordering::Relaxed) {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            drop((held, sends));
-        })
-        .unwrap()
-    });
-    // Every stalled dial reaches the target, which starts writing at once.
-    let dials = CONNS * PER_CONN;
-    within(Duration::from_secs(20), "every stalled dial reached the target", || st.target.accepted() >= dials);
-    // The floods fill every window they are given (no event tells when:
-    // 4 MiB per stream on loopback takes well under this).
-    std::thread::sleep(Duration::from_millis(1_000));
-    let established = metric(st.admin, "ringpeer_active_streams").unwrap_or(-1);
-    let echo_addr = DialTarget::parse("agent-1/echo").unwrap();
-    let canary = with_clients(st.client_addr, &st.certs.path, 1, move |cs| async move {
-        let mut took = Vec::new();
-        for i in 0..CANARY {
-            let t0 = Instant::now();
-            let data = format!("canary {i}");
-            let r = ringpeer::tools::load::echo_roundtrip(&cs[0], &echo_addr, data.as_bytes()).await;
-            took.push((t0.elapsed(), r.map(|b| b == data.as_bytes()).map_err(|e| e.to_string())));
-        }
-        took
-    });
-    stop.store(true, Ordering::Relaxed);
-    let (pp, ap) = peaks.join().unwrap();
-    eprintln!(
-        "{dials} stalled dials ({established} relayed, upload {upload}); canary dials {canary:?}; \
-         RSS proxy {} -> peak {} MiB, agent {} -> peak {} MiB",
-        base.0 / MIB,
-        pp / MIB,
-        base.1 / MIB,
-        ap / MIB
-    );
-    eprintln!("{}", error_lines(st.admin));
-    leave.store(true, Ordering::Relaxed);
-    for (i, (took, r)) in canary.iter().enumerate() {
-        assert_eq!(r, &Ok(true), "canary dial {i} after {took:?}");
-        assert!(*took < Duration::from_secs(1), "canary dial {i} took {took:?}");
-    }
-    assert_eq!(established, dials as i64, "every stalled dial was established");
-    // The documented bound: per open dial PER_DIAL, and per stalled dial
-    // that crosses shards a full pipe (PIPE_CAP frames); plus each
-    // connection's own window (the tunnel's and, uploading, each client
-    // connection's: 32 MiB) and the buffers up to the soft level of
-    // `shard_buffer_bytes` (what the windows may grow by is part of it).
-    const PER_DIAL: u64 = 40 << 10;
-    let h2 = H2Tuning::default();
-    let pipe = (PIPE_CAP as u64) * h2.max_frame_size as u64;
-    let window = h2.connection_window as u64 * if upload { CONNS as u64 + 1 } else { 1 };
-    let proxy_budget = dials as u64 * (PER_DIAL + pipe) + window + ProxyLimits::default().shard_buffer_bytes as u64 / 2;
-    let agent_budget = dials as u64 * PER_DIAL + window + AgentLimits::default().shard_buffer_bytes as u64 / 2;
-    assert!(pp - base.0 <= proxy_budget, "proxy RSS grew {} MiB > {} MiB", (pp - base.0) / MIB, proxy_budget / MIB);
-    assert!(ap - base.1 <= agent_budget, "agent RSS grew {} MiB > {} MiB", (ap - base.1) / MIB, agent_budget / MIB);
-    stalled.join().unwrap();
 }

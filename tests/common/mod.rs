@@ -4,6 +4,7 @@
 
 pub mod procs;
 pub mod redis_server;
+pub mod stage;
 
 use std::future::Future;
 use std::net::SocketAddr;
