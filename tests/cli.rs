@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::procs::Proc;
+use common::procs::{start_proxy, Proc};
 use std::time::{Duration, Instant};
 
 use ringpeer::tools::target::{self as targets, Kind};
@@ -47,23 +47,6 @@ fn agent_toml(dir: &Path, tunnel: SocketAddr, echo: SocketAddr, sink: SocketAddr
         "cluster = \"c1\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
          cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\nsink = \"{sink}\"\n"
     )
-}
-
-/// Starts a proxy process; returns it with its client and tunnel addresses
-/// (read from its start-up line).
-fn start_proxy(config: &Path) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["proxy", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines.next().expect("proxy prints its addresses").unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1].parse().unwrap();
-    (Proc(child), at("client"), at("tunnel"))
 }
 
 fn start_agent(config: &Path) -> Proc {
@@ -133,7 +116,7 @@ impl Cluster {
         let sink = targets::spawn(Kind::Sink).unwrap();
         let admin = common::procs::free_addr();
         let toml = format!("admin_addr = \"{admin}\"\n{}", proxy_toml(dir, "127.0.0.1:0", "127.0.0.1:0"));
-        let (proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &toml));
+        let (proxy, client, tunnel) = start_proxy(&write(dir, "p.toml", &toml), None);
         let agent = start_agent(&write(dir, "a.toml", &agent_toml(dir, tunnel, echo.addr, sink.addr)));
         Cluster { certs, _targets: (echo, sink), proxy: Some(proxy), agent, client, tunnel, admin }
     }
@@ -178,7 +161,7 @@ fn the_agent_reconnects_after_the_proxy_is_killed_and_restarted() {
     let out = dial("agent-1/echo", client, dir, b"down");
     assert!(!out.status.success(), "no proxy, no dial");
     let restarted = write(dir, "p2.toml", &proxy_toml(dir, &client.to_string(), &tunnel.to_string()));
-    let (_proxy, client2, _) = start_proxy(&restarted);
+    let (_proxy, client2, _) = start_proxy(&restarted, None);
     assert_eq!(client2, client);
     let t0 = Instant::now();
     let out = dial_until_ok("agent-1/echo", client, dir, b"after", Duration::from_secs(15));

@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::{random_bytes, sha256, Fleet};
-use ringpeer::runtime::listeners::bind_group;
 use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
 use ringpeer::tools::load::{echo_roundtrip, open};
 use ringpeer::tools::target::{self as targets, Kind};
@@ -148,10 +147,7 @@ fn a_client_on_the_non_owner_shard_reaches_the_agent_across_shards() {
     let certs = CertDir::temp().unwrap();
     let echo = targets::spawn(Kind::Echo).unwrap();
     let cfg = proxy_config(&certs.path, "proxy-a", 2);
-    let client = bind_group("127.0.0.1:0".parse().unwrap(), 1, "client").unwrap().pop();
-    let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
-    let listeners =
-        ringpeer::Listeners { client: vec![client, None], tunnel: vec![None, tunnel], peer: vec![], admin: None };
+    let listeners = common::split_shards(0);
     let proxy = ProxyHandle::start_with(cfg, listeners).unwrap();
     let _agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();

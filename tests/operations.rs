@@ -13,7 +13,6 @@ use common::redis_server::Redis;
 use ringpeer::config::BackendKind;
 use ringpeer::route::model::{AgentRoute, ProxyInfo, Strategy};
 use ringpeer::route::store::{Loaded, MemoryStore, Read as StoreRead, RouteStore, StoreFactory, StreamId};
-use ringpeer::runtime::listeners::bind_group;
 use ringpeer::tools::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
 use ringpeer::tools::load::echo_roundtrip;
 use ringpeer::tools::target::{self as targets, Kind};
@@ -86,10 +85,7 @@ fn a_tunnel_is_reachable_from_a_sibling_shard_as_soon_as_it_is_usable() {
     let certs = CertDir::temp().unwrap();
     let echo = targets::spawn(Kind::Echo).unwrap();
     let cfg = proxy_config(&certs.path, "proxy-a", 2);
-    let client = bind_group("127.0.0.1:0".parse().unwrap(), 1, "client").unwrap().pop();
-    let tunnel = bind_group("127.0.0.1:0".parse().unwrap(), 1, "tunnel").unwrap().pop();
-    let listeners =
-        ringpeer::Listeners { client: vec![None, client], tunnel: vec![tunnel, None], peer: vec![], admin: None };
+    let listeners = common::split_shards(1);
     let store = Arc::new(SlowStore { inner: MemoryStore::new(1000), delay: Duration::from_millis(1500) });
     let proxy = ProxyHandle::start_full(cfg, listeners, Some(store)).unwrap();
     let (metrics, tunnel_addr, dir) = (proxy.metrics.clone(), proxy.tunnel_addr, certs.path.clone());

@@ -187,3 +187,15 @@ pub fn client_config_as(
     .unwrap();
     m.client_config(ringpeer::transport::identity::Role::Proxy, expect).unwrap()
 }
+
+/// Listeners for a two-shard proxy with the client port open only on shard
+/// `client_shard` and the tunnel port only on the other shard, so every
+/// dial must cross shards.
+pub fn split_shards(client_shard: usize) -> ringpeer::Listeners {
+    use ringpeer::runtime::listeners::bind_group;
+    let one = |what| bind_group("127.0.0.1:0".parse().unwrap(), 1, what).unwrap().pop();
+    let (mut client, mut tunnel) = (vec![None, None], vec![None, None]);
+    client[client_shard] = one("client");
+    tunnel[1 - client_shard] = one("tunnel");
+    ringpeer::Listeners { client, tunnel, peer: vec![], admin: None }
+}

@@ -38,18 +38,32 @@ pub fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64, count: u32) -> (P
     );
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(&path, cfg).unwrap();
+    let (proc, _, tunnel) = start_proxy(&path, None);
+    (proc, tunnel, admin)
+}
+
+/// Starts a proxy process on `config`; returns it with its client and
+/// tunnel addresses, read from its start-up line. Its later log lines are
+/// echoed with `echo` as prefix, or dropped.
+pub fn start_proxy(config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
     let mut child = Command::new(BIN)
-        .args(["proxy", "--config", path.to_str().unwrap()])
+        .args(["proxy", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let tunnel = w[w.iter().position(|x| *x == "tunnel").unwrap() + 1].parse().unwrap();
-    (Proc(child), tunnel, admin)
+    let line = lines.next().expect("proxy prints its addresses").unwrap();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if let Some(who) = echo {
+                eprintln!("{who}: {l}");
+            }
+        }
+    });
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1].parse().unwrap();
+    (Proc(child), at("client"), at("tunnel"))
 }
 
 pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {

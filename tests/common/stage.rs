@@ -4,9 +4,8 @@
 //! makes the stories take turns.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use ringpeer::tools::target::{self as targets, Kind, Target};
 use ringpeer::transport::h2conf::H2Tuning;
 use ringpeer::wire::paths;
 
-use super::procs::{free_addr, metric, Proc};
+use super::procs::{free_addr, metric, start_proxy, Proc};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
 
@@ -61,23 +60,7 @@ pub fn stage_with(kind: Kind, echo_addr: Option<SocketAddr>) -> Stage {
     );
     let path = certs.path.join("proxy-a.toml");
     std::fs::write(&path, cfg).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["proxy", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            eprintln!("proxy: {l}");
-        }
-    });
-    let proxy = Proc(child);
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let after = |k: &str| -> SocketAddr { w[w.iter().position(|x| *x == k).unwrap() + 1].parse().unwrap() };
-    let (client_addr, tunnel) = (after("client"), after("tunnel"));
+    let (proxy, client_addr, tunnel) = start_proxy(&path, Some("proxy"));
     let cfg = format!(
         "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
          cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\nsvc = \"{}\"\n{}",
