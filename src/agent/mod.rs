@@ -172,14 +172,7 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
     let stop = &slot.stop;
     let active = ActiveStreams::with_pool(ctx.limits.streams_per_conn, ctx.limits.setup_per_conn, &ctx.buf);
     let metered = FloodMeter::new(tls, &active);
-    // A tunnel carries our own cancellations by the thousand (every dial a
-    // client resets or that passes its deadline), and the far end's frames
-    // for them may arrive after h2 forgot the stream; h2 counts each such
-    // frame for the connection's whole life. Its limit is a guard against
-    // hostile clients, not a trusted tunnel: left on, mass cancellation
-    // ends the tunnel with ENHANCE_YOUR_CALM (seen in tests/budgets.rs).
-    let mut builder = ctx.h2.server();
-    builder.max_local_error_reset_streams(None);
+    let builder = ctx.h2.link_server();
     let conn = match timeout(ctx.h2.handshake_timeout(), builder.handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => return "h2_handshake_failed",

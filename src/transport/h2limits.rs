@@ -64,6 +64,29 @@ impl H2Tuning {
     fn data_frame_budget(&self) -> usize {
         (self.connection_window as usize / 2).max(25_600)
     }
+    /// [`H2Tuning::server`] for a link that carries many callers' dials
+    /// (an agent's side of a tunnel, the serving side of a peer link).
+    pub fn link_server(&self) -> h2::server::Builder {
+        let mut b = self.server();
+        b.max_local_error_reset_streams(None);
+        b
+    }
+
+    /// [`H2Tuning::client`] for a link that carries many callers' dials
+    /// (a proxy's side of a tunnel, the dialling side of a peer link).
+    ///
+    /// On links, h2's count of late frames for streams we reset is off: a
+    /// link carries every caller's cancellations by the thousand (each dial
+    /// a client resets or that passes its deadline), the far end's frames
+    /// for them may arrive after h2 forgot the stream, and h2 (0.4.20)
+    /// counts each for the connection's whole life, so mass cancellation
+    /// would end the link with ENHANCE_YOUR_CALM (seen in tests/budgets.rs).
+    /// The bound guards against hostile clients, not a trusted link.
+    pub fn link_client(&self) -> h2::client::Builder {
+        let mut b = self.client();
+        b.max_local_error_reset_streams(None);
+        b
+    }
 }
 
 /// HPACK dynamic table we let the peer's encoder use (our decoder's memory

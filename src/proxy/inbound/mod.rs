@@ -102,12 +102,10 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     };
     let active = ActiveStreams::with_pool(per_conn.1, limits.setup_per_conn, &shard.buf);
     let metered = FloodMeter::new(tls, &active);
-    let mut builder = h2cfg.server();
-    if edge == Edge::Peer {
-        // A peer link carries the other proxy's cancellations by the
-        // thousand; see the same choice for tunnels (inbound/tunnel.rs).
-        builder.max_local_error_reset_streams(None);
-    }
+    let builder = match edge {
+        Edge::Client => h2cfg.server(),
+        Edge::Peer => h2cfg.link_server(),
+    };
     let conn = match timeout(h2cfg.handshake_timeout(), builder.handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
         _ => {

@@ -50,14 +50,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         }
     };
     let agent = peer.name.clone();
-    // A tunnel carries our own cancellations by the thousand (every dial a
-    // client resets or that passes its deadline), and the far end's frames
-    // for them may arrive after h2 forgot the stream; h2 counts each such
-    // frame for the connection's whole life. Its limit is a guard against
-    // hostile clients, not a trusted tunnel: left on, mass cancellation
-    // ends the tunnel with ENHANCE_YOUR_CALM (seen in tests/budgets.rs).
-    let mut builder = h2cfg.client();
-    builder.max_local_error_reset_streams(None);
+    let builder = h2cfg.link_client();
     let (mut send, conn) = match timeout(h2cfg.handshake_timeout(), builder.handshake::<_, Bytes>(tls)).await {
         Ok(Ok(v)) => v,
         _ => {

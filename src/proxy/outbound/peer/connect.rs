@@ -104,12 +104,8 @@ async fn connect(
 ) -> Result<(SendRequest<Bytes>, Conn, bool), Error> {
     let (tls, _id) = connect_tls(tls, addr, limit).await.map_err(transport_error)?;
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    let mut b = h2.client();
+    let mut b = h2.link_client();
     b.initial_max_send_streams(0);
-    // h2 counts late frames for streams we reset over the link's whole
-    // life; a peer link carries every client's cancellations (see the same
-    // choice for tunnels, inbound/tunnel.rs), so that count is off here.
-    b.max_local_error_reset_streams(None);
     let (send, mut conn) = b.handshake::<_, Bytes>(tls).await.map_err(|e| h2_setup(addr, e.to_string()))?;
     poll_fn(|cx| {
         if send.current_max_send_streams() > 0 {
