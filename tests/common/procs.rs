@@ -46,7 +46,12 @@ pub fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64, count: u32) -> (P
 /// tunnel addresses, read from its start-up line. Its later log lines are
 /// echoed with `echo` as prefix, or dropped.
 pub fn start_proxy(config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
+    start_proxy_bin(Path::new(BIN), config, echo)
+}
+
+/// [`start_proxy`] with the binary at `bin` (e.g. another build).
+pub fn start_proxy_bin(bin: &Path, config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
+    let mut child = Command::new(bin)
         .args(["proxy", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
@@ -54,6 +59,7 @@ pub fn start_proxy(config: &Path, echo: Option<&'static str>) -> (Proc, SocketAd
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let line = lines.next().expect("proxy prints its addresses").unwrap();
+    assert!(line.contains(" listening: "), "the proxy did not start: {line}");
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
             if let Some(who) = echo {
@@ -109,4 +115,51 @@ pub fn routes_of(admin: SocketAddr, agent: &str) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// Sends SIGTERM to `p`.
+pub fn sigterm(p: &Proc) {
+    // SAFETY: a plain signal to our own child process.
+    assert_eq!(unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) }, 0);
+}
+
+/// Waits up to `bound` for `p` to exit; its exit status, or `None` if it
+/// is still running.
+pub fn wait_exit(p: &mut Proc, bound: std::time::Duration) -> Option<std::process::ExitStatus> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t0.elapsed() >= bound {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Writes the config of proxy `id` (two shards, ports 0, admin on a free
+/// port, Redis backend, upgrade socket `<dir>/<id>.sock`) with `extra`
+/// top-level lines and `strategy` as the `[strategy]` table's body; returns
+/// its path and admin address.
+pub fn proxy_config_file(
+    dir: &Path,
+    redis: &Redis,
+    id: &str,
+    ttl_ms: u64,
+    strategy: &str,
+    extra: &str,
+) -> (std::path::PathBuf, SocketAddr) {
+    let admin = free_addr();
+    let d = dir.display();
+    let cfg = format!(
+        "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
+         admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\nupgrade_socket = \"{d}/{id}.sock\"\n{extra}\n\
+         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
+         [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n[strategy]\n{strategy}\n",
+        redis.url()
+    );
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    (path, admin)
 }
