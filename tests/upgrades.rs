@@ -451,7 +451,7 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     let certs = CertDir::temp().unwrap();
     let dir = &certs.path;
     let echo: Target = targets::spawn(Kind::Echo).unwrap();
-    let (config, admin) = proxy_config_file(dir, &redis, "proxy-a", 3_000, "type = \"proxy_peering\"", "");
+    let (config, admin) = proxy_config_file(dir, &redis, "proxy-a", 3_000, "type = \"proxy_peering\"\nagent_connection_count = 1", "");
     let (mut old, client, tunnel) = start_proxy_bin(Path::new(BIN), &config, Some("old proxy-a"));
     let _agent = agent(dir, "agent-1", tunnel, echo.addr);
     common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels") == Some(1));
