@@ -131,6 +131,26 @@ pub struct ProxyConfig {
     /// Budgets per connection, identity and shard (README, "Limits").
     #[serde(default)]
     pub limits: ProxyLimits,
+    /// How long a draining proxy keeps its open streams, ms (README,
+    /// "Upgrades and maintenance"). Minutes: a stream is a user's session.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_ms: u64,
+    /// After SIGTERM, how long a proxy waits for a successor to take over
+    /// its listeners before it leaves the fleet instead, ms.
+    #[serde(default = "default_handover_wait")]
+    pub handover_wait_ms: u64,
+    /// Unix socket on which this proxy hands its listening sockets to a
+    /// successor (`ringpeer proxy` started with the same config) and takes
+    /// `ringpeer proxy … drain`. Default: [`ProxyConfig::upgrade_socket_path`].
+    #[serde(default)]
+    pub upgrade_socket: Option<std::path::PathBuf>,
+}
+
+fn default_drain_timeout() -> u64 {
+    300_000
+}
+fn default_handover_wait() -> u64 {
+    5_000
 }
 
 fn default_peer_addr() -> String {
@@ -177,6 +197,10 @@ pub struct AgentConfig {
     /// Budgets per tunnel and for the relay's buffers (README, "Limits").
     #[serde(default)]
     pub limits: AgentLimits,
+    /// How long a tunnel the agent drains (its proxy drains, or the
+    /// strategy no longer wants it) keeps its open streams, ms.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_ms: u64,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -232,6 +256,7 @@ impl ProxyConfig {
             ("dial_timeout_ms", self.dial_timeout_ms),
             ("peer_connect_timeout_ms", self.peer_connect_timeout_ms),
             ("peer_answer_timeout_ms", self.peer_answer_timeout_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if v == 0 {
                 bail!("{k} must be > 0");
@@ -254,6 +279,19 @@ impl ProxyConfig {
     /// Shard count: configured, or available cores.
     pub fn shard_count(&self) -> usize {
         self.shards.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+
+    /// The upgrade socket: configured, else
+    /// `$XDG_RUNTIME_DIR` (or `/tmp`) `/ringpeer-<cluster>-<id>-<client port>.sock`.
+    /// None when neither is set and the client port is 0: a successor could
+    /// not know which process to take over from.
+    pub fn upgrade_socket_path(&self) -> Option<std::path::PathBuf> {
+        if let Some(p) = &self.upgrade_socket {
+            return Some(p.clone());
+        }
+        let port = self.client_addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).filter(|p| *p != 0)?;
+        let dir = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "/tmp".into());
+        Some(dir.join(format!("ringpeer-{}-{}-{port}.sock", self.cluster, self.id)))
     }
 }
 

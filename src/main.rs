@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "ringpeer",
-    version,
+    version = ringpeer::runtime::build_version(),
     about = "Proxy-peering data plane: agents behind reverse tunnels, reachable through any proxy"
 )]
 struct Cli {
@@ -30,12 +30,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ProxyAction {
+    /// Tell the proxy running with this config to leave the fleet now
+    /// (decommission): its agents move to the other proxies, open streams
+    /// finish, then it exits.
+    Drain,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
-    /// Run a proxy.
+    /// Run a proxy. Started while a proxy with the same config runs, it
+    /// takes over that proxy's listeners and the old one drains (upgrade in
+    /// place). SIGTERM drains (README, "Upgrades and maintenance"); SIGINT
+    /// stops; a second signal exits at once.
     Proxy {
         /// Proxy config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        #[command(subcommand)]
+        action: Option<ProxyAction>,
     },
     /// Run an agent.
     Agent {
@@ -184,19 +197,55 @@ fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
     Ok(sd)
 }
 
+/// SIGTERM drains (the drain protocol), SIGINT stops; a second signal of
+/// either kind cuts a drain short, a third exits at once.
+fn proxy_signals(drain: ringpeer::proxy::drain::Drain) -> anyhow::Result<Shutdown> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let sd = Shutdown::new();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let s = sd.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for (n, sig) in signals.forever().enumerate() {
+            match (n, sig) {
+                (0, SIGTERM) => {
+                    drain.request();
+                }
+                (0, _) | (1, _) => s.trigger(),
+                _ => std::process::exit(130),
+            }
+        }
+    })?;
+    Ok(sd)
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Proxy { config } => {
+        Cmd::Proxy { config, action: Some(ProxyAction::Drain) } => {
+            let cfg = ProxyConfig::load(&config)?;
+            let Some(path) = cfg.upgrade_socket_path() else {
+                anyhow::bail!("config {}: set upgrade_socket to reach the running proxy", config.display());
+            };
+            let answer = ringpeer::proxy::upgrade::request_leave(&path)?;
+            eprintln!("ringpeer: proxy {}: {answer}", cfg.id);
+        }
+        Cmd::Proxy { config, action: None } => {
             let cfg = ProxyConfig::load(&config)?;
             ringpeer::proxy::preflight(&cfg)?;
-            let listeners = ringpeer::Listeners::bind(&cfg)?;
+            let (listeners, from) = ringpeer::proxy::upgrade::acquire(&cfg)?;
+            let from = from.map(|b| format!(" (took over from build {b})")).unwrap_or_default();
             eprintln!(
-                "ringpeer: proxy {} listening: client {} tunnel {}",
+                "ringpeer: proxy {} listening: client {} tunnel {}{from}",
                 cfg.id,
                 listeners.client_addr(),
                 listeners.tunnel_addr()
             );
-            ringpeer::run(cfg, listeners, shutdown_on_signals()?)?;
+            let drain = ringpeer::proxy::drain::Drain::new();
+            let opts = ringpeer::proxy::RunOpts {
+                drain: Some(drain.clone()),
+                took_over: !from.is_empty(),
+                ..Default::default()
+            };
+            ringpeer::proxy::run_with(cfg, listeners, proxy_signals(drain)?, opts)?;
         }
         Cmd::Agent { config } => {
             let cfg = AgentConfig::load(&config)?;

@@ -13,7 +13,7 @@
 //! its deadline passed) stops connecting, or closes its target connection.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
 use crate::wire::status::{Code, Status};
-use strategy::{desired, Membership, Slot};
+use strategy::{desired, Membership, Slot, LEAVING_FOR, SETTLE};
 
 struct AgentCtx {
     id: String,
@@ -77,7 +77,7 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             id: cfg.id,
             services: cfg.services,
             tls: client,
-            h2: cfg.h2,
+            h2: H2Tuning { drain_timeout_ms: cfg.drain_timeout_ms, ..cfg.h2 },
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             shutdown,
             membership: RefCell::default(),
@@ -93,10 +93,21 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 /// Keeps the set of tunnels the strategy asks for, until shutdown.
 async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
     let mut slots: HashMap<String, (Slot, glommio::task::JoinHandle<()>)> = HashMap::new();
+    // Slots whose proxy said a successor listens at the same address: each
+    // drains once the replacement at its address is up (make before break).
+    let mut retiring: Vec<(String, Slot)> = Vec::new();
     let mut last: Option<(u64, Vec<String>)> = None;
     while !ctx.shutdown.is_triggered() {
         slots.retain(|_, (s, _)| !s.ended.get());
+        retiring.retain(|(_, s)| !s.ended.get());
         let now = Instant::now();
+        let moved: Vec<String> = slots.iter().filter(|(_, (s, _))| s.replace.get()).map(|(a, _)| a.clone()).collect();
+        for a in moved {
+            if let Some((s, _)) = slots.remove(&a) {
+                tracing::info!(agent = ctx.id, addr = a, "a successor listens at the proxy's address; opening a replacement tunnel");
+                retiring.push((a, s));
+            }
+        }
         let view: HashMap<String, Slot> = slots.iter().map(|(a, (s, _))| (a.clone(), s.clone())).collect();
         let want = {
             let m = ctx.membership.borrow();
@@ -114,10 +125,29 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
                 slots.insert(a.clone(), (slot, task));
             }
         }
+        // Make before break: a healthy tunnel that is no longer wanted
+        // drains only once every wanted one has been up for SETTLE.
+        let settled = want.iter().all(|a| slots.get(a).is_some_and(|(s, _)| s.up_for(SETTLE, now)));
         for (a, (s, _)) in &slots {
-            if !want.contains(a) && !s.stop.is_triggered() {
-                let why = if s.suspect() { "its proxy missed a keepalive ping" } else { "no longer wanted" };
-                tracing::info!(agent = ctx.id, addr = a, why, "draining tunnel");
+            if want.contains(a) || s.stop.is_triggered() {
+                continue;
+            }
+            let why = if s.suspect() {
+                "its proxy missed a keepalive ping"
+            } else if !s.up.get() {
+                "no longer wanted (and down)"
+            } else if settled {
+                "no longer wanted; its replacement is up"
+            } else {
+                continue;
+            };
+            tracing::info!(agent = ctx.id, addr = a, why, "draining tunnel");
+            s.stop.trigger();
+        }
+        for (a, s) in &retiring {
+            let replaced = slots.get(a).is_some_and(|(n, _)| n.up_for(SETTLE, now));
+            if !s.stop.is_triggered() && (replaced || !s.up.get()) {
+                tracing::info!(agent = ctx.id, addr = a, "draining the predecessor's tunnel");
                 s.stop.trigger();
             }
         }
@@ -129,6 +159,9 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
         or(glommio::timer::sleep(Duration::from_millis(100)), ctx.shutdown.wait()).await;
     }
     for (_, (s, _)) in slots {
+        s.stop.trigger();
+    }
+    for (_, s) in retiring {
         s.stop.trigger();
     }
 }
@@ -190,12 +223,12 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
     })
     .detach();
     serve(conn, &ctx.h2, &drain, &active, true, |req, respond| {
-        let (ctx, drain, active) = (ctx.clone(), drain.clone(), active.clone());
+        let (ctx, drain, active, slot) = (ctx.clone(), drain.clone(), active.clone(), slot.clone());
         glommio::spawn_local(async move {
             match req.uri().path() {
                 paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
                 // Not counted in the stream budget: it is the tunnel's own.
-                paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain).await,
+                paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain, &slot).await,
                 other => {
                     let m = format!("unknown method {other}");
                     answer_error(
@@ -212,7 +245,13 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
 
 /// Serves Agent/Control until the proxy closes it or the tunnel drains
 /// (ending it first tells the proxy to stop routing new dials here).
-async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>, drain: Signal) {
+async fn handle_control(
+    ctx: Rc<AgentCtx>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    drain: Signal,
+    slot: &Slot,
+) {
     let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
     let hello = AgentMessage {
         message: Some(agent_message::Message::Hello(AgentHello {
@@ -232,7 +271,7 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
             Ok(None)
         });
         match next.await {
-            Ok(Some(m)) => on_control(&ctx, m),
+            Ok(Some(m)) => on_control(&ctx, m, slot),
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(agent = ctx.id, error = %e, "bad control message");
@@ -244,20 +283,36 @@ async fn handle_control(ctx: Rc<AgentCtx>, req: Request<RecvStream>, mut respond
     let _ = tx.trailers(Status::ok().to_trailers());
 }
 
-/// Applies one control message: the proxy set or the strategy.
-fn on_control(ctx: &AgentCtx, m: ControlMessage) {
+/// Applies one control message: the proxy set, the strategy, or a drain
+/// of the tunnel it came on.
+fn on_control(ctx: &AgentCtx, m: ControlMessage, slot: &Slot) {
     match m.message {
         Some(control_message::Message::ProxySet(s)) => {
-            let set: BTreeMap<String, String> = s
-                .proxies
-                .into_iter()
-                .filter(|p| valid_name(&p.id) && !p.tunnel_addr.is_empty())
-                .map(|p| (p.id, p.tunnel_addr))
-                .collect();
+            let valid = || s.proxies.iter().filter(|p| valid_name(&p.id) && !p.tunnel_addr.is_empty());
+            let set: BTreeMap<String, String> = valid().map(|p| (p.id.clone(), p.tunnel_addr.clone())).collect();
+            let draining: BTreeSet<String> = valid().filter(|p| p.draining).map(|p| p.id.clone()).collect();
             let mut m = ctx.membership.borrow_mut();
-            if m.proxies != set {
-                tracing::info!(agent = ctx.id, from = s.self_, proxies = ?set.keys().collect::<Vec<_>>(), "proxy set");
+            if m.proxies != set || m.draining != draining {
+                tracing::info!(
+                    agent = ctx.id,
+                    from = s.self_,
+                    proxies = ?set.keys().collect::<Vec<_>>(),
+                    draining = ?draining,
+                    "proxy set"
+                );
                 m.proxies = set;
+                m.draining = draining;
+                m.generation += 1;
+            }
+        }
+        Some(control_message::Message::Drain(d)) => {
+            let proxy = slot.proxy.borrow().clone().unwrap_or_default();
+            tracing::info!(agent = ctx.id, proxy, successor = d.successor, "proxy drains this tunnel");
+            if d.successor {
+                slot.replace.set(true);
+            } else {
+                let mut m = ctx.membership.borrow_mut();
+                m.leaving.insert(proxy, Instant::now() + LEAVING_FOR);
                 m.generation += 1;
             }
         }

@@ -12,12 +12,16 @@
 //!   cut off), at once: the proxies route around it only once the agent
 //!   holds its `agent_connection_count` tunnels elsewhere.
 //! - A tunnel that is no longer wanted drains (GOAWAY): its open streams
-//!   finish, and no new ones start.
+//!   finish, and no new ones start. While it is healthy it drains only once
+//!   every wanted tunnel has been up for [`SETTLE`] (make before break), so
+//!   a proxy that is leaving never leaves the agent unreachable.
+//! - Draining proxies (their record's mark, or a Drain message from a proxy
+//!   leaving the fleet) are chosen only when no other proxy is known.
 //! - Proxies are chosen in an order hashed from the agent id, so a fleet of
 //!   agents spreads over the proxies.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -29,6 +33,14 @@ use crate::transport::keepalive::LinkHealth;
 /// A tunnel down this long counts as failed and is replaced.
 pub const FAILED_AFTER: Duration = Duration::from_secs(2);
 
+/// How long a replacement tunnel must have been up before the tunnel it
+/// replaces drains: the new proxy registers the tunnel and the backend
+/// spreads its route meanwhile.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// How long a proxy that said it is leaving the fleet is avoided.
+pub const LEAVING_FOR: Duration = Duration::from_secs(120);
+
 /// What the proxies told the agent.
 #[derive(Debug, Default)]
 pub struct Membership {
@@ -36,8 +48,19 @@ pub struct Membership {
     pub strategy: Strategy,
     /// Known proxies: id → tunnel address.
     pub proxies: BTreeMap<String, String>,
+    /// Proxies whose record carries the draining mark.
+    pub draining: BTreeSet<String>,
+    /// Proxies that told this agent they leave the fleet, until when.
+    pub leaving: BTreeMap<String, Instant>,
     /// Bumped on every change.
     pub generation: u64,
+}
+
+impl Membership {
+    /// Whether new tunnels should avoid proxy `id` now.
+    pub fn avoid(&self, id: &str, now: Instant) -> bool {
+        self.draining.contains(id) || self.leaving.get(id).is_some_and(|t| *t > now)
+    }
 }
 
 /// One tunnel the agent runs, keyed by address.
@@ -55,6 +78,9 @@ pub struct Slot {
     pub ended: Rc<Cell<bool>>,
     /// The keepalive verdict of the tunnel's current connection.
     pub health: Rc<RefCell<LinkHealth>>,
+    /// Set when its proxy said a successor listens at the same address:
+    /// the manager opens a replacement there and retires this slot.
+    pub replace: Rc<Cell<bool>>,
 }
 
 impl Slot {
@@ -67,7 +93,13 @@ impl Slot {
             proxy: Rc::default(),
             ended: Rc::default(),
             health: Rc::default(),
+            replace: Rc::default(),
         }
+    }
+
+    /// Whether the tunnel has been up for at least `d`.
+    pub fn up_for(&self, d: Duration, now: Instant) -> bool {
+        self.up.get() && now.duration_since(self.since.get()) >= d
     }
 
     /// Whether the tunnel is up but its proxy missed a keepalive ping.
@@ -103,8 +135,16 @@ pub fn desired(
     slots: &HashMap<String, Slot>,
     now: Instant,
 ) -> Vec<String> {
-    let mut candidates: Vec<String> =
-        if m.proxies.is_empty() { seeds.to_vec() } else { m.proxies.values().cloned().collect() };
+    let preferred: Vec<String> =
+        m.proxies.iter().filter(|(id, _)| !m.avoid(id, now)).map(|(_, a)| a.clone()).collect();
+    let mut candidates: Vec<String> = if m.proxies.is_empty() {
+        seeds.to_vec()
+    } else if preferred.is_empty() {
+        // Every known proxy drains: keep what there is.
+        m.proxies.values().cloned().collect()
+    } else {
+        preferred
+    };
     candidates.sort_by_key(|a| spread(agent, a));
     candidates.dedup();
     let want = match strategy {
@@ -141,6 +181,7 @@ mod tests {
             strategy,
             proxies: (0..n).map(|i| (format!("p{i}"), format!("10.0.0.{i}:3024"))).collect(),
             generation: 1,
+            ..Default::default()
         }
     }
 
@@ -184,8 +225,20 @@ mod tests {
             strategy: peering.strategy,
             proxies: first.iter().enumerate().map(|(i, a)| (format!("q{i}"), a.clone())).collect(),
             generation: 1,
+            ..Default::default()
         };
         assert!(desired("a", peering.strategy, &only_two, &[], &slots, now).contains(frozen));
+        // A proxy leaving the fleet is replaced; when it is the only one
+        // known, it is kept.
+        let one = Strategy::ProxyPeering { agent_connection_count: 1 };
+        let mut leaving = m(one, 3);
+        let held = desired("a", one, &leaving, &[], &HashMap::new(), now);
+        let id = leaving.proxies.iter().find(|(_, a)| **a == held[0]).map(|(id, _)| id.clone()).unwrap();
+        leaving.leaving.insert(id.clone(), now + LEAVING_FOR);
+        let moved = desired("a", one, &leaving, &[], &HashMap::new(), now);
+        assert_ne!(moved, held, "a leaving proxy is not chosen");
+        leaving.proxies.retain(|k, _| *k == id);
+        assert_eq!(desired("a", one, &leaving, &[], &HashMap::new(), now), held);
         // With no proxies known yet, the configured seeds are used.
         let seeds = vec!["seed:1".to_string()];
         assert_eq!(desired("a", Strategy::AgentMesh, &Membership::default(), &seeds, &HashMap::new(), now), seeds);

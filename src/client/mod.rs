@@ -3,7 +3,11 @@
 //! connections multiplexed over one HTTP/2 connection (`ringpeer forward`).
 //!
 //! Invariants: one HTTP/2 connection carries every stream of a client; it is
-//! re-established when it dies; a dial that fails prints the proxy's status.
+//! re-established when it dies or the proxy sends GOAWAY (a draining
+//! proxy: its open streams go on, new dials go to a new connection, which
+//! its successor accepts); a dial refused because its connection was going
+//! away is sent again on the new one, since the proxy never processed it
+//! ([`Dialer`]); a dial that fails prints the proxy's status.
 
 pub mod stdio;
 
@@ -96,6 +100,58 @@ impl Client {
     }
 }
 
+/// A client that keeps one connection to a proxy and replaces it when it
+/// dies or goes away.
+pub struct Dialer {
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+    h2: H2Tuning,
+    cur: std::cell::RefCell<Option<Client>>,
+}
+
+impl Dialer {
+    /// A dialer for the proxy client edge at `addr` (connects on first use).
+    pub fn new(addr: &str, tls: Arc<rustls::ClientConfig>, h2: H2Tuning) -> Dialer {
+        Dialer { addr: addr.to_string(), tls, h2, cur: Default::default() }
+    }
+
+    async fn client(&self, fresh: bool) -> Result<Client, Error> {
+        if !fresh {
+            if let Some(c) = self.cur.borrow().as_ref().filter(|c| c.is_alive()) {
+                return Ok(c.clone());
+            }
+        }
+        let c = Client::connect(&self.addr, &self.tls, &self.h2).await.map_err(|e| {
+            Error::unavailable(Side::Proxy, crate::wire::error::Retry::Safe, e.label(), e.to_string())
+        })?;
+        *self.cur.borrow_mut() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Opens a dial; when the connection turns out to be going away (or
+    /// lost) before the proxy took the dial, sends it once more on a new
+    /// connection within the same deadline.
+    pub async fn dial(&self, target: &DialTarget, deadline: Duration) -> Result<Established, Error> {
+        let end = std::time::Instant::now() + deadline;
+        let c = self.client(false).await?;
+        match c.dial(target, deadline).await {
+            Err(e) if e.retry == crate::wire::error::Retry::Safe && unprocessed(&e) => {
+                tracing::debug!(error = %e, "connection going away; dialing again on a new one");
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                self.client(true).await?.dial(target, left).await
+            }
+            r => r,
+        }
+    }
+}
+
+/// Whether the proxy never saw the dial: its connection was going away or
+/// gone before the stream was taken.
+fn unprocessed(e: &Error) -> bool {
+    use crate::wire::error::Label;
+    e.side == Side::Proxy && matches!(e.label, Label::GoAway | Label::Refused | Label::ConnectionLost | Label::H2)
+}
+
 /// Options of `ringpeer forward`.
 pub struct ForwardOpts {
     /// Local listen address.
@@ -120,9 +176,8 @@ pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
         use std::os::fd::{FromRawFd, IntoRawFd};
         // SAFETY: a bound, listening socket we own.
         let l = unsafe { glommio::net::TcpListener::from_raw_fd(l.into_raw_fd()) };
-        let h2 = H2Tuning::default();
         let opts = Rc::new(opts);
-        let client: Rc<std::cell::RefCell<Option<Client>>> = Rc::default();
+        let dialer = Rc::new(Dialer::new(&opts.proxy, opts.tls.clone(), H2Tuning::default()));
         loop {
             let tcp = futures_lite::future::or(async { Some(l.accept().await) }, async {
                 shutdown.wait().await;
@@ -131,23 +186,14 @@ pub fn forward(opts: ForwardOpts, shutdown: Shutdown) -> anyhow::Result<()> {
             .await;
             let Some(tcp) = tcp else { return };
             let Ok(tcp) = tcp else { continue };
-            let cur = client.borrow().as_ref().filter(|c| c.is_alive()).cloned();
-            let c = match cur {
-                Some(c) => c,
-                None => match Client::connect(&opts.proxy, &opts.tls, &h2).await {
-                    Ok(c) => {
-                        *client.borrow_mut() = Some(c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        eprintln!("ringpeer: {e}");
-                        continue;
-                    }
-                },
-            };
-            let opts = opts.clone();
+            let (opts, dialer) = (opts.clone(), dialer.clone());
             glommio::spawn_local(async move {
-                match c.dial_tcp(&opts.target, tcp, opts.deadline).await {
+                let r = async {
+                    let o = dialer.dial(&opts.target, opts.deadline).await?;
+                    let (inp, out) = split_tcp(tcp).map_err(|e| Error::internal(e.to_string()))?;
+                    splice(inp, out, o.send, o.recv, End::Client).await
+                };
+                match r.await {
                     Ok(s) if s.is_ok() => {}
                     Ok(s) => eprintln!("ringpeer: dial {}: {s}", opts.target),
                     Err(e) => eprintln!("ringpeer: dial {}: {e}", opts.target),

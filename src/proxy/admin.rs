@@ -1,7 +1,8 @@
 //! Admin HTTP endpoint (off the hot path, plain threads): `GET /metrics`
 //! (Prometheus text), `GET /routes` (the current route snapshot as JSON),
 //! `GET /healthz` (200 when routes are loaded and the backend is reachable,
-//! 503 with the reason otherwise).
+//! 503 with the reason otherwise, and 503 `draining` while the proxy
+//! drains, so a load balancer stops sending it clients).
 //!
 //! Invariants:
 //! - One accept thread that never touches a client socket: it polls the
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use super::stats::Metrics;
 use crate::proxy::control::{HealthCell, SnapshotCell};
 use crate::runtime::Shutdown;
+use super::drain::{Drain, Phase};
 
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 8;
@@ -53,16 +55,20 @@ pub struct AdminState {
     pub snapshot: SnapshotCell,
     /// Its health verdict.
     pub health: HealthCell,
+    /// Its drain state.
+    pub drain: Drain,
 }
 
-/// Serves the admin endpoint on `l` until `shutdown`. The returned thread
-/// ends within [`ACCEPT_POLL`] of it; client threads end within their
-/// timeouts.
+/// Serves the admin endpoint on `l` until `shutdown`, or until a successor
+/// took the listener over (the socket is then shared: accepting is a
+/// nonblocking syscall here, so stopping can never take a connection and
+/// drop it). The returned thread ends within [`ACCEPT_POLL`] of either;
+/// client threads end within their timeouts.
 pub fn spawn(l: TcpListener, state: AdminState, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
     l.set_nonblocking(true)?;
     let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name(format!("{}-admin", state.proxy)).spawn(move || {
-        while !shutdown.is_triggered() {
+        while !shutdown.is_triggered() && state.drain.phase() != Phase::Successor {
             let s = match l.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -169,10 +175,22 @@ fn serve(mut s: TcpStream, st: &AdminState) {
 
 fn route(path: &str, st: &AdminState) -> (&'static str, &'static str, String) {
     match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", st.metrics.render(&st.proxy)),
+        "/metrics" => {
+            let mut m = st.metrics.render(&st.proxy);
+            let draining = u8::from(st.drain.phase() != Phase::Running);
+            m.push_str(&format!(
+                "# HELP ringpeer_draining 1 while the proxy drains (SIGTERM, drain, handover).\n\
+                 # TYPE ringpeer_draining gauge\nringpeer_draining{{proxy=\"{}\"}} {draining}\n",
+                st.proxy
+            ));
+            ("200 OK", "text/plain; version=0.0.4", m)
+        }
         "/routes" => {
             let table = st.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
             ("200 OK", "application/json", serde_json::to_string_pretty(&*table).unwrap_or_default())
+        }
+        "/healthz" if st.drain.phase() != Phase::Running => {
+            ("503 Service Unavailable", "text/plain", format!("draining ({:?})\n", st.drain.phase()))
         }
         "/healthz" => {
             let (ok, why) = st.health.lock().unwrap_or_else(|p| p.into_inner()).verdict();

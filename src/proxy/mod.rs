@@ -8,10 +8,12 @@
 
 pub mod admin;
 pub mod control;
+pub mod drain;
 pub mod inbound;
 pub mod outbound;
 pub mod shard;
 pub mod stats;
+pub mod upgrade;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -31,7 +33,8 @@ use crate::route::redis::RedisFactory;
 use crate::route::store::{MemoryStore, StoreFactory};
 use crate::runtime::listeners::{bind_group, parse_addr, BindError};
 use crate::runtime::mailbox::mailbox;
-use crate::runtime::{spawn_executor, Shutdown};
+use crate::runtime::{build_version, spawn_executor, Shutdown};
+use drain::{Drain, Phase};
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
 use shard::{ProxyShared, Shard};
@@ -118,6 +121,11 @@ pub fn preflight(cfg: &ProxyConfig) -> anyhow::Result<TlsMaterial> {
     Ok(TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Proxy, &cfg.id)?)
 }
 
+/// After telling its agents to move, how long a draining shard waits for
+/// their tunnels to go (once its streams are done) before it closes them:
+/// an agent that does not know the Drain message then reconnects.
+pub const TUNNEL_MOVE_WAIT: Duration = Duration::from_secs(10);
+
 /// What an embedding program (demo, tests) may share with a proxy.
 #[derive(Default, Clone)]
 pub struct RunOpts {
@@ -128,6 +136,12 @@ pub struct RunOpts {
     pub store: Option<Arc<dyn StoreFactory>>,
     /// Where the latest route snapshot is published.
     pub snapshot: Option<SnapshotCell>,
+    /// The drain state the caller drives (SIGTERM in `main`); a proxy
+    /// embedded without one never drains, it only stops.
+    pub drain: Option<Drain>,
+    /// The listeners were taken over from a predecessor that served the
+    /// upgrade socket: serve it in its place.
+    pub took_over: bool,
 }
 
 /// Runs a proxy until `shutdown` fires; returns once every shard stopped.
@@ -156,9 +170,17 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         bail!("no listeners");
     }
     let tunnel_addr = listeners.tunnel_addr().to_string();
+    let drain = opts.drain.unwrap_or_default();
+    let upgrade_path = cfg.upgrade_socket_path();
+    let spare = match &upgrade_path {
+        Some(_) => Some(upgrade::Spare::of(&listeners).context("cannot duplicate the listeners for a handover")?),
+        None => None,
+    };
+    let mut h2 = cfg.h2.clone();
+    h2.drain_timeout_ms = cfg.drain_timeout_ms;
     let shared = Arc::new(ProxyShared {
         id: cfg.id.clone(),
-        h2: cfg.h2.clone(),
+        h2,
         dial_timeout: Duration::from_millis(cfg.dial_timeout_ms),
         peer_connect_timeout: Duration::from_millis(cfg.peer_connect_timeout_ms),
         peer_answer_timeout: Duration::from_millis(cfg.peer_answer_timeout_ms),
@@ -192,6 +214,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         tunnel_addr: listeners.tunnel_addr().to_string(),
         client_addr: listeners.client_addr().to_string(),
         version: now_ms(),
+        draining: false,
+        build: build_version().to_string(),
     };
     let copts = ControlOpts {
         me,
@@ -208,6 +232,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         })
     };
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
+    // Fires once every shard has ended: the side threads stop with it.
+    let ended = Shutdown::new();
     let admin = match listeners.admin {
         Some(l) => {
             let state = admin::AdminState {
@@ -215,11 +241,23 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                 metrics: metrics.clone(),
                 snapshot: control.snapshot.clone(),
                 health: control.health.clone(),
+                drain: drain.clone(),
             };
-            Some(admin::spawn(l, state, shutdown.clone())?)
+            Some(admin::spawn(l, state, ended.clone())?)
         }
         None => None,
     };
+    let mut side = Vec::new();
+    if let (Some(path), Some(spare)) = (upgrade_path, spare) {
+        let (d, c, e) = (drain.clone(), control.commands.clone(), ended.clone());
+        side.push(upgrade::serve(path, spare, d, c, e, opts.took_over)?);
+    }
+    {
+        let (d, c, e) = (drain.clone(), control.commands.clone(), ended.clone());
+        let wait = Duration::from_millis(cfg.handover_wait_ms);
+        side.push(std::thread::Builder::new().name("drain".into()).spawn(move || drain::coordinate(d, c, wait, e))?);
+    }
+    let drain_timeout = Duration::from_millis(cfg.drain_timeout_ms);
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let mut client = listeners.client;
     let mut tunnel = listeners.tunnel;
@@ -231,6 +269,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     for (i, (((inbox, cl), tl), pl)) in inboxes.into_iter().zip(client).zip(tunnel).zip(peer).enumerate() {
         let (shared, stats, boxes, events, sd) =
             (shared.clone(), metrics.shards[i].clone(), boxes.clone(), control.events.clone(), shutdown.clone());
+        let drain = drain.clone();
         let cpu = cfg.pin_cpus.then_some(i % cpus);
         let h = spawn_executor(&format!("{}-shard{i}", cfg.id), cpu, move || async move {
             let shard = Rc::new(Shard::new(i as u32, shared, stats, boxes, events));
@@ -242,18 +281,51 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             if let Some(l) = tl {
                 tasks.push(glommio::spawn_local(inbound::tunnel::accept_loop(shard.clone(), to_glommio(l))));
             }
-            if let Some(l) = pl {
-                tasks.push(glommio::spawn_local(inbound::peer_accept_loop(shard.clone(), to_glommio(l))));
-            }
-            // The one wait on the process-wide signal; connections wait on
+            let peers = pl.map(|l| glommio::spawn_local(inbound::peer_accept_loop(shard.clone(), to_glommio(l))));
+            // The one wait on the process-wide signals; connections wait on
             // the shard's own.
-            sd.wait().await;
+            let mode = futures_lite::future::or(
+                async {
+                    sd.wait().await;
+                    None
+                },
+                async {
+                    drain.begun().wait().await;
+                    Some(drain.phase())
+                },
+            )
+            .await;
+            shard.drain_mode.set(mode);
             shard.stopping.trigger();
+            // Leaving the fleet, peers still reach this proxy's agents
+            // until they have moved: peer links stay served meanwhile.
+            if mode != Some(Phase::Leaving) {
+                shard.peer_stopping.trigger();
+            }
             for t in tasks {
                 t.await;
             }
-            // Let open streams finish (their connections got GOAWAY).
-            let _ = crate::runtime::timeout(crate::transport::h2conf::DRAIN_TIMEOUT, shard.streams.idle()).await;
+            match mode {
+                // Stopped without the drain protocol (tests, the demo):
+                // let open streams finish for a short while.
+                None => {
+                    let _ = crate::runtime::timeout(crate::transport::h2conf::DRAIN_TIMEOUT, shard.streams.idle()).await;
+                }
+                Some(_) => {
+                    let settled = shard.settle(TUNNEL_MOVE_WAIT);
+                    let cut = async {
+                        sd.wait().await;
+                        tracing::warn!(shard = shard.index, "stopped during the drain; closing open streams");
+                    };
+                    if crate::runtime::timeout(drain_timeout, futures_lite::future::or(settled, cut)).await.is_err() {
+                        tracing::warn!(shard = shard.index, ?drain_timeout, "drain_timeout passed; closing open streams");
+                    }
+                }
+            }
+            shard.peer_stopping.trigger();
+            if let Some(t) = peers {
+                t.await;
+            }
             // Close every remaining connection and wait for their tasks to
             // end, then give the reactor a moment to complete the socket
             // closes (glommio closes through the ring), so a successor can
@@ -272,9 +344,16 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             failed = Some(e.to_string());
         }
     }
+    ended.trigger();
     control.stop();
     if let Some(a) = admin {
         let _ = a.join();
+    }
+    for t in side {
+        let _ = t.join();
+    }
+    if drain.phase() != Phase::Running {
+        tracing::info!(proxy = %cfg.id, phase = ?drain.phase(), "drained");
     }
     if let Some(e) = failed {
         bail!("a shard failed: {e}");

@@ -20,13 +20,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam::channel::{Sender, TrySendError};
 use h2::client::SendRequest;
 use tokio_rustls::TlsAcceptor;
 
+use super::drain::Phase;
 use super::outbound::peer::{PeerLinkConfig, PeerLinks};
 use super::stats::ShardStats;
 use crate::relay::Item;
@@ -140,6 +141,11 @@ pub struct Shard {
     pub events: Sender<TunnelEvent>,
     /// Fired when the proxy stops: stop accepting, send GOAWAY, drain.
     pub stopping: Signal,
+    /// Fired when peer links must drain: with `stopping`, except while
+    /// leaving the fleet (peers reach this proxy's agents until they moved).
+    pub peer_stopping: Signal,
+    /// Why the shard stops: `None` for a plain stop, else the drain phase.
+    pub drain_mode: Cell<Option<Phase>>,
     /// Fired after draining: every connection task of this shard ends now.
     /// (glommio does not drop detached tasks when an executor exits, so
     /// their sockets would otherwise stay open.)
@@ -160,8 +166,10 @@ pub struct Shard {
     routes: RefCell<Arc<RouteTable>>,
     /// Peer links of this shard.
     pub peers: PeerLinks,
-    /// Tasks waiting for the next route snapshot.
+    /// Tasks waiting for the next route snapshot or tunnel.
     route_waiters: RefCell<Vec<std::task::Waker>>,
+    /// Bumped whenever a tunnel comes up here or on a sibling shard.
+    tunnel_gen: Cell<u64>,
     next_conn: Cell<u64>,
 }
 
@@ -189,6 +197,8 @@ impl Shard {
             mailboxes,
             events,
             stopping: Signal::new(),
+            peer_stopping: Signal::new(),
+            drain_mode: Cell::new(None),
             closing,
             streams: Inflight::default(),
             conns: Inflight::default(),
@@ -199,6 +209,7 @@ impl Shard {
             backlog: Rc::default(),
             routes: RefCell::default(),
             route_waiters: RefCell::default(),
+            tunnel_gen: Cell::new(0),
             next_conn: Cell::new(0),
         }
     }
@@ -223,6 +234,58 @@ impl Shard {
         self.tunnels.borrow_mut().entry(agent.to_string()).or_default().insert(0, t);
         self.stats.tunnels.add(1);
         self.report(ev);
+        self.tunnel_arrived();
+    }
+
+    fn tunnel_arrived(&self) {
+        self.tunnel_gen.set(self.tunnel_gen.get() + 1);
+        for w in self.route_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Tunnels registered on this shard.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.borrow().values().map(Vec::len).sum()
+    }
+
+    /// What a waiting dial compares against: (route version, tunnel
+    /// generation).
+    pub fn marks(&self) -> (u64, u64) {
+        (self.routes.borrow().version, self.tunnel_gen.get())
+    }
+
+    /// Resolves when a newer route snapshot arrived, or a tunnel came up
+    /// here or on a sibling, since `marks`.
+    pub async fn changed_since(&self, marks: (u64, u64)) {
+        std::future::poll_fn(|cx| {
+            if self.marks() != marks {
+                return std::task::Poll::Ready(());
+            }
+            let mut ws = self.route_waiters.borrow_mut();
+            if !ws.iter().any(|w| w.will_wake(cx.waker())) {
+                ws.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// A draining shard's wait: until no stream is open and its agents'
+    /// tunnels have moved away (or `move_wait` passed since it began).
+    pub async fn settle(&self, move_wait: Duration) {
+        let began = Instant::now();
+        loop {
+            self.streams.idle().await;
+            if self.tunnel_count() == 0 || began.elapsed() >= move_wait {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                if self.streams.get() == 0 {
+                    return;
+                }
+            } else {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     /// Removes a tunnel and tells the sibling shards and the control thread.
@@ -362,6 +425,8 @@ impl Shard {
                     let mut map = self.siblings.borrow_mut();
                     if up {
                         map.entry(agent).or_default().insert(0, (shard, conn));
+                        drop(map);
+                        self.tunnel_arrived();
                     } else if let Some(v) = map.get_mut(&agent) {
                         v.retain(|&(s, c)| (s, c) != (shard, conn));
                         if v.is_empty() {

@@ -39,6 +39,8 @@ pub struct RemoteRoute {
     pub peer_addr: Option<Arc<str>>,
     /// Services the agent announced.
     pub services: Arc<[String]>,
+    /// That proxy is draining: tried after the others.
+    pub draining: bool,
 }
 
 /// Everything known about reaching one agent.
@@ -48,6 +50,12 @@ pub struct AgentRoutes {
     pub local: Vec<LocalRoute>,
     /// Tunnels held by other live proxies.
     pub remote: Vec<RemoteRoute>,
+    /// No tunnel is known right now, but one is expected shortly: the
+    /// backend lists this proxy as a holder (a predecessor's tunnel moving
+    /// to this process), or the agent's last route went away moments ago
+    /// (it is moving between proxies). A dial waits for it within its
+    /// deadline instead of answering NOT_FOUND.
+    pub moving: bool,
 }
 
 /// An immutable snapshot of routes.
@@ -63,6 +71,9 @@ pub struct RouteTable {
     pub strategy: Strategy,
     /// Whether the backend was reachable when this snapshot was built.
     pub backend_up: bool,
+    /// Whether the routes were ever loaded from the backend (a process
+    /// that just started knows nothing yet: its dials wait for the load).
+    pub loaded: bool,
 }
 
 impl RouteTable {

@@ -58,6 +58,10 @@ pub struct ProxyInfo {
     pub client_addr: String,
     /// Record version (start time, ms).
     pub version: u64,
+    /// Draining: peers prefer other holders of its agents.
+    pub draining: bool,
+    /// The build that wrote the record.
+    pub build: String,
 }
 
 impl ProxyInfo {
@@ -73,6 +77,8 @@ impl ProxyInfo {
             tunnel_addr: self.tunnel_addr.clone(),
             client_addr: self.client_addr.clone(),
             version: self.version,
+            draining: self.draining,
+            build: self.build.clone(),
         }
     }
 
@@ -84,6 +90,8 @@ impl ProxyInfo {
             tunnel_addr: r.tunnel_addr,
             client_addr: r.client_addr,
             version: r.version,
+            draining: r.draining,
+            build: r.build,
         })
     }
 
@@ -318,6 +326,8 @@ mod tests {
             tunnel_addr: "t".into(),
             client_addr: "c".into(),
             version: 3,
+            draining: true,
+            build: "0.1.0+next".into(),
         };
         for e in [
             Event::AgentUp { agent: "a1".into(), route: route.clone() },

@@ -55,6 +55,17 @@ pub fn raise_memlock() {
     }
 }
 
+/// This build's version: the package version, plus `+<tag>` when built
+/// with `RINGPEER_BUILD_TAG` set (how two builds of one version are told
+/// apart in an upgrade).
+pub fn build_version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| match option_env!("RINGPEER_BUILD_TAG") {
+        Some(t) if !t.is_empty() => format!("{}+{t}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
 /// Starts an executor thread named `name`, pinned to `cpu` when given.
 pub fn spawn_executor<G, F, T>(name: &str, cpu: Option<usize>, f: G) -> std::io::Result<glommio::ExecutorJoinHandle<T>>
 where
@@ -195,5 +206,19 @@ impl Shutdown {
         while !self.is_triggered() {
             ws = self.0.cv.wait(ws).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Blocks up to `d` for the signal; whether it fired.
+    pub fn wait_blocking_for(&self, d: Duration) -> bool {
+        let end = std::time::Instant::now() + d;
+        let mut ws = self.waiters();
+        while !self.is_triggered() {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            ws = self.0.cv.wait_timeout(ws, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
     }
 }

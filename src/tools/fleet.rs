@@ -44,6 +44,9 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         admin_addr: None,
         h2: H2Tuning::default(),
         limits: Default::default(),
+        drain_timeout_ms: 300_000,
+        handover_wait_ms: 5_000,
+        upgrade_socket: None,
     }
 }
 
@@ -59,6 +62,7 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         agent_connection_count: None,
         h2: H2Tuning::default(),
         limits: Default::default(),
+        drain_timeout_ms: 300_000,
     }
 }
 
@@ -93,7 +97,7 @@ impl ProxyHandle {
         let metrics = Metrics::new(listeners.client.len().max(listeners.tunnel.len()));
         let snapshot = SnapshotCell::default();
         let shutdown = Shutdown::new();
-        let opts = RunOpts { metrics: Some(metrics.clone()), store, snapshot: Some(snapshot.clone()) };
+        let opts = RunOpts { metrics: Some(metrics.clone()), store, snapshot: Some(snapshot.clone()), ..Default::default() };
         let sd = shutdown.clone();
         let join = std::thread::Builder::new()
             .name(format!("proxy-{}", cfg.id))

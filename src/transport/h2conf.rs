@@ -33,7 +33,9 @@ pub use super::tuning::H2Tuning;
 /// reset instead of the GOAWAY that names its offence.
 pub const CALM_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Longest a server connection drains after GOAWAY before it is closed.
+/// How long a process stopping without the drain protocol (tests, the
+/// demo, an agent) lets open streams finish. A proxy's drain uses its
+/// `drain_timeout_ms` instead ([`H2Tuning::drain_timeout_ms`]).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Streams the peer may reset per second on one connection, before they
@@ -282,7 +284,7 @@ where
             Ev::Stop => {
                 conn.graceful_shutdown();
                 draining = true;
-                drain_deadline.set(glommio::timer::sleep(DRAIN_TIMEOUT).boxed_local());
+                drain_deadline.set(glommio::timer::sleep(Duration::from_millis(t.drain_timeout_ms)).boxed_local());
             }
             Ev::Window => {
                 if let Some(w) = &mut win {

@@ -38,6 +38,11 @@ pub struct H2Tuning {
     pub keepalive_timeout_ms: u64,
     /// A server connection with no open stream for this long is closed, ms (0: never).
     pub idle_timeout_ms: u64,
+    /// After GOAWAY, how long a server connection keeps its open streams, ms.
+    /// Not a `[h2]` key: a proxy sets it from its `drain_timeout_ms`, an
+    /// agent from its own.
+    #[serde(skip)]
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for H2Tuning {
@@ -57,6 +62,7 @@ impl Default for H2Tuning {
             keepalive_miss_ms: 1_000,
             keepalive_timeout_ms: 6_000,
             idle_timeout_ms: 300_000,
+            drain_timeout_ms: 5_000,
         }
     }
 }

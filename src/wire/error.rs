@@ -90,6 +90,9 @@ macro_rules! labels {
     };
 }
 
+/// Trailer naming the [`Label`] of an error a ringpeer process answered.
+pub const LABEL_HEADER: &str = "ringpeer-label";
+
 labels! {
     NoRoute => "no_route",
     NotHeldHere => "not_held_here",
@@ -204,8 +207,40 @@ impl Error {
     pub fn from_trailers(side: Side, t: HeaderMap) -> Option<Error> {
         let s = Status::from_headers(&t)?;
         let mut e = Error::from_status(side, s);
+        if t.get(LABEL_HEADER).is_some_and(|v| v.as_bytes() == Label::NoRoute.name().as_bytes()) {
+            e.label = Label::NoRoute;
+        }
         e.trailers = Some(Box::new(t));
         Some(e)
+    }
+
+    /// Whether the failure was in reaching a holder of the agent's tunnel
+    /// (none there, link or tunnel gone, peer unreachable or frozen), not
+    /// the agent's own answer: the routes may soon name another holder, so
+    /// a dial may wait for them to change (an agent moving between proxies).
+    pub fn is_route_failure(&self) -> bool {
+        use Label::*;
+        matches!(
+            self.label,
+            NoRoute
+                | NotHeldHere
+                | Refused
+                | GoAway
+                | ConnectionLost
+                | ShardStopped
+                | TunnelGone
+                | PeerUnreachable
+                | PeerBackoff
+                | Unresponsive
+                | LinkSuspect
+                | Connect
+                | ConnectTimeout
+                | TlsHandshake
+                | NoAlpn
+                | H2Handshake
+                | NotEstablished
+                | PipeBroken
+        )
     }
 
     /// The same error with another retry class.
@@ -235,8 +270,12 @@ impl Error {
         if let Some(t) = &self.trailers {
             return (**t).clone();
         }
-        let mut m = HeaderMap::with_capacity(2);
+        let mut m = HeaderMap::with_capacity(3);
         super::status::write_status(self.code, &self.message, &mut m);
+        // The label tells a proxy upstream why (e.g. `no_route`: this holder
+        // has no tunnel to the agent, so another may), which the code alone
+        // does not: an agent's NOT_FOUND for an unknown service is final.
+        m.insert(LABEL_HEADER, http::HeaderValue::from_static(self.label.name()));
         m
     }
 

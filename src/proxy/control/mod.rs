@@ -58,6 +58,41 @@ pub const READER_MSGS: usize = 16;
 /// The latest snapshot, readable off the hot path (admin endpoint, tests).
 pub type SnapshotCell = Arc<Mutex<Arc<RouteTable>>>;
 
+/// What the drain protocol asks of the control thread (`proxy::drain`).
+pub enum Command {
+    /// Write (true) or clear the draining mark on this proxy's record.
+    Mark(bool),
+    /// Stop writing to the backend for good: a successor with the same id
+    /// owns this proxy's record and routes from now on. Answered once the
+    /// thread has stopped (so nothing this process writes can land after
+    /// the successor's first write).
+    Retire(Sender<()>),
+    /// The handover failed: write again, republishing everything.
+    Resume,
+}
+
+/// A clonable handle to send [`Command`]s.
+#[derive(Clone)]
+pub struct Commands(Sender<Command>);
+
+impl Commands {
+    /// Sets or clears the draining mark.
+    pub fn mark(&self, draining: bool) {
+        let _ = self.0.send(Command::Mark(draining));
+    }
+
+    /// Retires the writer; false when the thread did not confirm in time.
+    pub fn retire(&self, within: Duration) -> bool {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        self.0.send(Command::Retire(tx)).is_ok() && rx.recv_timeout(within).is_ok()
+    }
+
+    /// Undoes [`Commands::retire`].
+    pub fn resume(&self) {
+        let _ = self.0.send(Command::Resume);
+    }
+}
+
 /// The control thread's handle.
 pub struct Control {
     /// Where shards send events.
@@ -66,6 +101,8 @@ pub struct Control {
     pub snapshot: SnapshotCell,
     /// The latest health verdict.
     pub health: HealthCell,
+    /// Drain-protocol commands.
+    pub commands: Commands,
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
@@ -85,6 +122,7 @@ impl Control {
         // (it then reads the backend later, which only delays events).
         let (tx, rx) = crossbeam::channel::bounded(EVENTS);
         let (rtx, rrx) = crossbeam::channel::bounded(READER_MSGS);
+        let (ctx, crx) = crossbeam::channel::bounded(16);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (store, stop, resync) = (store.clone(), stop.clone(), opts.resync);
@@ -98,9 +136,10 @@ impl Control {
         let h = health.clone();
         let join = std::thread::Builder::new().name(name).spawn(move || {
             let mut c = ControlLoop::new(opts, store, publish, cell, h);
-            c.run(rx, rrx);
+            c.run(rx, rrx, crx);
         })?;
-        Ok(Control { events: tx, snapshot, health, stop, join: Some(join), reader: Some(reader) })
+        let commands = Commands(ctx);
+        Ok(Control { events: tx, snapshot, health, commands, stop, join: Some(join), reader: Some(reader) })
     }
 
     /// Stops both threads and waits for them.
@@ -140,6 +179,10 @@ struct ControlLoop {
     /// Bad backend data: reported in one line, again only when the set of
     /// bad keys changes or after [`BAD_DATA_LOG_EVERY`].
     bad_data: BadDataLog,
+    /// A successor owns this proxy's id: nothing more is written.
+    retired: bool,
+    /// Stale routes under this id were cleaned after the arrival window.
+    cleaned: bool,
 }
 
 impl ControlLoop {
@@ -173,6 +216,37 @@ impl ControlLoop {
             pending: Affected { all: true, ..Default::default() },
             table: Arc::default(),
             bad_data: BadDataLog::default(),
+            retired: false,
+            cleaned: false,
+        }
+        .arriving(now)
+    }
+
+    fn arriving(mut self, now: Instant) -> Self {
+        self.view.arrivals_until = Some(now + view::ARRIVAL_WINDOW);
+        self
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Mark(d) => {
+                self.opts.me.draining = d;
+                tracing::info!(proxy = self.opts.me.id, draining = d, "draining mark");
+                let (me, ttl) = (self.opts.me.clone(), self.opts.ttl);
+                self.write("draining mark", |w| w.put_proxy(&me, ttl));
+            }
+            Command::Retire(ack) => {
+                self.retired = true;
+                self.writer = None;
+                tracing::info!(proxy = self.opts.me.id, "a successor took over; no more backend writes");
+                let _ = ack.send(());
+            }
+            Command::Resume => {
+                self.retired = false;
+                self.opts.me.draining = false;
+                self.next_connect = Instant::now();
+                self.maybe_connect();
+            }
         }
     }
 
@@ -235,6 +309,8 @@ impl ControlLoop {
                     v.retain(|(c, _)| *c != conn);
                     if v.is_empty() {
                         self.local.remove(&agent);
+                        // It may be reconnecting (here or elsewhere).
+                        self.view.lost(&agent, Instant::now());
                     }
                 }
                 self.publish_agent(&agent);
@@ -259,7 +335,9 @@ impl ControlLoop {
                         "route backend synced"
                     );
                 }
-                let fresh = ClusterView::from_loaded(&l, now);
+                let mut fresh = ClusterView::from_loaded(&l, now);
+                fresh.moving = std::mem::take(&mut self.view.moving);
+                fresh.arrivals_until = self.view.arrivals_until;
                 if self.reader_up {
                     // Periodic resync: only what differs.
                     let d = self.view.diff(&fresh);
@@ -308,7 +386,7 @@ impl ControlLoop {
 
     /// Connects the writer and republishes the whole local state.
     fn maybe_connect(&mut self) {
-        if self.writer.is_some() || Instant::now() < self.next_connect {
+        if self.retired || self.writer.is_some() || Instant::now() < self.next_connect {
             return;
         }
         match self.store.connect() {
@@ -356,6 +434,19 @@ impl ControlLoop {
             self.write("refresh routes", |w| routes.iter().try_for_each(|(a, r)| w.put_route(a, r, false)));
             self.next_refresh = now + self.opts.resync;
         }
+        if !self.cleaned && self.reader_up && self.view.arrivals_until.is_none() && self.writer.is_some() {
+            // Routes under this id that no tunnel here backs, after the
+            // arrival window: a predecessor's agents that never came (or a
+            // crashed process's). Remove them, or they would last until
+            // their expiry.
+            self.cleaned = true;
+            let me = self.opts.me.id.clone();
+            let stale = self.view.listed_here_without_tunnel(&me, &self.local);
+            if !stale.is_empty() {
+                tracing::info!(proxy = me, agents = stale.len(), "removing routes under this id that no tunnel backs");
+            }
+            self.write("remove stale routes", |w| stale.iter().try_for_each(|a| w.remove_route(a, &me, true)));
+        }
     }
 
     fn publish(&mut self) {
@@ -392,6 +483,9 @@ impl ControlLoop {
     }
 
     fn leave(&mut self) {
+        if self.retired {
+            return;
+        }
         let me = self.opts.me.id.clone();
         let agents: Vec<String> = self.local.keys().cloned().collect();
         self.write("leave", |w| {
@@ -402,7 +496,7 @@ impl ControlLoop {
         });
     }
 
-    fn run(&mut self, events: Receiver<TunnelEvent>, reader: Receiver<FromReader>) {
+    fn run(&mut self, events: Receiver<TunnelEvent>, reader: Receiver<FromReader>, commands: Receiver<Command>) {
         self.maybe_connect();
         self.publish();
         let tick = crossbeam::channel::tick(Duration::from_millis(100));
@@ -414,6 +508,9 @@ impl ControlLoop {
                 },
                 recv(reader) -> msg => if let Ok(m) = msg {
                     self.on_reader(m);
+                },
+                recv(commands) -> c => if let Ok(c) = c {
+                    self.on_command(c);
                 },
                 recv(tick) -> _ => {
                     self.tick();

@@ -5,6 +5,12 @@
 //! events after their cursor overlap); a proxy's routes count only while its
 //! record is valid; while the backend is unreachable nothing expires, so
 //! proxies keep serving every route they knew.
+//! - An agent is *moving* (its entry stays, empty, so dials wait for it
+//!   instead of answering NOT_FOUND) for [`MOVE_GRACE`] after its last
+//!   route went away, and while the backend lists this very proxy id as a
+//!   holder with no tunnel here, for [`ARRIVAL_WINDOW`] after the process
+//!   started: a predecessor (restart or upgrade in place) wrote that route
+//!   and the agent is reconnecting to this process.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,6 +19,13 @@ use std::time::{Duration, Instant};
 use crate::route::model::{AgentRoute, Event, ProxyInfo, Strategy};
 use crate::route::store::Loaded;
 use crate::route::{AgentRoutes, LocalRoute, RemoteRoute, RouteTable};
+
+/// How long an agent whose last route went away counts as moving.
+pub const MOVE_GRACE: Duration = Duration::from_secs(3);
+
+/// How long after start a route under this proxy's own id with no tunnel
+/// here counts as a tunnel on its way (then it is stale and removed).
+pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(30);
 
 /// This proxy's own tunnels: agent → (connection id, route), newest first.
 pub type LocalTunnels = HashMap<String, Vec<(u64, LocalRoute)>>;
@@ -29,6 +42,10 @@ pub struct ClusterView {
     /// Proxy → agents it holds routes for (to find what a proxy's arrival
     /// or departure affects).
     by_proxy: HashMap<String, HashSet<String>>,
+    /// Agents that lost their last route, until when they count as moving.
+    pub moving: HashMap<String, Instant>,
+    /// Until when routes under this proxy's own id count as arriving.
+    pub arrivals_until: Option<Instant>,
 }
 
 /// Which agents' routes an update may have changed.
@@ -125,6 +142,7 @@ impl ClusterView {
                     m.remove(&proxy);
                     if m.is_empty() {
                         self.agents.remove(&agent);
+                        self.lost(&agent, now);
                     }
                 }
                 if let Some(s) = self.by_proxy.get_mut(&proxy) {
@@ -145,7 +163,11 @@ impl ClusterView {
             }
             Event::ProxyDown { proxy } => {
                 self.proxies.remove(&proxy);
-                Affected { agents: self.agents_of(&proxy), cluster: true, all: false }
+                let agents = self.agents_of(&proxy);
+                for a in &agents {
+                    self.lost(a, now);
+                }
+                Affected { agents, cluster: true, all: false }
             }
             Event::Strategy(s) => {
                 self.strategy = Some(s);
@@ -161,17 +183,50 @@ impl ClusterView {
         let mut a = Affected::default();
         for p in gone {
             self.proxies.remove(&p);
-            a.merge(Affected { agents: self.agents_of(&p), cluster: true, all: false });
+            let agents = self.agents_of(&p);
+            for ag in &agents {
+                self.lost(ag, now);
+            }
+            a.merge(Affected { agents, cluster: true, all: false });
+        }
+        let lapsed: Vec<String> = self.moving.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
+        for ag in lapsed {
+            self.moving.remove(&ag);
+            a.agents.insert(ag);
+        }
+        if self.arrivals_until.is_some_and(|t| t <= now) {
+            self.arrivals_until = None;
+            a.all = true;
         }
         a
+    }
+
+    /// Marks `agent` as moving for [`MOVE_GRACE`] (its last route, here or
+    /// elsewhere, just went away; it may be reconnecting).
+    pub fn lost(&mut self, agent: &str, now: Instant) {
+        self.moving.insert(agent.to_string(), now + MOVE_GRACE);
+    }
+
+    /// Agents the backend lists under `me` (a predecessor's routes, or
+    /// stale ones) that have no tunnel in `local`.
+    pub fn listed_here_without_tunnel(&self, me: &str, local: &LocalTunnels) -> Vec<String> {
+        self.by_proxy
+            .get(me)
+            .into_iter()
+            .flatten()
+            .filter(|a| !local.contains_key(*a) && self.agents.get(*a).is_some_and(|m| m.contains_key(me)))
+            .cloned()
+            .collect()
     }
 
     /// The routes to one agent as the shards should see them.
     pub fn routes_for(&self, agent: &str, me: &str, local: &LocalTunnels) -> Option<AgentRoutes> {
         let mut out = AgentRoutes::default();
+        let mut listed_here = false;
         if let Some(by_proxy) = self.agents.get(agent) {
             for (proxy, r) in by_proxy {
                 if proxy == me {
+                    listed_here = true;
                     continue;
                 }
                 let Some((info, _)) = self.proxies.get(proxy) else { continue };
@@ -180,13 +235,19 @@ impl ClusterView {
                     shard: r.shard,
                     peer_addr: info.peer_addrs.get(r.shard as usize).map(|a| Arc::from(a.as_str())),
                     services: r.services.clone().into(),
+                    draining: info.draining,
                 });
             }
         }
         if let Some(t) = local.get(agent) {
             out.local = t.iter().map(|(_, r)| r.clone()).collect();
         }
-        (!out.local.is_empty() || !out.remote.is_empty()).then_some(out)
+        if out.local.is_empty() && out.remote.is_empty() {
+            // The snapshot is rebuilt when either mark lapses (`expire`),
+            // so the mark's presence is enough here.
+            out.moving = self.moving.contains_key(agent) || (listed_here && self.arrivals_until.is_some());
+        }
+        (!out.local.is_empty() || !out.remote.is_empty() || out.moving).then_some(out)
     }
 
     /// Derives the next snapshot from `prev`, recomputing only `changed`.
@@ -200,7 +261,9 @@ impl ClusterView {
         backend_up: bool,
     ) -> RouteTable {
         if changed.all {
-            return self.build(me, local, version, backend_up);
+            let mut t = self.build(me, local, version, backend_up);
+            t.loaded |= prev.loaded;
+            return t;
         }
         let mut agents = prev.agents.clone();
         for a in &changed.agents {
@@ -219,6 +282,7 @@ impl ClusterView {
             proxies: if changed.cluster { self.proxy_map() } else { prev.proxies.clone() },
             strategy: self.strategy.unwrap_or_default(),
             backend_up,
+            loaded: prev.loaded || backend_up,
         }
     }
 
@@ -228,7 +292,7 @@ impl ClusterView {
 
     /// Builds the whole snapshot (start, full resync).
     pub fn build(&self, me: &str, local: &LocalTunnels, version: u64, backend_up: bool) -> RouteTable {
-        let names = self.agents.keys().chain(local.keys());
+        let names = self.agents.keys().chain(local.keys()).chain(self.moving.keys());
         let agents: imbl::HashMap<String, AgentRoutes> =
             names.filter_map(|a| self.routes_for(a, me, local).map(|r| (a.clone(), r))).collect();
         RouteTable {
@@ -237,6 +301,7 @@ impl ClusterView {
             proxies: self.proxy_map(),
             strategy: self.strategy.unwrap_or_default(),
             backend_up,
+            loaded: backend_up,
         }
     }
 }
@@ -256,6 +321,8 @@ mod tests {
             tunnel_addr: String::new(),
             client_addr: String::new(),
             version: 1,
+            draining: false,
+            build: String::new(),
         }
     }
 
@@ -284,18 +351,24 @@ mod tests {
             assert_eq!(table.proxies, full.proxies);
             assert_eq!(table.strategy, full.strategy);
         }
-        assert!(table.get("a3").is_some() && table.get("a2").is_none(), "c left, so a2 is unreachable");
-        // Expiry of b removes its agents.
-        let gone = v.expire(now + Duration::from_secs(11));
+        assert!(table.get("a3").is_some_and(|r| !r.moving), "b holds a3");
+        assert!(table.get("a2").is_some_and(|r| r.moving && r.remote.is_empty()), "c left: a2 is moving");
+        // Expiry of b leaves its agents moving, then (MOVE_GRACE later) gone.
+        let later = now + Duration::from_secs(11);
+        let gone = v.expire(later);
         table = v.update(&table, &gone, "me", &local, 99, true);
+        assert!(table.agents.values().all(|r| r.moving && r.remote.is_empty()), "{:?}", table.agents);
+        let gone = v.expire(later + MOVE_GRACE);
+        table = v.update(&table, &gone, "me", &local, 100, true);
         assert!(table.is_empty());
+        assert_eq!(table.agents, v.build("me", &local, 100, true).agents);
         // A resync that finds the same state changes nothing.
         assert!(v
             .diff(&ClusterView {
                 proxies: v.proxies.clone(),
                 agents: v.agents.clone(),
                 strategy: v.strategy,
-                by_proxy: Default::default()
+                ..Default::default()
             })
             .is_empty());
     }

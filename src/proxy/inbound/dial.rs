@@ -23,6 +23,7 @@
 //! and code; a failure after establishment cancels the upstream hop.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::future::or;
@@ -91,26 +92,35 @@ pub async fn handle(
     if let Err(e) = authorize(caller, &target) {
         return fail(&shard, respond, &e);
     }
-    let mut plan = resolve(&shard, &target.agent, edge);
-    if plan.is_empty() {
+    let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
+    if plan.is_empty() && moving.is_none() {
         // Before answering NOT_FOUND, take in what is already queued for
         // this shard (a sibling's tunnel notice, a newer table).
         shard.catch_up().await;
-        plan = resolve(&shard, &target.agent, edge);
+        (plan, moving) = resolve(&shard, &target.agent, edge);
     }
-    if plan.is_empty() {
+    if plan.is_empty() && moving.is_none() {
         return fail(&shard, respond, &no_route(&target.agent, edge));
     }
     // Answer the headers now: a peer proxy's failover bounds the time to
     // this answer, so a live proxy must give it before the (possibly slow)
-    // upstream connects. Failures from here on end with trailers.
+    // upstream connects, or before a moving agent's tunnel arrives.
+    // Failures from here on end with trailers.
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
     let Ok(mut down) = answer_ok(&mut respond, far) else { return };
     let first = encode_msg(&target.to_frame());
     // A caller that resets while the upstream is being opened cancels the
     // opening: dropping it resets the upstream stream in turn, so the agent
     // stops before (or right after) it connects the target.
-    let open = outbound::open(&shard, &plan, &target.agent, first, shard.shared.dial_timeout);
+    let agent = target.agent.as_str();
+    let open = outbound::open_replanning(
+        &shard,
+        agent,
+        first,
+        shard.shared.dial_timeout,
+        |s| resolve(s, agent, edge),
+        || no_route(agent, edge),
+    );
     let opened = or(open, async {
         let r = down.reset_by_peer().await;
         Err(Error::cancelled(format!("the caller reset the dial ({r:?}) before it was established")))
@@ -161,17 +171,26 @@ fn authorize(_caller: &SpiffeId, _target: &DialTarget) -> Result<(), Error> {
     Ok(())
 }
 
-/// Step 3: the upstreams to try, in order.
-fn resolve(shard: &Shard, agent: &str, edge: Edge) -> Vec<outbound::Upstream> {
+/// Step 3: the upstreams to try, in order, and how long the dial may wait
+/// for a tunnel when there is none: up to its deadline for an agent that is
+/// moving (no tunnel now, one expected), a short while when the routes were
+/// never loaded yet (a process that just started), else not at all.
+fn resolve(shard: &Shard, agent: &str, edge: Edge) -> (Vec<outbound::Upstream>, Option<Duration>) {
     let routes = shard.routes();
     let r = routes.get(agent);
+    let moving = match r {
+        Some(r) if r.moving => Some(Duration::MAX),
+        None if !routes.loaded => Some(outbound::REPLAN_WAIT),
+        _ => None,
+    };
     // Siblings' own notices first (exact and immediate), then the table's.
     let noticed = shard.sibling_tunnels(agent);
     let siblings = noticed.into_iter().chain(r.iter().flat_map(|r| r.local.iter().map(|l| l.shard)));
     let remote = r.map(|r| &r.remote[..]).unwrap_or_default();
-    outbound::plan(shard.index, shard.local_tunnel(agent), siblings, remote, edge == Edge::Client, |a| {
+    let plan = outbound::plan(shard.index, shard.local_tunnel(agent), siblings, remote, edge == Edge::Client, |a| {
         (shard.peers.has_ready(a), shard.peers.load(a))
-    })
+    });
+    (plan, moving)
 }
 
 fn no_route(agent: &str, edge: Edge) -> Error {

@@ -29,14 +29,14 @@ use crate::transport::h2conf::{serve, ActiveStreams};
 use crate::wire::error::{Label, Side};
 
 /// Accepts connections on `l` until the shard stops, running `f` for each.
-pub async fn accept_each<F, Fut>(shard: &Rc<Shard>, l: TcpListener, what: &'static str, f: F)
+pub async fn accept_each<F, Fut>(shard: &Rc<Shard>, l: TcpListener, what: &'static str, stop: &Signal, f: F)
 where
     F: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + 'static,
 {
     loop {
         let r = or(async { Some(l.accept().await) }, async {
-            shard.stopping.wait().await;
+            stop.wait().await;
             None
         })
         .await;
@@ -72,12 +72,14 @@ pub enum Edge {
 
 /// The client edge accept loop of one shard.
 pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
-    accept_each(&shard.clone(), l, "client", |tcp| serve_edge(shard.clone(), tcp, Edge::Client)).await
+    let stop = shard.stopping.clone();
+    accept_each(&shard.clone(), l, "client", &stop, |tcp| serve_edge(shard.clone(), tcp, Edge::Client)).await
 }
 
 /// The peer accept loop of one shard.
 pub async fn peer_accept_loop(shard: Rc<Shard>, l: TcpListener) {
-    accept_each(&shard.clone(), l, "peer", |tcp| serve_edge(shard.clone(), tcp, Edge::Peer)).await
+    let stop = shard.peer_stopping.clone();
+    accept_each(&shard.clone(), l, "peer", &stop, |tcp| serve_edge(shard.clone(), tcp, Edge::Peer)).await
 }
 
 async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
@@ -133,6 +135,8 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         })
         .detach();
         &drain_now
+    } else if edge == Edge::Peer {
+        &shard.peer_stopping
     } else {
         &shard.stopping
     };

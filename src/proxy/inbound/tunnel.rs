@@ -17,6 +17,7 @@ use h2::client::SendRequest;
 use http::header::{CONTENT_TYPE, TE};
 use http::{HeaderValue, Request};
 
+use crate::proxy::drain::Phase;
 use crate::proxy::shard::{Shard, TunnelRef};
 use crate::relay::grpc::{GrpcRecv, GrpcSend, Msgs};
 use crate::route::model::Strategy;
@@ -29,14 +30,15 @@ use crate::transport::keepalive::LinkHealth;
 use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
 use crate::wire::error::{Error, Label, Side};
 use crate::wire::paths;
-use crate::wire::pb::v1::{agent_message, control_message, AgentMessage, ControlMessage, ProxyEntry, ProxySet};
+use crate::wire::pb::v1::{agent_message, control_message, AgentMessage, ControlMessage, Drain, ProxyEntry, ProxySet};
 
 /// Most services an agent may announce.
 pub const MAX_SERVICES: usize = 1024;
 
 /// The tunnel accept loop of one shard.
 pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
-    super::accept_each(&shard.clone(), l, "tunnel", |tcp| serve_tunnel(shard.clone(), tcp)).await
+    let stop = shard.stopping.clone();
+    super::accept_each(&shard.clone(), l, "tunnel", &stop, |tcp| serve_tunnel(shard.clone(), tcp)).await
 }
 
 async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
@@ -91,8 +93,21 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         shard.closing.wait().await;
         "proxy_stopping"
     };
+    let pushes = async {
+        or(push_membership(&shard, &mut ctrl_tx, sent), shard.stopping.wait()).await;
+        // Draining: tell the agent to open its replacement tunnel now; this
+        // one serves its open streams until the agent drains it.
+        if let Some(phase @ (Phase::Successor | Phase::Leaving)) = shard.drain_mode.get() {
+            let successor = phase == Phase::Successor;
+            let m = ControlMessage { message: Some(control_message::Message::Drain(Drain { successor })) };
+            if ctrl_tx.send(encode_msg(&m)).await.is_ok() {
+                tracing::info!(agent, successor, "told the agent to move its tunnel");
+            }
+        }
+        std::future::pending::<()>().await
+    };
     let control_ended = async {
-        or(watch_control(ctrl_rx), push_membership(&shard, &mut ctrl_tx, sent)).await;
+        or(watch_control(ctrl_rx), pushes).await;
         "control_stream_closed"
     };
     let why = or(or(&mut driver, control_ended), closing()).await;
@@ -106,23 +121,33 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     tracing::info!(agent, shard = shard.index, why, "agent tunnel down");
 }
 
-/// What agents are told: the live proxies (id, tunnel address) and the
-/// cluster's strategy.
-fn membership(shard: &Shard, t: &RouteTable) -> (Vec<(String, String)>, Strategy) {
-    let mut proxies: Vec<(String, String)> =
-        t.proxies.values().map(|p| (p.id.clone(), p.tunnel_addr.clone())).collect();
-    if !proxies.iter().any(|(id, _)| *id == shard.shared.id) {
-        proxies.push((shard.shared.id.clone(), shard.shared.tunnel_addr.clone()));
+/// What agents are told: the live proxies (id, tunnel address, draining)
+/// and the cluster's strategy.
+type Membership = (Vec<(String, String, bool)>, Strategy);
+
+fn membership(shard: &Shard, t: &RouteTable) -> Membership {
+    let mut proxies: Vec<(String, String, bool)> =
+        t.proxies.values().map(|p| (p.id.clone(), p.tunnel_addr.clone(), p.draining)).collect();
+    if !proxies.iter().any(|(id, _, _)| *id == shard.shared.id) {
+        proxies.push((shard.shared.id.clone(), shard.shared.tunnel_addr.clone(), false));
     }
     proxies.sort();
     (proxies, t.strategy)
 }
 
-fn control_frames(shard: &Shard, m: &(Vec<(String, String)>, Strategy)) -> Bytes {
+fn control_frames(shard: &Shard, m: &Membership) -> Bytes {
     let set = ControlMessage {
         message: Some(control_message::Message::ProxySet(ProxySet {
             self_: shard.shared.id.clone(),
-            proxies: m.0.iter().map(|(id, addr)| ProxyEntry { id: id.clone(), tunnel_addr: addr.clone() }).collect(),
+            proxies: m
+                .0
+                .iter()
+                .map(|(id, addr, draining)| ProxyEntry {
+                    id: id.clone(),
+                    tunnel_addr: addr.clone(),
+                    draining: *draining,
+                })
+                .collect(),
         })),
     };
     let strategy = ControlMessage { message: Some(control_message::Message::Strategy(m.1.to_pb())) };
@@ -132,7 +157,7 @@ fn control_frames(shard: &Shard, m: &(Vec<(String, String)>, Strategy)) -> Bytes
 }
 
 /// Tells the agent whenever the proxy set or the strategy changes.
-async fn push_membership(shard: &Shard, tx: &mut GrpcSend, mut sent: (Vec<(String, String)>, Strategy)) {
+async fn push_membership(shard: &Shard, tx: &mut GrpcSend, mut sent: Membership) {
     // Version 0: compare with the current snapshot first, in case it
     // changed since the first frames went out.
     let mut version = 0;
@@ -156,7 +181,7 @@ type ControlRecv = GrpcRecv<Msgs<AgentMessage>>;
 async fn open_control(
     send: &mut SendRequest<Bytes>,
     shard: &Shard,
-    first: &(Vec<(String, String)>, Strategy),
+    first: &Membership,
 ) -> Result<(Arc<[String]>, ControlRecv, GrpcSend), Error> {
     let closed = |e: h2::Error| Error::from_h2(Side::Agent, false, &e);
     poll_fn(|cx| send.poll_ready(cx)).await.map_err(closed)?;

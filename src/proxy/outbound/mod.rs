@@ -31,6 +31,16 @@ use crate::wire::paths;
 /// new link that had not yet learned the peer's stream limit).
 pub const MAX_REFUSED_RETRIES: u32 = 8;
 
+/// How long a dial whose every upstream failed to reach a holder waits for
+/// the routes to change before it gives up: an agent moving between
+/// proxies (a drain, a restart in place) shows up at its new holder within
+/// this. A dial for an agent marked *moving* waits up to its deadline.
+pub const REPLAN_WAIT: Duration = Duration::from_secs(3);
+
+/// A pause after a route change before planning again, so a burst of
+/// unrelated changes does not make a failing dial spin.
+const REPLAN_COALESCE: Duration = Duration::from_millis(10);
+
 /// One place a dial can be sent.
 #[derive(Clone)]
 pub enum Upstream {
@@ -128,7 +138,8 @@ impl Sink for UpSend {
 
 /// The upstreams for `agent`, in the order to try them: this shard's own
 /// tunnel, then a sibling shard's, then (when `peers` is allowed) the other
-/// proxies that hold one, live links first and then the least loaded.
+/// proxies that hold one: draining ones last, live links first, then the
+/// least loaded.
 /// `link` tells, for a peer address, whether a live link exists and how
 /// many streams it carries. A local tunnel whose keepalive ping is overdue
 /// (suspect) goes last: the agent or the path to it may be frozen, and a
@@ -153,6 +164,7 @@ pub fn plan(
         out.push(Upstream::Sibling(k));
     }
     if peers {
+        // Draining holders after the others, then dead links, then load.
         let mut r: Vec<(bool, usize, &RemoteRoute)> = remote
             .iter()
             .filter_map(|r| {
@@ -160,7 +172,7 @@ pub fn plan(
                 Some((!live, load, r))
             })
             .collect();
-        r.sort_by_key(|(dead, load, _)| (*dead, *load));
+        r.sort_by_key(|(dead, load, r)| (r.draining, *dead, *load));
         out.extend(r.into_iter().filter_map(|(_, _, r)| {
             Some(Upstream::Peer { proxy: Rc::from(&*r.proxy), addr: Rc::from(r.peer_addr.as_deref()?) })
         }));
@@ -281,6 +293,51 @@ pub async fn open(
         }
     }
     Err(last.unwrap_or_else(|| Error::deadline(Side::Proxy, "the dial deadline passed before any upstream answered")))
+}
+
+/// [`open`], planning again when every upstream failed to reach a holder
+/// (or there was none yet) and the routes change within [`REPLAN_WAIT`]
+/// (or what `resolve` allows: up to the deadline for a moving agent).
+/// `resolve` gives the plan and how long the dial may wait for a tunnel
+/// when there is none (`None`: it may not); `no_route` the error then.
+pub async fn open_replanning(
+    shard: &Rc<Shard>,
+    agent: &str,
+    first: Bytes,
+    deadline: Duration,
+    resolve: impl Fn(&Shard) -> (Vec<Upstream>, Option<Duration>),
+    no_route: impl Fn() -> Error,
+) -> Result<Opened, Error> {
+    let end = Instant::now() + deadline;
+    let mut last: Option<Error> = None;
+    loop {
+        let marks = shard.marks();
+        let (plan, moving) = resolve(shard);
+        if !plan.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            match open(shard, &plan, agent, first.clone(), left).await {
+                Ok(o) => return Ok(o),
+                Err(e) if !e.is_route_failure() => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        } else if moving.is_none() {
+            return Err(last.unwrap_or_else(no_route));
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let wait = moving.unwrap_or(REPLAN_WAIT).min(left);
+        if crate::runtime::timeout(wait, shard.changed_since(marks)).await.is_err() {
+            break;
+        }
+        tracing::debug!(agent, ?moving, "routes changed; planning the dial again");
+        glommio::timer::sleep(REPLAN_COALESCE).await;
+    }
+    Err(last.unwrap_or_else(|| {
+        let m = format!("agent {agent:?} is moving between proxies and no tunnel to it came up before the deadline");
+        Error::deadline(Side::Proxy, m).with_retry(Retry::Safe)
+    }))
 }
 
 #[cfg(test)]
