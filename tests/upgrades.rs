@@ -13,24 +13,24 @@
 //! Every proxy config sets `upgrade_socket` in the test's temp dir: tests run
 //! in parallel and reuse proxy ids, and the default path is per id.
 //!
-//! The clients are the library's (`ringpeer::client::Client`). A dial whose
-//! connection the proxy sent GOAWAY to (the connection can no longer open
-//! streams) is retried once on a fresh connection, which is what the client
-//! library and `ringpeer forward` do; any other failure, and a failed retry,
-//! counts as a failed dial.
+//! The clients are the library's (`ringpeer::client::Dialer`, one per entry
+//! proxy): when a proxy sends GOAWAY, a dial it refused unprocessed is sent
+//! once more on a new connection, which is what `ringpeer forward` does too.
+//! Every failure the dialer returns counts as a failed dial.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::procs::{agent, metric, proxy_config_file, routes_of, sigterm, start_proxy_bin, wait_exit, Proc};
 use common::redis_server::Redis;
-use ringpeer::client::Client;
+use ringpeer::client::{DialIo, Dialer};
 use ringpeer::tools::fleet::CertDir;
 use ringpeer::tools::target::{self as targets, Kind, Target};
 use ringpeer::transport::h2conf::H2Tuning;
@@ -54,59 +54,41 @@ fn echo_of(agent: &str) -> DialTarget {
 
 // ---------------------------------------------------------------- clients
 
-/// A client's connection to one entry proxy, opened again when the proxy
-/// has sent GOAWAY on it.
+/// A client of one entry proxy: the library's [`Dialer`], which keeps one
+/// connection, replaces it when the proxy sent GOAWAY, and sends a dial the
+/// proxy refused unprocessed (GOAWAY) once more on the new connection.
 struct Entry {
     addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    client: Option<Client>,
-    /// Connections opened after the first.
-    reconnects: u32,
+    dialer: Dialer,
 }
 
 impl Entry {
     fn new(addr: SocketAddr, dir: &Path) -> Entry {
-        Entry { addr, tls: ringpeer::client::client_tls(dir, "client").unwrap(), client: None, reconnects: 0 }
+        let tls = ringpeer::client::client_tls(dir, "client").unwrap();
+        Entry { addr, dialer: Dialer::new(&addr.to_string(), tls, H2Tuning::default()) }
     }
 
-    async fn client(&mut self) -> Result<Client, String> {
-        if let Some(c) = self.client.as_ref().filter(|c| c.is_alive()) {
-            return Ok(c.clone());
-        }
-        if self.client.is_some() {
-            self.reconnects += 1;
-        }
-        let c = Client::connect(&self.addr.to_string(), &self.tls, &H2Tuning::default())
-            .await
-            .map_err(|e| format!("connect to {}: {e}", self.addr))?;
-        self.client = Some(c.clone());
-        Ok(c)
-    }
-
-    /// One dial: open, write `payload`, read its echo, close. Returns
-    /// whether it needed the one retry on a fresh connection.
-    async fn dial(&mut self, target: &DialTarget, payload: &[u8]) -> Result<bool, String> {
-        let c = self.client().await?;
-        match echo_once(&c, target, payload).await {
-            Ok(()) => Ok(false),
-            // The connection went away under the dial (GOAWAY): the client
-            // library's retry, once, on a new connection.
-            Err(e) if !c.is_alive() => {
-                let c = self.client().await.map_err(|e2| format!("{e}; reconnect: {e2}"))?;
-                echo_once(&c, target, payload).await.map(|()| true).map_err(|e2| format!("{e}; retried: {e2}"))
+    /// One dial: open, write `payload`, read its echo, close; within 12 s
+    /// (the dial deadline is 10 s).
+    async fn dial(&self, target: &DialTarget, payload: &[u8]) -> Result<(), String> {
+        let dial = async {
+            let mut d = DialIo::from(self.dialer.dial(target, Duration::from_secs(10)).await?);
+            d.write(payload).await?;
+            let mut back = Vec::with_capacity(payload.len());
+            d.read_exact(&mut back, payload.len()).await?;
+            d.close_write()?;
+            while let Some(b) = d.read().await? {
+                back.extend_from_slice(&b);
             }
-            Err(e) => Err(e),
+            Ok::<_, ringpeer::wire::error::Error>((back, d.status().await))
+        };
+        match ringpeer::runtime::timeout(Duration::from_secs(12), dial).await {
+            Ok(Ok((_, s))) if !s.is_ok() => Err(format!("status {s}")),
+            Ok(Ok((b, _))) if b == payload => Ok(()),
+            Ok(Ok((b, _))) => Err(format!("the echo returned {} bytes, not the {} sent", b.len(), payload.len())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 12 s".into()),
         }
-    }
-}
-
-async fn echo_once(c: &Client, target: &DialTarget, payload: &[u8]) -> Result<(), String> {
-    let dial = ringpeer::tools::load::echo_roundtrip(c, target, payload);
-    match ringpeer::runtime::timeout(Duration::from_secs(12), dial).await {
-        Ok(Ok(b)) if b == payload => Ok(()),
-        Ok(Ok(b)) => Err(format!("the echo returned {} bytes, not the {} sent", b.len(), payload.len())),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 12 s".into()),
     }
 }
 
@@ -116,8 +98,6 @@ struct Dials {
     made: usize,
     /// (time since the dialer started, entry, target, error).
     failed: Vec<(Duration, SocketAddr, String, String)>,
-    retried: usize,
-    reconnects: u32,
     slowest: Duration,
     /// (time since the dialer started, target) of each successful dial's end.
     oks: Vec<(Duration, String)>,
@@ -131,14 +111,7 @@ impl Dials {
     }
 
     fn report(&self, what: &str) {
-        eprintln!(
-            "{what}: {} dials, {} failed, {} retried once on a new connection after GOAWAY, {} reconnects, slowest {:?}",
-            self.made,
-            self.failed.len(),
-            self.retried,
-            self.reconnects,
-            self.slowest
-        );
+        eprintln!("{what}: {} dials, {} failed, slowest {:?}", self.made, self.failed.len(), self.slowest);
         for f in self.failed.iter().take(10) {
             eprintln!("  failed at {:?} via {} to {}: {}", f.0, f.1, f.2, f.3);
         }
@@ -160,7 +133,7 @@ fn spawn_dialer(
     let dir = dir.to_path_buf();
     std::thread::spawn(move || {
         ringpeer::runtime::block_on("dialer", move || async move {
-            let mut entries: Vec<Entry> = entries.iter().map(|a| Entry::new(*a, &dir)).collect();
+            let entries: Vec<Entry> = entries.iter().map(|a| Entry::new(*a, &dir)).collect();
             let targets: Vec<DialTarget> = agents.iter().map(|a| echo_of(a)).collect();
             let mut out = Dials::default();
             let t0 = Instant::now();
@@ -170,7 +143,7 @@ fn spawn_dialer(
                 let next = t0 + every * (round as u32 + 1);
                 round += 1;
                 let failed_before = out.failed.len();
-                for e in entries.iter_mut() {
+                for e in &entries {
                     for t in &targets {
                         let payload = common::random_bytes(512);
                         let at = t0.elapsed();
@@ -178,10 +151,7 @@ fn spawn_dialer(
                         out.made += 1;
                         out.slowest = out.slowest.max(t0.elapsed() - at);
                         match r {
-                            Ok(retried) => {
-                                out.retried += retried as usize;
-                                out.oks.push((t0.elapsed(), t.to_string()));
-                            }
+                            Ok(()) => out.oks.push((t0.elapsed(), t.to_string())),
                             Err(err) => out.failed.push((at, e.addr, t.to_string(), err)),
                         }
                     }
@@ -197,7 +167,6 @@ fn spawn_dialer(
                     glommio::timer::sleep(next - now).await;
                 }
             }
-            out.reconnects = entries.iter().map(|e| e.reconnects).sum();
             out
         })
         .unwrap()
@@ -220,11 +189,11 @@ struct StreamOut {
     end: String,
 }
 
-/// One stream to `agent`'s echo service through `c`: a chunk of `chunk`
+/// One stream to `agent`'s echo service through `e`: a chunk of `chunk`
 /// random bytes every `every` until `stop`, then a half-close; reads the
 /// echo to its end. `live` counts streams whose first chunk came back.
 async fn long_stream(
-    c: Client,
+    e: Rc<Entry>,
     entry: SocketAddr,
     agent: String,
     chunk: usize,
@@ -233,7 +202,7 @@ async fn long_stream(
     live: Arc<AtomicUsize>,
 ) -> StreamOut {
     let mut out = StreamOut { entry, agent, sent: 0, echoed: 0, intact: false, ok: false, end: String::new() };
-    let o = match c.dial(&echo_of(&out.agent), Duration::from_secs(10)).await {
+    let o = match e.dialer.dial(&echo_of(&out.agent), Duration::from_secs(10)).await {
         Ok(o) => o,
         Err(e) => {
             out.end = format!("dial: {e}");
@@ -304,16 +273,15 @@ fn spawn_streams(
     let dir = dir.to_path_buf();
     std::thread::spawn(move || {
         ringpeer::runtime::block_on("streams", move || async move {
-            let mut conns: Vec<Entry> = Vec::new();
+            let mut conns: Vec<Rc<Entry>> = Vec::new();
             let mut tasks = Vec::new();
             for (entry, agent) in plan {
                 if !conns.iter().any(|e| e.addr == entry) {
-                    conns.push(Entry::new(entry, &dir));
+                    conns.push(Rc::new(Entry::new(entry, &dir)));
                 }
-                let e = conns.iter_mut().find(|e| e.addr == entry).unwrap();
-                let c = e.client().await.expect("the streams' client connects");
+                let e = conns.iter().find(|e| e.addr == entry).unwrap().clone();
                 let (stop, live) = (stop.clone(), live.clone());
-                tasks.push(glommio::spawn_local(long_stream(c, entry, agent, chunk, every, stop, live)));
+                tasks.push(glommio::spawn_local(long_stream(e, entry, agent, chunk, every, stop, live)));
             }
             let mut outs = Vec::new();
             for t in tasks {
@@ -766,18 +734,18 @@ fn kill_9_stays_the_fallback() {
     stop.store(true, Ordering::Relaxed);
     let dials = dialer.join().unwrap();
     dials.report("dials entering at b and c across the kill -9 of a");
-    let through_a = common::with_client(client, dir, "client", {
-        let ids = ids.clone();
-        move |c| async move {
-            let mut failed = Vec::new();
-            for a in &ids {
-                if let Err(e) = echo_once(&c, &echo_of(a), b"ping").await {
-                    failed.push(format!("{a}: {e}"));
-                }
+    let (ids2, dir2) = (ids.clone(), dir.clone());
+    let through_a = ringpeer::runtime::block_on("through-a", move || async move {
+        let e = Entry::new(client, &dir2);
+        let mut failed = Vec::new();
+        for a in &ids2 {
+            if let Err(err) = e.dial(&echo_of(a), b"ping").await {
+                failed.push(format!("{a}: {err}"));
             }
-            failed
         }
-    });
+        failed
+    })
+    .unwrap();
     assert!(through_a.is_empty(), "dials entering at the restarted a: {through_a:?}");
     for a in &on_a {
         let gap = dials.longest_gap(&echo_of(a).to_string());
