@@ -316,7 +316,8 @@ fn assert_streams_intact(outs: &[StreamOut], min_bytes: u64) {
 
 /// The successor of a proxy restarted in place holds `n` tunnels: the admin
 /// address (which it took over) answers not draining, with `n` tunnels.
-fn wait_successor_holds(admin: SocketAddr, n: i64, what: &str) -> Duration {
+/// `state` describes the fleet if it does not.
+fn wait_successor_holds(admin: SocketAddr, n: i64, what: &str, state: impl Fn() -> String) -> Duration {
     let t0 = Instant::now();
     loop {
         if metric(admin, "ringpeer_draining") == Some(0) && metric(admin, "ringpeer_tunnels") == Some(n) {
@@ -324,9 +325,10 @@ fn wait_successor_holds(admin: SocketAddr, n: i64, what: &str) -> Duration {
         }
         assert!(
             t0.elapsed() < MOVE_BOUND,
-            "{what}: the successor does not hold {n} tunnels within {MOVE_BOUND:?} (draining {:?}, tunnels {:?})",
+            "{what}: the successor does not hold {n} tunnels within {MOVE_BOUND:?} (draining {:?}, tunnels {:?}); {}",
             metric(admin, "ringpeer_draining"),
-            metric(admin, "ringpeer_tunnels")
+            metric(admin, "ringpeer_tunnels"),
+            state()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -455,7 +457,7 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     let restarted = Instant::now();
     eprintln!("successor started in {started:?}");
     assert_eq!((client2, tunnel2), (client, tunnel), "the successor took over the listening sockets");
-    let moved = wait_successor_holds(admin, 1, "restart in place");
+    let moved = wait_successor_holds(admin, 1, "restart in place", String::new);
     eprintln!("the agent's tunnel is on the successor {moved:?} after its start");
 
     let dials = dialer.join().unwrap();
@@ -512,6 +514,25 @@ fn holders(fleet: &Fleet3, agent: &str, except: Option<&str>) -> Vec<&'static st
         .filter(|f| Some(f.0) != except && routes_of(f.2, agent).contains(&"local".to_string()))
         .map(|f| f.0)
         .collect()
+}
+
+/// Each proxy's tunnels, and each agent's holders, as the admin endpoints
+/// (id, admin) report them.
+fn state(admins: &[(&str, SocketAddr)], ids: &[String]) -> String {
+    let mut out = String::new();
+    for (id, admin) in admins {
+        let r = common::procs::routes_json(*admin);
+        out += &format!(
+            "{id}: tunnels {:?}, draining {:?}; ",
+            metric(*admin, "ringpeer_tunnels"),
+            metric(*admin, "ringpeer_draining")
+        );
+        for a in ids {
+            out += &format!("{a} {} ", r["agents"][a]);
+        }
+        out += "\n";
+    }
+    out
 }
 
 fn tunnels(fleet: &Fleet3, except: Option<&str>) -> i64 {
@@ -647,12 +668,13 @@ fn rolling_restart_of_three() {
     let dialer = spawn_dialer(dir, entries, ids.clone(), Duration::from_millis(100), None, stop.clone(), ready_tx);
     ready.recv_timeout(Duration::from_secs(15)).expect("dials succeed before the restarts");
 
+    let fleet_view: Vec<(&str, SocketAddr)> = fleet.iter().map(|f| (f.0, f.2)).collect();
     let mut olds = Vec::new();
     for f in fleet.iter_mut() {
         let n = metric(f.2, "ringpeer_tunnels").unwrap();
         let (new, client, tunnel, started) = restart_in_place(&f.5, Path::new(BIN), &f.1, f.0);
         assert_eq!((client, tunnel), (f.3, f.4), "{}: the successor took over the listening sockets", f.0);
-        let moved = wait_successor_holds(f.2, n, f.0);
+        let moved = wait_successor_holds(f.2, n, f.0, || state(&fleet_view, &ids));
         eprintln!("{}: successor started in {started:?}, holds its {n} tunnels {moved:?} later", f.0);
         olds.push((f.0, std::mem::replace(&mut f.5, new)));
     }
