@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::procs::{agent, metric, proxy_config_file, routes_of, sigterm, start_proxy_bin, wait_exit, Proc};
+use common::procs::{
+    agent, metric, proxy_config_file, routes_of, sigterm, start_proxy_bin, start_proxy_line, wait_exit, Proc,
+};
 use common::redis_server::Redis;
 use ringpeer::client::{DialIo, Dialer};
 use ringpeer::tools::fleet::CertDir;
@@ -351,8 +353,10 @@ fn restart_in_place(
 ) -> (Proc, SocketAddr, SocketAddr, Duration) {
     sigterm(old);
     let t0 = Instant::now();
-    let (p, client, tunnel) = start_proxy_bin(bin, config, Some(label));
-    (p, client, tunnel, t0.elapsed())
+    let (p, client, tunnel, line) = start_proxy_line(bin, config, Some(label));
+    let took = t0.elapsed();
+    assert!(line.contains("took over"), "{label}: the successor bound its own sockets: {line}");
+    (p, client, tunnel, took)
 }
 
 /// Certificates for agents `agent-3`.. (the cert dir holds agent-1 and
@@ -413,6 +417,7 @@ fn upgrade_across_builds() {
     let next = next_bin();
     let (now, then) = (version_of(Path::new(BIN)), version_of(&next));
     eprintln!("upgrading from `{now}` to `{then}`");
+    // (The successor's start-up line names the build it took over from.)
     assert_ne!(now, then, "the successor build must report another version");
     assert!(then.ends_with("+next"), "{then}");
     // The stream runs 30 s past the upgrade here: the 60 s bar is the

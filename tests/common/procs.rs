@@ -51,6 +51,16 @@ pub fn start_proxy(config: &Path, echo: Option<&'static str>) -> (Proc, SocketAd
 
 /// [`start_proxy`] with the binary at `bin` (e.g. another build).
 pub fn start_proxy_bin(bin: &Path, config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
+    let (p, client, tunnel, _) = start_proxy_line(bin, config, echo);
+    (p, client, tunnel)
+}
+
+/// [`start_proxy_bin`], with the proxy's start-up line.
+pub fn start_proxy_line(
+    bin: &Path,
+    config: &Path,
+    echo: Option<&'static str>,
+) -> (Proc, SocketAddr, SocketAddr, String) {
     let mut child = Command::new(bin)
         .args(["proxy", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -69,7 +79,8 @@ pub fn start_proxy_bin(bin: &Path, config: &Path, echo: Option<&'static str>) ->
     });
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1].parse().unwrap();
-    (Proc(child), at("client"), at("tunnel"))
+    let (client, tunnel) = (at("client"), at("tunnel"));
+    (Proc(child), client, tunnel, line)
 }
 
 pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {
