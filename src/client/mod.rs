@@ -121,9 +121,9 @@ impl Dialer {
                 return Ok(c.clone());
             }
         }
-        let c = Client::connect(&self.addr, &self.tls, &self.h2)
-            .await
-            .map_err(|e| Error::unavailable(Side::Proxy, crate::wire::error::Retry::Safe, e.label(), e.to_string()))?;
+        let c = Client::connect(&self.addr, &self.tls, &self.h2).await.map_err(|e| {
+            Error::unavailable(Side::Proxy, crate::wire::error::Retry::Safe, e.label(), e.to_string())
+        })?;
         *self.cur.borrow_mut() = Some(c.clone());
         Ok(c)
     }
