@@ -25,6 +25,8 @@ fn view(n: usize) -> ClusterView {
             tunnel_addr: format!("10.0.0.{p}:3024"),
             client_addr: format!("10.0.0.{p}:3080"),
             version: 1,
+            draining: false,
+            build: String::new(),
         };
         v.proxies.insert(info.id.clone(), (info, far));
     }

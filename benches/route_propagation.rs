@@ -29,6 +29,8 @@ fn control(id: &str, url: &str) -> (Control, Tables) {
             tunnel_addr: "t".into(),
             client_addr: "c".into(),
             version: 1,
+            draining: false,
+            build: String::new(),
         },
         ttl: Duration::from_secs(10),
         resync: Duration::from_secs(30),

@@ -161,6 +161,7 @@ fn routes_written_by_a_plain_redis_client_are_used_and_garbage_is_skipped() {
         tunnel_addr: "10.9.9.9:3024".into(),
         client_addr: "10.9.9.9:3080".into(),
         version: 1,
+        ..Default::default()
     };
     let route = pb::AgentRoute {
         proxy_id: "proxy-z".into(),

@@ -104,7 +104,11 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
         let moved: Vec<String> = slots.iter().filter(|(_, (s, _))| s.replace.get()).map(|(a, _)| a.clone()).collect();
         for a in moved {
             if let Some((s, _)) = slots.remove(&a) {
-                tracing::info!(agent = ctx.id, addr = a, "a successor listens at the proxy's address; opening a replacement tunnel");
+                tracing::info!(
+                    agent = ctx.id,
+                    addr = a,
+                    "a successor listens at the proxy's address; opening a replacement tunnel"
+                );
                 retiring.push((a, s));
             }
         }

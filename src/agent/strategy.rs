@@ -135,8 +135,7 @@ pub fn desired(
     slots: &HashMap<String, Slot>,
     now: Instant,
 ) -> Vec<String> {
-    let preferred: Vec<String> =
-        m.proxies.iter().filter(|(id, _)| !m.avoid(id, now)).map(|(_, a)| a.clone()).collect();
+    let preferred: Vec<String> = m.proxies.iter().filter(|(id, _)| !m.avoid(id, now)).map(|(_, a)| a.clone()).collect();
     let mut candidates: Vec<String> = if m.proxies.is_empty() {
         seeds.to_vec()
     } else if preferred.is_empty() {

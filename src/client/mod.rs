@@ -101,31 +101,67 @@ impl Client {
 }
 
 /// A client that keeps one connection to a proxy and replaces it when it
-/// dies or goes away.
+/// dies or goes away. Connecting is single-flight: dials that find no live
+/// connection wait for the one being made.
 pub struct Dialer {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     h2: H2Tuning,
-    cur: std::cell::RefCell<Option<Client>>,
+    /// The current connection and its generation.
+    cur: std::cell::RefCell<Option<(Client, u64)>>,
+    connecting: std::cell::RefCell<Option<Connecting>>,
+    generation: std::cell::Cell<u64>,
 }
+
+type Connecting = futures_util::future::Shared<futures_util::future::LocalBoxFuture<'static, Result<Client, Error>>>;
 
 impl Dialer {
     /// A dialer for the proxy client edge at `addr` (connects on first use).
     pub fn new(addr: &str, tls: Arc<rustls::ClientConfig>, h2: H2Tuning) -> Dialer {
-        Dialer { addr: addr.to_string(), tls, h2, cur: Default::default() }
+        Dialer {
+            addr: addr.to_string(),
+            tls,
+            h2,
+            cur: Default::default(),
+            connecting: Default::default(),
+            generation: Default::default(),
+        }
     }
 
-    async fn client(&self, fresh: bool) -> Result<Client, Error> {
-        if !fresh {
-            if let Some(c) = self.cur.borrow().as_ref().filter(|c| c.is_alive()) {
-                return Ok(c.clone());
+    /// A live connection newer than generation `after` (0: any).
+    async fn client(&self, after: u64) -> Result<(Client, u64), Error> {
+        if let Some((c, g)) = self.cur.borrow().as_ref().filter(|(c, g)| *g > after && c.is_alive()) {
+            return Ok((c.clone(), *g));
+        }
+        let f = self.connecting.borrow().clone();
+        let f = match f {
+            Some(f) => f,
+            None => {
+                use futures_util::FutureExt;
+                let (addr, tls, h2) = (self.addr.clone(), self.tls.clone(), self.h2.clone());
+                let f = async move {
+                    Client::connect(&addr, &tls, &h2).await.map_err(|e| {
+                        Error::unavailable(Side::Proxy, crate::wire::error::Retry::Safe, e.label(), e.to_string())
+                    })
+                }
+                .boxed_local()
+                .shared();
+                *self.connecting.borrow_mut() = Some(f.clone());
+                f
+            }
+        };
+        let r = f.clone().await;
+        // The first waiter to wake installs the result.
+        let mine = self.connecting.borrow().as_ref().is_some_and(|c| c.ptr_eq(&f));
+        if mine {
+            self.connecting.borrow_mut().take();
+            if let Ok(c) = &r {
+                self.generation.set(self.generation.get() + 1);
+                *self.cur.borrow_mut() = Some((c.clone(), self.generation.get()));
             }
         }
-        let c = Client::connect(&self.addr, &self.tls, &self.h2).await.map_err(|e| {
-            Error::unavailable(Side::Proxy, crate::wire::error::Retry::Safe, e.label(), e.to_string())
-        })?;
-        *self.cur.borrow_mut() = Some(c.clone());
-        Ok(c)
+        let c = r?;
+        Ok((c, self.generation.get()))
     }
 
     /// Opens a dial; when the connection turns out to be going away (or
@@ -133,12 +169,12 @@ impl Dialer {
     /// connection within the same deadline.
     pub async fn dial(&self, target: &DialTarget, deadline: Duration) -> Result<Established, Error> {
         let end = std::time::Instant::now() + deadline;
-        let c = self.client(false).await?;
+        let (c, g) = self.client(0).await?;
         match c.dial(target, deadline).await {
             Err(e) if e.retry == crate::wire::error::Retry::Safe && unprocessed(&e) => {
                 tracing::debug!(error = %e, "connection going away; dialing again on a new one");
                 let left = end.saturating_duration_since(std::time::Instant::now());
-                self.client(true).await?.dial(target, left).await
+                self.client(g).await?.0.dial(target, left).await
             }
             r => r,
         }

@@ -28,10 +28,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::drain::{Drain, Phase};
 use super::stats::Metrics;
 use crate::proxy::control::{HealthCell, SnapshotCell};
 use crate::runtime::Shutdown;
-use super::drain::{Drain, Phase};
 
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 8;

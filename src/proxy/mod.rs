@@ -34,9 +34,9 @@ use crate::route::store::{MemoryStore, StoreFactory};
 use crate::runtime::listeners::{bind_group, parse_addr, BindError};
 use crate::runtime::mailbox::mailbox;
 use crate::runtime::{build_version, spawn_executor, Shutdown};
-use drain::{Drain, Phase};
 use crate::transport::identity::Role;
 use crate::transport::tls::TlsMaterial;
+use drain::{Drain, Phase};
 use shard::{ProxyShared, Shard};
 use stats::Metrics;
 
@@ -309,7 +309,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                 // Stopped without the drain protocol (tests, the demo):
                 // let open streams finish for a short while.
                 None => {
-                    let _ = crate::runtime::timeout(crate::transport::h2conf::DRAIN_TIMEOUT, shard.streams.idle()).await;
+                    let _ =
+                        crate::runtime::timeout(crate::transport::h2conf::DRAIN_TIMEOUT, shard.streams.idle()).await;
                 }
                 Some(_) => {
                     let settled = shard.settle(TUNNEL_MOVE_WAIT);
@@ -318,7 +319,11 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                         tracing::warn!(shard = shard.index, "stopped during the drain; closing open streams");
                     };
                     if crate::runtime::timeout(drain_timeout, futures_lite::future::or(settled, cut)).await.is_err() {
-                        tracing::warn!(shard = shard.index, ?drain_timeout, "drain_timeout passed; closing open streams");
+                        tracing::warn!(
+                            shard = shard.index,
+                            ?drain_timeout,
+                            "drain_timeout passed; closing open streams"
+                        );
                     }
                 }
             }

@@ -173,7 +173,13 @@ fn is_listening(l: &TcpListener) -> bool {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid descriptor and a correctly sized out-parameter.
     let r = unsafe {
-        libc::getsockopt(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut v as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     r == 0 && v == 1 && l.local_addr().is_ok()
 }
@@ -225,7 +231,10 @@ pub fn serve(
 ) -> anyhow::Result<JoinHandle<()>> {
     if path.exists() {
         if !replace && UnixStream::connect(&path).is_ok() {
-            bail!("another proxy serves the upgrade socket {}; set upgrade_socket to a path of its own", path.display());
+            bail!(
+                "another proxy serves the upgrade socket {}; set upgrade_socket to a path of its own",
+                path.display()
+            );
         }
         let _ = std::fs::remove_file(&path);
     }
@@ -319,7 +328,11 @@ fn hand_over(s: &UnixStream, build: &str, spare: &mut Option<Spare>, drain: &Dra
     let mut ack = String::new();
     let taken = sent.is_ok() && BufReader::new(s).read_line(&mut ack).is_ok() && ack.trim() == "TAKEN";
     if taken && drain.handed_over() {
-        tracing::info!(successor = build, predecessor = build_version(), "a successor took over the listeners; draining");
+        tracing::info!(
+            successor = build,
+            predecessor = build_version(),
+            "a successor took over the listeners; draining"
+        );
         *spare = None;
     } else {
         tracing::warn!(successor = build, ?sent, "handover did not complete; resuming");

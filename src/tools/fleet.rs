@@ -97,7 +97,8 @@ impl ProxyHandle {
         let metrics = Metrics::new(listeners.client.len().max(listeners.tunnel.len()));
         let snapshot = SnapshotCell::default();
         let shutdown = Shutdown::new();
-        let opts = RunOpts { metrics: Some(metrics.clone()), store, snapshot: Some(snapshot.clone()), ..Default::default() };
+        let opts =
+            RunOpts { metrics: Some(metrics.clone()), store, snapshot: Some(snapshot.clone()), ..Default::default() };
         let sd = shutdown.clone();
         let join = std::thread::Builder::new()
             .name(format!("proxy-{}", cfg.id))

@@ -6,7 +6,13 @@ use super::*;
 use crate::wire::status::Code;
 
 fn remote(proxy: &str, addr: Option<&str>) -> RemoteRoute {
-    RemoteRoute { proxy: Arc::from(proxy), shard: 0, peer_addr: addr.map(Arc::from), services: Arc::from(vec![]), draining: false }
+    RemoteRoute {
+        proxy: Arc::from(proxy),
+        shard: 0,
+        peer_addr: addr.map(Arc::from),
+        services: Arc::from(vec![]),
+        draining: false,
+    }
 }
 
 fn names(p: &[Upstream]) -> Vec<String> {
