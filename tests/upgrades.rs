@@ -665,6 +665,8 @@ fn decommission(how: Leave) {
     eprintln!("proxy-a exited {exited:?} after {how:?}: {status:?}");
     assert!(status.is_some_and(|s| s.success()), "proxy-a: {status:?}");
 
+    let agreed = routes_agree(&fleet, &ids, Some("proxy-a"));
+    eprintln!("b's and c's routes agree with the tunnels {agreed:?} after a's exit");
     // Dials go on for 3 s with a gone.
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
@@ -675,8 +677,6 @@ fn decommission(how: Leave) {
     for a in &ids {
         assert_eq!(holders(&fleet, a, Some("proxy-a")).len(), 1, "{a}");
     }
-    let agreed = routes_agree(&fleet, &ids, Some("proxy-a"));
-    eprintln!("b's and c's routes agree with the tunnels {agreed:?} after a's exit");
     assert_eq!(tunnels(&fleet, Some("proxy-a")), 6);
 }
 
