@@ -112,7 +112,12 @@ async fn manage(ctx: Rc<AgentCtx>, seeds: Vec<String>) {
                 retiring.push((a, s));
             }
         }
-        let view: HashMap<String, Slot> = slots.iter().map(|(a, (s, _))| (a.clone(), s.clone())).collect();
+        // A retiring tunnel stands for its address until its replacement
+        // exists, so the strategy keeps that address (the successor's).
+        let mut view: HashMap<String, Slot> = slots.iter().map(|(a, (s, _))| (a.clone(), s.clone())).collect();
+        for (a, s) in &retiring {
+            view.entry(a.clone()).or_insert_with(|| s.clone());
+        }
         let want = {
             let m = ctx.membership.borrow();
             let strategy = match (m.strategy, ctx.count_override) {

@@ -15,8 +15,10 @@
 //!   finish, and no new ones start. While it is healthy it drains only once
 //!   every wanted tunnel has been up for [`SETTLE`] (make before break), so
 //!   a proxy that is leaving never leaves the agent unreachable.
-//! - Draining proxies (their record's mark, or a Drain message from a proxy
-//!   leaving the fleet) are chosen only when no other proxy is known.
+//! - A proxy that said it leaves the fleet (a Drain message) is chosen only
+//!   when no other proxy is known; one whose record carries the draining
+//!   mark is not chosen for a new tunnel, but a tunnel already held to it
+//!   stays until it says to move.
 //! - Proxies are chosen in an order hashed from the agent id, so a fleet of
 //!   agents spreads over the proxies.
 
@@ -57,9 +59,9 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Whether new tunnels should avoid proxy `id` now.
-    pub fn avoid(&self, id: &str, now: Instant) -> bool {
-        self.draining.contains(id) || self.leaving.get(id).is_some_and(|t| *t > now)
+    /// Whether proxy `id` said it leaves the fleet (recently).
+    pub fn leaving(&self, id: &str, now: Instant) -> bool {
+        self.leaving.get(id).is_some_and(|t| *t > now)
     }
 }
 
@@ -135,7 +137,16 @@ pub fn desired(
     slots: &HashMap<String, Slot>,
     now: Instant,
 ) -> Vec<String> {
-    let preferred: Vec<String> = m.proxies.iter().filter(|(id, _)| !m.avoid(id, now)).map(|(_, a)| a.clone()).collect();
+    // A draining proxy is not chosen for a new tunnel, but a tunnel the
+    // agent holds to it stays until the proxy says to move (`Drain`): a
+    // proxy restarting in place keeps its agents.
+    let held = |a: &String| slots.get(a).is_some_and(|s| s.healthy(now));
+    let preferred: Vec<String> = m
+        .proxies
+        .iter()
+        .filter(|(id, a)| !m.leaving(id, now) && (!m.draining.contains(*id) || held(a)))
+        .map(|(_, a)| a.clone())
+        .collect();
     let mut candidates: Vec<String> = if m.proxies.is_empty() {
         seeds.to_vec()
     } else if preferred.is_empty() {
