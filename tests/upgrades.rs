@@ -478,11 +478,12 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
 
     // The stream goes on `after` past the restart, on the old process.
     std::thread::sleep(after.saturating_sub(restarted.elapsed()));
-    assert!(old.0.try_wait().unwrap().is_none(), "the old process exited while its stream ran");
+    let early_exit = old.0.try_wait().unwrap();
     stop_stream.store(true, Ordering::Relaxed);
     let outs = stream.join().unwrap();
     let ended = Instant::now();
-    eprintln!("the stream ran {:?} past the restart", ended - restarted);
+    eprintln!("the stream ran {:?} past the restart: {outs:?}", ended - restarted);
+    assert!(early_exit.is_none(), "the old process exited while its stream ran: {early_exit:?}");
     // 1 KiB every 100 ms for `after`, less a fifth for a loaded machine.
     let min = after.as_millis() as u64 / 100 * 1024 * 4 / 5;
     assert_streams_intact(&outs, min);
