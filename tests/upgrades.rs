@@ -29,7 +29,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::procs::{
-    agent, metric, proxy_config_file, routes_of, sigterm, start_proxy_bin, start_proxy_line, wait_exit, Proc,
+    agent, metric, proxy_config_file, routes_of, sigterm, start_proxy_bin, start_proxy_line, try_start_proxy_line,
+    wait_exit, Proc,
 };
 use common::redis_server::Redis;
 use ringpeer::client::{DialIo, Dialer};
@@ -199,7 +200,8 @@ struct StreamOut {
 
 /// One stream to `agent`'s echo service through `e`: a chunk of `chunk`
 /// random bytes every `every` until `stop`, then a half-close; reads the
-/// echo to its end. `live` counts streams whose first chunk came back.
+/// echo to its end. `progress` counts it once its first chunk came back,
+/// and once it ended.
 async fn long_stream(
     e: Rc<Entry>,
     entry: SocketAddr,
@@ -207,7 +209,7 @@ async fn long_stream(
     chunk: usize,
     every: Duration,
     stop: Arc<AtomicBool>,
-    live: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 ) -> StreamOut {
     let mut out = StreamOut { entry, agent, sent: 0, echoed: 0, intact: false, ok: false, end: String::new() };
     let o = match e.dialer.dial(&echo_of(&out.agent), Duration::from_secs(10)).await {
@@ -240,7 +242,7 @@ async fn long_stream(
         match recv.next_data().await {
             Ok(Some(b)) => {
                 if out.echoed == 0 {
-                    live.fetch_add(1, Ordering::Relaxed);
+                    progress.live.fetch_add(1, Ordering::Relaxed);
                 }
                 h.update(&b);
                 out.echoed += b.len() as u64;
@@ -276,7 +278,7 @@ fn spawn_streams(
     chunk: usize,
     every: Duration,
     stop: Arc<AtomicBool>,
-    live: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 ) -> std::thread::JoinHandle<Vec<StreamOut>> {
     let dir = dir.to_path_buf();
     std::thread::spawn(move || {
@@ -288,8 +290,12 @@ fn spawn_streams(
                     conns.push(Rc::new(Entry::new(entry, &dir)));
                 }
                 let e = conns.iter().find(|e| e.addr == entry).unwrap().clone();
-                let (stop, live) = (stop.clone(), live.clone());
-                tasks.push(glommio::spawn_local(long_stream(e, entry, agent, chunk, every, stop, live)));
+                let (stop, progress) = (stop.clone(), progress.clone());
+                tasks.push(glommio::spawn_local(async move {
+                    let out = long_stream(e, entry, agent, chunk, every, stop, progress.clone()).await;
+                    progress.ended.fetch_add(1, Ordering::Relaxed);
+                    out
+                }));
             }
             let mut outs = Vec::new();
             for t in tasks {
@@ -299,6 +305,36 @@ fn spawn_streams(
         })
         .unwrap()
     })
+}
+
+/// How far the long streams of a [`spawn_streams`] thread got.
+#[derive(Default)]
+struct Progress {
+    /// Streams whose first chunk came back.
+    live: AtomicUsize,
+    /// Streams that ended.
+    ended: AtomicUsize,
+}
+
+/// Waits until all `n` streams of `h` echo; if one ends first, stops them
+/// all and fails with their report.
+fn streams_up(
+    h: std::thread::JoinHandle<Vec<StreamOut>>,
+    progress: &Progress,
+    n: usize,
+    stop: &AtomicBool,
+) -> std::thread::JoinHandle<Vec<StreamOut>> {
+    let t0 = Instant::now();
+    while progress.live.load(Ordering::Relaxed) < n {
+        if progress.ended.load(Ordering::Relaxed) > 0 || t0.elapsed() > Duration::from_secs(20) {
+            stop.store(true, Ordering::Relaxed);
+            let outs = h.join().unwrap();
+            assert_streams_intact(&outs, 0);
+            panic!("{} of {n} streams echoed within 20 s", progress.live.load(Ordering::Relaxed));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h
 }
 
 /// Asserts every stream of `outs` ended OK with its bytes intact; prints
@@ -436,22 +472,22 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     let certs = CertDir::temp().unwrap();
     let dir = &certs.path;
     let echo: Target = targets::spawn(Kind::Echo).unwrap();
-    let (config, admin) =
-        proxy_config_file(dir, &redis, "proxy-a", 3_000, "type = \"proxy_peering\"\nagent_connection_count = 1", "");
-    let (mut old, client, tunnel) = start_proxy_bin(Path::new(BIN), &config, Some("old proxy-a"));
+    let strategy = "type = \"proxy_peering\"\nagent_connection_count = 1";
+    let (config, admin, client, tunnel, mut old) =
+        fresh_proxy(dir, &redis, "proxy-a", "old proxy-a", 3_000, strategy, "");
     let _agent = agent(dir, "agent-1", tunnel, echo.addr);
     common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels") == Some(1));
 
-    let (stop_stream, live) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (stop_stream, progress) = (Arc::new(AtomicBool::new(false)), Arc::new(Progress::default()));
     let stream = spawn_streams(
         dir,
         vec![(client, "agent-1".into())],
         1024,
         Duration::from_millis(100),
         stop_stream.clone(),
-        live.clone(),
+        progress.clone(),
     );
-    common::eventually("the long stream echoes", || live.load(Ordering::Relaxed) == 1);
+    let stream = streams_up(stream, &progress, 1, &stop_stream);
     let (ready_tx, ready) = mpsc::channel();
     let dialer = spawn_dialer(
         dir,
@@ -498,6 +534,32 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     drop(new);
 }
 
+/// Writes proxy `id`'s config (see [`proxy_config_file`], `extra` config
+/// lines) and starts it,
+/// its log lines prefixed with `label`; returns (config, admin, client,
+/// tunnel, process). The admin port is picked free, then bound by the
+/// proxy: another process may take it in between, so a start that finds
+/// it in use is tried again on another.
+fn fresh_proxy(
+    dir: &Path,
+    redis: &Redis,
+    id: &str,
+    label: &'static str,
+    ttl_ms: u64,
+    strategy: &str,
+    extra: &str,
+) -> (PathBuf, SocketAddr, SocketAddr, SocketAddr, Proc) {
+    for _ in 0..5 {
+        let (config, admin) = proxy_config_file(dir, redis, id, ttl_ms, strategy, extra);
+        match try_start_proxy_line(Path::new(BIN), &config, Some(label)) {
+            Ok((p, client, tunnel, _)) => return (config, admin, client, tunnel, p),
+            Err(line) if line.contains("admin_addr") && line.contains("in use") => continue,
+            Err(line) => panic!("{id} did not start: {line}"),
+        }
+    }
+    panic!("{id}: no free admin port in 5 tries");
+}
+
 /// Three proxy processes: (id, config, admin, client, tunnel, process).
 type Fleet3 = Vec<(&'static str, PathBuf, SocketAddr, SocketAddr, SocketAddr, Proc)>;
 
@@ -505,8 +567,7 @@ type Fleet3 = Vec<(&'static str, PathBuf, SocketAddr, SocketAddr, SocketAddr, Pr
 fn three_proxies(dir: &Path, redis: &Redis, strategy: &str, extra: &str) -> Fleet3 {
     let mut fleet = Vec::new();
     for id in ["proxy-a", "proxy-b", "proxy-c"] {
-        let (config, admin) = proxy_config_file(dir, redis, id, 3_000, strategy, extra);
-        let (p, client, tunnel) = start_proxy_bin(Path::new(BIN), &config, Some(id));
+        let (config, admin, client, tunnel, p) = fresh_proxy(dir, redis, id, id, 3_000, strategy, extra);
         fleet.push((id, config, admin, client, tunnel, p));
     }
     fleet
@@ -703,9 +764,9 @@ fn rolling_restart_of_three() {
 
     // 100 streams, spread over the three entries and the four agents.
     let plan: Vec<(SocketAddr, String)> = (0..100).map(|i| (fleet[i % 3].3, ids[i % ids.len()].clone())).collect();
-    let (stop, live) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    let streams = spawn_streams(dir, plan, 256, Duration::from_millis(500), stop.clone(), live.clone());
-    common::eventually("100 streams echo", || live.load(Ordering::Relaxed) == 100);
+    let (stop, progress) = (Arc::new(AtomicBool::new(false)), Arc::new(Progress::default()));
+    let streams = spawn_streams(dir, plan, 256, Duration::from_millis(500), stop.clone(), progress.clone());
+    let streams = streams_up(streams, &progress, 100, &stop);
     let (ready_tx, ready) = mpsc::channel();
     let entries = fleet.iter().map(|f| f.3).collect();
     let dialer = spawn_dialer(dir, entries, ids.clone(), Duration::from_millis(100), None, stop.clone(), ready_tx);
@@ -760,8 +821,7 @@ fn kill_9_stays_the_fallback() {
     let strategy = "type = \"proxy_peering\"\nagent_connection_count = 1";
     let mut fleet: Fleet3 = Vec::new();
     for id in ["proxy-a", "proxy-b", "proxy-c"] {
-        let (config, admin) = proxy_config_file(dir, &redis, id, 1_500, strategy, "");
-        let (p, client, tunnel) = start_proxy_bin(Path::new(BIN), &config, Some(id));
+        let (config, admin, client, tunnel, p) = fresh_proxy(dir, &redis, id, id, 1_500, strategy, "");
         fleet.push((id, config, admin, client, tunnel, p));
     }
     let ids = agent_ids(dir, 3);

@@ -61,6 +61,16 @@ pub fn start_proxy_line(
     config: &Path,
     echo: Option<&'static str>,
 ) -> (Proc, SocketAddr, SocketAddr, String) {
+    try_start_proxy_line(bin, config, echo).unwrap_or_else(|line| panic!("the proxy did not start: {line}"))
+}
+
+/// [`start_proxy_line`]; the line the proxy printed instead when it did not
+/// start.
+pub fn try_start_proxy_line(
+    bin: &Path,
+    config: &Path,
+    echo: Option<&'static str>,
+) -> Result<(Proc, SocketAddr, SocketAddr, String), String> {
     let mut child = Command::new(bin)
         .args(["proxy", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -69,7 +79,10 @@ pub fn start_proxy_line(
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let line = lines.next().expect("proxy prints its addresses").unwrap();
-    assert!(line.contains(" listening: "), "the proxy did not start: {line}");
+    if !line.contains(" listening: ") {
+        let _ = child.wait();
+        return Err(line);
+    }
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
             if let Some(who) = echo {
@@ -80,7 +93,7 @@ pub fn start_proxy_line(
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1].parse().unwrap();
     let (client, tunnel) = (at("client"), at("tunnel"));
-    (Proc(child), client, tunnel, line)
+    Ok((Proc(child), client, tunnel, line))
 }
 
 pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {
