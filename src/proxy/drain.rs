@@ -161,3 +161,26 @@ pub fn coordinate(drain: Drain, commands: Commands, handover_wait: Duration, sto
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_only_move_forward() {
+        let d = Drain::new();
+        assert!(d.can_hand_over() && !d.begun().is_triggered());
+        assert!(d.request(), "SIGTERM marks");
+        assert!(!d.request(), "a second request changes nothing");
+        assert_eq!(d.phase(), Phase::Marked);
+        assert!(!d.begun().is_triggered(), "marked: still serving, waiting for a successor");
+        assert!(d.handed_over());
+        assert!(d.begun().is_triggered());
+        assert!(!d.leave() && !d.handed_over(), "after a handover nothing else takes");
+        assert_eq!(d.phase(), Phase::Successor);
+        let d = Drain::new();
+        assert!(d.leave());
+        assert!(!d.can_hand_over() && !d.handed_over(), "a leaving proxy hands nothing over");
+        assert_eq!(d.phase(), Phase::Leaving);
+    }
+}

@@ -24,6 +24,9 @@ pub struct ShardStats {
     pub dials_peered: Counter,
     /// Dials that failed before being established.
     pub dials_failed: Counter,
+    /// Dials that waited for the routes to change (an agent moving between
+    /// proxies, or every holder failing) and were planned again.
+    pub dials_replanned: Counter,
     /// Payload bytes client → agent.
     pub bytes_up: Counter,
     /// Payload bytes agent → client.
@@ -49,6 +52,7 @@ impl Default for ShardStats {
             dials_local: Counter::default(),
             dials_cross_shard: Counter::default(),
             dials_peered: Counter::default(),
+            dials_replanned: Counter::default(),
             dials_failed: Counter::default(),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
@@ -110,13 +114,14 @@ impl Metrics {
     pub fn render(&self, proxy: &str) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let rows: [Row; 11] = [
+        let rows: [Row; 12] = [
             ("ringpeer_peer_links", |s| s.peer_links.get()),
             ("ringpeer_dials_peered_total", |s| s.dials_peered.get() as i64),
             ("ringpeer_dials_total", |s| s.dials.get() as i64),
             ("ringpeer_dials_local_total", |s| s.dials_local.get() as i64),
             ("ringpeer_dials_cross_shard_total", |s| s.dials_cross_shard.get() as i64),
             ("ringpeer_dials_failed_total", |s| s.dials_failed.get() as i64),
+            ("ringpeer_dials_replanned_total", |s| s.dials_replanned.get() as i64),
             ("ringpeer_bytes_up_total", |s| s.bytes_up.get() as i64),
             ("ringpeer_bytes_down_total", |s| s.bytes_down.get() as i64),
             ("ringpeer_active_streams", |s| s.active_streams.get()),

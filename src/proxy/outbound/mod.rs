@@ -332,6 +332,7 @@ pub async fn open_replanning(
             break;
         }
         tracing::debug!(agent, ?moving, "routes changed; planning the dial again");
+        shard.stats.dials_replanned.inc();
         glommio::timer::sleep(REPLAN_COALESCE).await;
     }
     Err(last.unwrap_or_else(|| {
