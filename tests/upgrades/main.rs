@@ -52,6 +52,16 @@ pub(crate) const MOVE_BOUND: Duration = Duration::from_secs(15);
 /// for a moving agent wait for its tunnel).
 pub(crate) const KILL_OUTAGE_BOUND: Duration = Duration::from_secs(6);
 
+/// Every story runs `proxy_peering` with one tunnel per agent: a proxy's
+/// agents then have no other tunnel, so each move is tested.
+pub(crate) const PEERING_ONE: &str = "type = \"proxy_peering\"\nagent_connection_count = 1";
+
+/// A story's stage: a Redis, a certificate directory, an echo target.
+fn stage() -> (Redis, CertDir, Target) {
+    ringpeer::runtime::raise_memlock();
+    (Redis::start(), CertDir::temp().unwrap(), targets::spawn(Kind::Echo).unwrap())
+}
+
 pub(crate) fn echo_of(agent: &str) -> DialTarget {
     DialTarget::parse(&format!("{agent}/echo")).unwrap()
 }
@@ -82,12 +92,9 @@ fn upgrade_across_builds() {
 /// past it; a dial every 50 ms for 20 s spans `kill -TERM` plus the start
 /// of the same config with `successor`.
 fn restart_one_proxy(successor: &Path, after: Duration) {
-    ringpeer::runtime::raise_memlock();
-    let redis = Redis::start();
-    let certs = CertDir::temp().unwrap();
+    let (redis, certs, echo) = stage();
     let dir = &certs.path;
-    let echo: Target = targets::spawn(Kind::Echo).unwrap();
-    let strategy = "type = \"proxy_peering\"\nagent_connection_count = 1";
+    let strategy = PEERING_ONE;
     let (config, admin, client, tunnel, mut old) =
         fresh_proxy(dir, &redis, "proxy-a", "old proxy-a", 3_000, strategy, "");
     let _agent = agent(dir, "agent-1", tunnel, echo.addr);
@@ -178,12 +185,9 @@ enum Leave {
 /// the fleet (`how`): its agents open tunnels to b or c, a exits 0, and
 /// dials entering at b and c, every agent every 50 ms, never fail.
 fn decommission(how: Leave) {
-    ringpeer::runtime::raise_memlock();
-    let redis = Redis::start();
-    let certs = CertDir::temp().unwrap();
+    let (redis, certs, echo) = stage();
     let dir = &certs.path;
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let strategy = "type = \"proxy_peering\"\nagent_connection_count = 1";
+    let strategy = PEERING_ONE;
     let mut fleet = three_proxies(dir, &redis, strategy, "handover_wait_ms = 500");
     let ids = agent_ids(dir, 6);
     let _agents = spread_agents(dir, &ids, &fleet, echo.addr);
@@ -244,12 +248,9 @@ fn rolling_restart_of_three() {
     // and streams entering at the other two must reach those agents while
     // they move. agent_mesh would leave every agent two other tunnels, so a
     // restart would test less.
-    ringpeer::runtime::raise_memlock();
-    let redis = Redis::start();
-    let certs = CertDir::temp().unwrap();
+    let (redis, certs, echo) = stage();
     let dir = &certs.path;
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let mut fleet = three_proxies(dir, &redis, "type = \"proxy_peering\"\nagent_connection_count = 1", "");
+    let mut fleet = three_proxies(dir, &redis, PEERING_ONE, "");
     let ids = agent_ids(dir, 4);
     let _agents = spread_agents(dir, &ids, &fleet, echo.addr);
     one_tunnel_each(&fleet, &ids, None);
@@ -308,12 +309,9 @@ fn kill_9_stays_the_fallback() {
     // FAILED_AFTER (2 s) open one to b or c; dials for them entering at b
     // and c fail or wait meanwhile. The outage is bounded; then the same
     // config starts again at once, its stale upgrade socket in the way.
-    ringpeer::runtime::raise_memlock();
-    let redis = Redis::start();
-    let certs = CertDir::temp().unwrap();
+    let (redis, certs, echo) = stage();
     let dir = &certs.path;
-    let echo = targets::spawn(Kind::Echo).unwrap();
-    let strategy = "type = \"proxy_peering\"\nagent_connection_count = 1";
+    let strategy = PEERING_ONE;
     let mut fleet: Fleet3 = Vec::new();
     for id in ["proxy-a", "proxy-b", "proxy-c"] {
         let (config, admin, client, tunnel, p) = fresh_proxy(dir, &redis, id, id, 1_500, strategy, "");
