@@ -11,11 +11,18 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// A server on a free port. The port is free when picked but another
+    /// process (a parallel test) may take it before redis-server binds it:
+    /// then redis-server exits, and another port is tried.
     pub fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = Redis { port, child: None };
-        r.restart();
-        r
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut r = Redis { port, child: None };
+            if r.try_start() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     pub fn url(&self) -> String {
@@ -24,17 +31,32 @@ impl Redis {
 
     /// (Re)starts the server on the same port, empty.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        for _ in 0..5 {
+            if self.try_start() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Starts the server; false when it exited at once (its port was taken).
+    fn try_start(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
-        self.child = Some(child);
         let t0 = Instant::now();
         while self.client().get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not answer within 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
+        true
     }
 
     /// kill -9.
