@@ -277,13 +277,10 @@ impl Shard {
         let began = Instant::now();
         loop {
             self.streams.idle().await;
-            if self.tunnel_count() == 0 || began.elapsed() >= move_wait {
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                if self.streams.get() == 0 {
-                    return;
-                }
-            } else {
-                glommio::timer::sleep(Duration::from_millis(50)).await;
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let moved = self.tunnel_count() == 0 || began.elapsed() >= move_wait;
+            if moved && self.streams.get() == 0 {
+                return;
             }
         }
     }

@@ -46,16 +46,12 @@ pub fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64, count: u32) -> (P
 /// tunnel addresses, read from its start-up line. Its later log lines are
 /// echoed with `echo` as prefix, or dropped.
 pub fn start_proxy(config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
-    start_proxy_bin(Path::new(BIN), config, echo)
-}
-
-/// [`start_proxy`] with the binary at `bin` (e.g. another build).
-pub fn start_proxy_bin(bin: &Path, config: &Path, echo: Option<&'static str>) -> (Proc, SocketAddr, SocketAddr) {
-    let (p, client, tunnel, _) = start_proxy_line(bin, config, echo);
+    let (p, client, tunnel, _) = start_proxy_line(Path::new(BIN), config, echo);
     (p, client, tunnel)
 }
 
-/// [`start_proxy_bin`], with the proxy's start-up line.
+/// [`start_proxy`] with the binary at `bin` (e.g. another build), and the
+/// proxy's start-up line.
 pub fn start_proxy_line(
     bin: &Path,
     config: &Path,

@@ -171,48 +171,47 @@ pub(crate) fn state(admins: &[(&str, SocketAddr)], ids: &[String]) -> String {
 /// `fleet` other than `except`, and those proxies hold no other; returns how
 /// long that took.
 pub(crate) fn one_tunnel_each(fleet: &Fleet3, ids: &[String], except: Option<&str>) -> Duration {
+    let settled =
+        || tunnels(fleet, except) == ids.len() as i64 && ids.iter().all(|a| holders(fleet, a, except).len() == 1);
+    let what = format!("one tunnel per agent (away from {except:?})");
+    wait_within_move_bound(&what, settled, || state(&live(fleet, except), ids))
+}
+
+/// Polls `done` until it holds; fails after [`MOVE_BOUND`] with `what` and
+/// the fleet's `state`; returns how long it took.
+fn wait_within_move_bound(what: &str, done: impl Fn() -> bool, state: impl Fn() -> String) -> Duration {
     let t0 = Instant::now();
-    while !(tunnels(fleet, except) == ids.len() as i64 && ids.iter().all(|a| holders(fleet, a, except).len() == 1)) {
-        let view: Vec<(&str, SocketAddr)> = fleet.iter().map(|f| (f.0, f.2)).collect();
-        assert!(
-            t0.elapsed() < MOVE_BOUND,
-            "not one tunnel per agent (away from {except:?}) within {MOVE_BOUND:?}:\n{}",
-            state(&view, ids)
-        );
+    while !done() {
+        assert!(t0.elapsed() < MOVE_BOUND, "no {what} within {MOVE_BOUND:?}:\n{}", state());
         std::thread::sleep(Duration::from_millis(20));
     }
     t0.elapsed()
+}
+
+/// The (id, admin address) of every proxy of `fleet` but `except`.
+fn live<'a>(fleet: &'a Fleet3, except: Option<&str>) -> Vec<(&'a str, SocketAddr)> {
+    fleet.iter().filter(|f| Some(f.0) != except).map(|f| (f.0, f.2)).collect()
 }
 
 /// Waits until every proxy of `fleet` (but `except`) routes each agent of
 /// `ids` to exactly the proxies that hold a tunnel to it; returns how long
 /// that took.
 pub(crate) fn routes_agree(fleet: &Fleet3, ids: &[String], except: Option<&str>) -> Duration {
-    let t0 = Instant::now();
-    let live: Vec<_> = fleet.iter().filter(|f| Some(f.0) != except).collect();
+    let proxies = live(fleet, except);
     let agree = || {
         ids.iter().all(|a| {
             let held = holders(fleet, a, except);
-            live.iter().all(|f| {
+            proxies.iter().all(|(id, admin)| {
                 let mut want: Vec<String> =
-                    held.iter().map(|h| if *h == f.0 { "local".to_string() } else { h.to_string() }).collect();
+                    held.iter().map(|h| if h == id { "local".to_string() } else { h.to_string() }).collect();
                 want.sort();
-                let mut got = routes_of(f.2, a);
+                let mut got = routes_of(*admin, a);
                 got.dedup();
                 got == want
             })
         })
     };
-    while !agree() {
-        let view: Vec<(&str, SocketAddr)> = live.iter().map(|f| (f.0, f.2)).collect();
-        assert!(
-            t0.elapsed() < MOVE_BOUND,
-            "routes disagree with the tunnels after {MOVE_BOUND:?}:\n{}",
-            state(&view, ids)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t0.elapsed()
+    wait_within_move_bound("agreement of the routes with the tunnels", agree, || state(&proxies, ids))
 }
 
 pub(crate) fn tunnels(fleet: &Fleet3, except: Option<&str>) -> i64 {

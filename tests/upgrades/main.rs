@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::procs::{agent, metric, sigterm, start_proxy_bin, wait_exit};
+use common::procs::{agent, metric, sigterm, start_proxy, wait_exit};
 use common::redis_server::Redis;
 use ringpeer::tools::fleet::CertDir;
 use ringpeer::tools::target::{self as targets, Kind, Target};
@@ -341,7 +341,7 @@ fn kill_9_stays_the_fallback() {
     // The same config starts again, the dead process's socket file still there.
     assert!(sock.exists(), "the killed proxy left its upgrade socket at {}", sock.display());
     let t0 = Instant::now();
-    let (again, client, _) = start_proxy_bin(Path::new(BIN), &fleet[0].1, Some("proxy-a again"));
+    let (again, client, _) = start_proxy(&fleet[0].1, Some("proxy-a again"));
     let started = t0.elapsed();
     eprintln!("proxy-a started again in {started:?} beside its stale upgrade socket");
     assert!(started < Duration::from_secs(5), "{started:?}");

@@ -28,8 +28,9 @@ impl ControlLoop {
                 let _ = ack.send(());
             }
             Command::Resume => {
+                // The draining mark stays as it was: a proxy that got SIGTERM
+                // is still draining, whatever became of the handover.
                 self.retired = false;
-                self.opts.me.draining = false;
                 self.next_connect = Instant::now();
                 self.maybe_connect();
             }

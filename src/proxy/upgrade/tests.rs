@@ -58,19 +58,18 @@ fn a_successor_takes_the_very_sockets_and_the_predecessor_drains() {
     assert_eq!(new.peer.iter().map(Option::is_some).collect::<Vec<_>>(), [true, false]);
     assert!(new.admin.is_some());
     drop(old);
-    let (mut s, _) = new
-        .client
-        .iter()
-        .flatten()
-        .find_map(|l| {
-            l.set_nonblocking(true).unwrap();
-            l.accept().ok()
-        })
-        .or_else(|| {
-            std::thread::sleep(Duration::from_millis(50));
-            new.client.iter().flatten().find_map(|l| l.accept().ok())
-        })
-        .expect("the queued connection is accepted by the successor");
+    // The connection is queued on one of the shards' sockets: poll them.
+    for l in new.client.iter().flatten() {
+        l.set_nonblocking(true).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    let (mut s, _) = loop {
+        if let Some(a) = new.client.iter().flatten().find_map(|l| l.accept().ok()) {
+            break a;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "the queued connection is accepted by the successor");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     waiting.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     s.set_nonblocking(false).unwrap();
