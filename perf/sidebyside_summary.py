@@ -46,6 +46,59 @@ def iperf(path):
     return {"bytes": r["bytes"], "gbps": r["bits_per_second"] / 1e9}
 
 
+SYSCALL_COLUMNS = [
+    ("raw_syscalls:sys_enter", "all syscalls"),
+    ("syscalls:sys_enter_io_uring_enter", "io_uring_enter"),
+    ("recv", "recv*/read"),
+    ("send", "send*/write*"),
+    ("syscalls:sys_enter_epoll_wait", "epoll_wait"),
+    ("context-switches", "context switches"),
+]
+
+
+def perf_stat(path):
+    """Counts from `perf stat -x,` output: {event: count}."""
+    counts = {}
+    for line in path.read_text().splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[0].strip().isdigit():
+            counts[f[2]] = int(f[0])
+    recv = ["syscalls:sys_enter_recvfrom", "syscalls:sys_enter_recvmsg", "syscalls:sys_enter_read"]
+    send = ["syscalls:sys_enter_sendto", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_write",
+            "syscalls:sys_enter_writev"]
+    counts["recv"] = sum(counts.get(k, 0) for k in recv)
+    counts["send"] = sum(counts.get(k, 0) for k in send)
+    return counts
+
+
+def syscall_table(out):
+    """Per relay process: syscalls and context switches per 64 B round trip
+    (a round trip is two relayed messages), from the --syscalls pass."""
+    f = out / "raw/syscalls.jsonl"
+    if not f.exists():
+        return
+    print("\nSyscalls and context switches per 64 B round trip, by relay process "
+          "(one extra ping-pong per path under `perf stat`; a round trip relays two messages):\n")
+    print("| path | process | " + " | ".join(c for _, c in SYSCALL_COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(SYSCALL_COLUMNS))
+    for line in f.read_text().splitlines():
+        rec = json.loads(line)
+        path = rec["path"]
+        try:
+            rts = sockperf(out / f"raw/syscalls-{path}-pp.txt")["round_trips"]
+        except (ValueError, FileNotFoundError) as e:
+            print(f"| {path} | ({e}) |")
+            continue
+        total = {k: 0 for k, _ in SYSCALL_COLUMNS}
+        for r in rec["relays"].split():
+            name = r.split("=")[0]
+            c = perf_stat(out / f"raw/syscalls-{path}-{name}.csv")
+            for k in total:
+                total[k] += c.get(k, 0)
+            print(f"| {path} | {name} | " + " | ".join(f"{c.get(k, 0) / rts:.2f}" for k, _ in SYSCALL_COLUMNS) + " |")
+        print(f"| {path} | **all relays** | " + " | ".join(f"{total[k] / rts:.2f}" for k, _ in SYSCALL_COLUMNS) + " |")
+
+
 def main():
     out, hz = Path(sys.argv[1]), int(sys.argv[2])
     rows = [json.loads(l) for l in (out / "raw/records.jsonl").read_text().splitlines() if l.strip()]
@@ -144,6 +197,7 @@ def main():
         else:
             print(f"| {f['run']} | {f['path']} | {f['test']} | {q} | {f['load1']} | {f['bytes'] / 2**30:.2f} GiB | - | - | - | "
                   f"{f['gbps']:.2f} | {f['relay_cpu_s']:.2f} | {f['cpu_s_per_gib']:.3f} s/GiB |")
+    syscall_table(out)
     if errors:
         print("\nRuns without figures:\n")
         for e in errors:
