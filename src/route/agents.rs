@@ -14,7 +14,8 @@
 //! pointers), one middle array (2^MID pointers) and the one small table the
 //! name falls in, and share everything else with the snapshot it came
 //! from. So deriving a snapshot costs the changed agents (at 1M agents and
-//! 4096 tables, ~250 entries copied per changed table), not the table size.
+//! 65536 tables: 2 × 256 pointers and ~15 entries per changed table), not
+//! the table size.
 //! A map keeps its hasher (and seed) for its life and for every map
 //! derived from it; maps with different seeds compare by content.
 //!
@@ -24,11 +25,23 @@
 //! the random seed keeps names chosen offline from colliding, and a
 //! collision flood would only slow the one small table it lands in.
 //!
-//! Rejected (interleaved figures in perf/results/2026-11-26-routes/): the
-//! previous `imbl::HashMap` (HAMT, 32-way nodes, SipHash) — four or five
-//! dependent node loads per lookup; the same HAMT with foldhash — the hash
-//! is not the cost, the node loads are; one `hashbrown` table — fastest
-//! lookup, but a snapshot then copies all 1M entries (hundreds of ms).
+//! Chosen and rejected by the interleaved comparison in
+//! benches/route_lookup.rs at 1M agents (per-round ratios to the previous
+//! structure, medians over rounds; perf/results/2026-11-26-routes/):
+//! - `imbl::HashMap` with SipHash (before): 4–5 dependent HAMT node loads
+//!   per lookup, plus the hash. Baseline 1.00.
+//! - the same HAMT with foldhash: lookup ~0.5, one-agent copy ~1.0.
+//!   Better, but the node loads stay.
+//! - 4096 tables (64 × 64): lookup ~0.41, but a one-agent copy clones
+//!   ~250 entries: ~5× the HAMT's. 256 tables: ~120× (3.5 ms).
+//! - 16384 tables (128 × 128): lookup ~0.40, one-agent copy ~1.5×.
+//! - 65536 tables (256 × 256, chosen): lookup ~0.37, one-agent copy ~0.8×,
+//!   full build ~0.9×.
+//! - one `hashbrown` table: the fastest lookup, but every snapshot would
+//!   copy all 1M entries (a full build, seconds) — not measured further.
+//! - `Arc<AgentRoutes>` values (cheaper copies): one more dependent load
+//!   on every dial, which reads the routes at once; the 65536 split already
+//!   makes copies cheap.
 
 use std::fmt;
 use std::hash::BuildHasher;
@@ -53,9 +66,9 @@ pub struct ShardedMap<const TOP: u32, const MID: u32> {
     len: usize,
 }
 
-/// The snapshot's agent map: 64 × 64 = 4096 small tables (~250 agents
+/// The snapshot's agent map: 256 × 256 = 65536 small tables (~15 agents
 /// each at 1M).
-pub type AgentMap = ShardedMap<6, 6>;
+pub type AgentMap = ShardedMap<8, 8>;
 
 impl<const TOP: u32, const MID: u32> Default for ShardedMap<TOP, MID> {
     fn default() -> Self {
@@ -209,7 +222,7 @@ mod tests {
         assert!(base.get("agent-new").is_none() && next.get("agent-8").is_none());
         assert!(base.get("agent-8").is_some());
         // Only the touched small tables were copied: all but at most 3 of
-        // the 4096 are still shared.
+        // the 65536 are still shared.
         let shared = base
             .top
             .iter()
@@ -217,7 +230,7 @@ mod tests {
             .flat_map(|(a, b)| a.iter().zip(b.iter()))
             .filter(|(a, b)| Arc::ptr_eq(a, b))
             .count();
-        assert!(shared >= 4096 - 3, "{shared} of 4096 tables shared");
+        assert!(shared >= 65536 - 3, "{shared} of 65536 tables shared");
         // Same content under another seed compares equal.
         let again: AgentMap = next.iter().map(|(k, v)| (k, v.clone())).collect();
         assert_eq!(again, next);
