@@ -68,7 +68,8 @@ trait Candidate: Clone {
 }
 
 type ImblSip = imbl::HashMap<String, AgentRoutes>;
-type ImblFold = imbl::GenericHashMap<String, AgentRoutes, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+type ImblFold =
+    imbl::GenericHashMap<String, AgentRoutes, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 
 macro_rules! imbl_candidate {
     ($t:ty) => {
