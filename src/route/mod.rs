@@ -4,11 +4,13 @@
 //! Invariants: a [`RouteTable`] is immutable once built; the control thread
 //! derives a new one per batch of changes and hands an `Arc` of it to every
 //! shard, so a lookup on the hot path is one hash lookup with no lock. The
-//! agent map is a persistent (structurally shared) map, so a new snapshot
-//! costs the changed agents, not the table size. Local
+//! agent map ([`agents::AgentMap`]) is copy-on-write in 4096 small tables,
+//! so a new snapshot costs the tables of the changed agents, not the table
+//! size. Local
 //! routes come from this proxy's own tunnels and are always exact; remote
 //! routes come from the backend and only name proxies that are alive.
 
+pub mod agents;
 pub mod feed;
 pub mod model;
 pub mod redis;
@@ -17,6 +19,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use agents::AgentMap;
 use model::{ProxyInfo, Strategy};
 
 /// A tunnel to an agent on one shard of this proxy.
@@ -64,7 +67,7 @@ pub struct RouteTable {
     /// Increases with each snapshot.
     pub version: u64,
     /// Routes by agent.
-    pub agents: imbl::HashMap<String, AgentRoutes>,
+    pub agents: AgentMap,
     /// Live proxies, by id.
     pub proxies: HashMap<String, ProxyInfo>,
     /// The cluster's tunnel strategy.
@@ -78,6 +81,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Routes to `agent`.
+    #[inline]
     pub fn get(&self, agent: &str) -> Option<&AgentRoutes> {
         self.agents.get(agent)
     }

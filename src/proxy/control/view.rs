@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::route::agents::AgentMap;
 use crate::route::model::{AgentRoute, Event, ProxyInfo, Strategy};
 use crate::route::store::Loaded;
 use crate::route::{AgentRoutes, LocalRoute, RemoteRoute, RouteTable};
@@ -269,7 +270,7 @@ impl ClusterView {
         for a in &changed.agents {
             match self.routes_for(a, me, local) {
                 Some(r) => {
-                    agents.insert(a.clone(), r);
+                    agents.insert(a, r);
                 }
                 None => {
                     agents.remove(a);
@@ -293,8 +294,7 @@ impl ClusterView {
     /// Builds the whole snapshot (start, full resync).
     pub fn build(&self, me: &str, local: &LocalTunnels, version: u64, backend_up: bool) -> RouteTable {
         let names = self.agents.keys().chain(local.keys()).chain(self.moving.keys());
-        let agents: imbl::HashMap<String, AgentRoutes> =
-            names.filter_map(|a| self.routes_for(a, me, local).map(|r| (a.clone(), r))).collect();
+        let agents: AgentMap = names.filter_map(|a| self.routes_for(a, me, local).map(|r| (a.clone(), r))).collect();
         RouteTable {
             version,
             agents,
