@@ -38,10 +38,23 @@ use crate::transport::h2conf::H2Tuning;
 use crate::transport::identity::Role;
 use crate::transport::tls::{TlsFiles, TlsMaterial};
 
-/// Streams per client connection (below the default `streams_per_conn`).
-pub const STREAMS_PER_CLIENT_CONN: usize = 5_000;
+/// Streams per client connection (below the default `streams_per_conn`;
+/// 5,000 made the load process's h2 client connections its bottleneck).
+pub const STREAMS_PER_CLIENT_CONN: usize = 1_000;
 /// Streams per target address at the agent (ephemeral ports per address).
 const STREAMS_PER_TARGET_ADDR: usize = 20_000;
+/// Keepalive of every connection in a run: one ping per minute instead of
+/// every 2 s, so that 10,000 tunnels' pings do not swamp the one load
+/// process (a ping costs CPU, not memory: one timer per connection either
+/// way). Rejected: the defaults, under which the load process fell behind
+/// at 10,000 tunnels and the proxy dropped its links as unresponsive.
+const KEEPALIVE: &str = "[h2]\nkeepalive_interval_ms = 60000\nkeepalive_miss_ms = 60000\nkeepalive_timeout_ms = 120000\n";
+
+/// The `[h2]` of this process's connections, [`KEEPALIVE`] applied.
+pub fn h2() -> H2Tuning {
+    H2Tuning { keepalive_interval_ms: 60_000, keepalive_miss_ms: 60_000, keepalive_timeout_ms: 120_000, ..H2Tuning::default() }
+}
+
 /// Settling time before each RSS reading (allocator, lazy frees).
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -210,7 +223,7 @@ fn agent_phase(dir: &Path, streams: usize) -> anyhow::Result<AgentMem> {
     let services: String =
         (0..addrs).map(|k| format!("echo{k} = \"127.0.0.{}:{echo_port}\"\n", k + 1)).collect::<String>();
     let cfg = format!(
-        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\n{}[limits]\nstreams_per_conn = {}\n[h2]\nmax_concurrent_streams = {}\n[services]\n{services}",
+        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\n{}[limits]\nstreams_per_conn = {}\n{KEEPALIVE}max_concurrent_streams = {}\n[services]\n{services}",
         proxy.tunnel,
         tls_section(dir, "agent-1"),
         streams * 2 + 100,
@@ -258,7 +271,7 @@ async fn connect_clients(
 ) -> anyhow::Result<Vec<Client>> {
     let mut v = Vec::new();
     for _ in 0..streams.div_ceil(STREAMS_PER_CLIENT_CONN).max(1) {
-        v.push(Client::connect(addr, tls, &H2Tuning::default()).await.context("client connect")?);
+        v.push(Client::connect(addr, tls, &h2()).await.context("client connect")?);
     }
     Ok(v)
 }
@@ -350,7 +363,7 @@ impl ProxyProc {
         let [client, tunnel, peer, admin] =
             [free_port()?, free_port()?, free_port()?, free_port()?].map(|p| format!("127.0.0.1:{p}"));
         let cfg = format!(
-            "cluster = \"demo\"\nid = \"{id}\"\nshards = 1\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\npeer_addr = \"{peer}\"\nadmin_addr = \"{admin}\"\n{}[limits]\nstreams_per_identity = {}\n",
+            "cluster = \"demo\"\nid = \"{id}\"\nshards = 1\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\npeer_addr = \"{peer}\"\nadmin_addr = \"{admin}\"\ndial_timeout_ms = 60000\n{}[limits]\nstreams_per_identity = {}\n{KEEPALIVE}",
             tls_section(dir, id),
             streams * 2 + 100
         );

@@ -30,7 +30,7 @@ use crate::relay::call::{answer_ok, established, read_dial_request};
 use crate::relay::GrpcRecv;
 use crate::runtime::signal::Signal;
 use crate::transport::connect_tls;
-use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
+use crate::transport::h2conf::{serve, ActiveStreams};
 use crate::wire::codec::{encode_data, encode_msg, FrameDecoder};
 use crate::wire::error::Side;
 use crate::wire::paths;
@@ -44,7 +44,7 @@ pub const PARALLEL: usize = 256;
 /// Opens one simulated agent tunnel to `addr` and serves it until `stop`;
 /// `up` counts tunnels whose h2 handshake completed.
 pub async fn agent_tunnel(tls: Arc<rustls::ClientConfig>, addr: String, stop: Signal, up: Rc<Cell<usize>>) {
-    let h2 = H2Tuning::default();
+    let h2 = super::scale::h2();
     let Ok((tls, _)) = connect_tls(&tls, &addr, h2.handshake_timeout()).await else {
         return;
     };
