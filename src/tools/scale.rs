@@ -48,11 +48,18 @@ const STREAMS_PER_TARGET_ADDR: usize = 20_000;
 /// process (a ping costs CPU, not memory: one timer per connection either
 /// way). Rejected: the defaults, under which the load process fell behind
 /// at 10,000 tunnels and the proxy dropped its links as unresponsive.
-const KEEPALIVE: &str = "[h2]\nkeepalive_interval_ms = 60000\nkeepalive_miss_ms = 60000\nkeepalive_timeout_ms = 120000\n";
+const KEEPALIVE: &str = "[h2]\nkeepalive_interval_ms = 60000\nkeepalive_miss_ms = 60000\nkeepalive_timeout_ms = 120000\nhandshake_timeout_ms = 60000\n";
 
 /// The `[h2]` of this process's connections, [`KEEPALIVE`] applied.
+/// Its handshakes may take long too: 10,000 tunnels arrive at once.
 pub fn h2() -> H2Tuning {
-    H2Tuning { keepalive_interval_ms: 60_000, keepalive_miss_ms: 60_000, keepalive_timeout_ms: 120_000, ..H2Tuning::default() }
+    H2Tuning {
+        keepalive_interval_ms: 60_000,
+        keepalive_miss_ms: 60_000,
+        keepalive_timeout_ms: 120_000,
+        handshake_timeout_ms: 60_000,
+        ..H2Tuning::default()
+    }
 }
 
 /// Settling time before each RSS reading (allocator, lazy frees).
@@ -271,7 +278,15 @@ async fn connect_clients(
 ) -> anyhow::Result<Vec<Client>> {
     let mut v = Vec::new();
     for _ in 0..streams.div_ceil(STREAMS_PER_CLIENT_CONN).max(1) {
-        v.push(Client::connect(addr, tls, &h2()).await.context("client connect")?);
+        let mut tries = 0;
+        let c = loop {
+            match Client::connect(addr, tls, &h2()).await {
+                Ok(c) => break c,
+                Err(e) if tries >= 3 => return Err(e).context("client connect"),
+                Err(_) => tries += 1,
+            }
+        };
+        v.push(c);
     }
     Ok(v)
 }

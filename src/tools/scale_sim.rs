@@ -41,15 +41,21 @@ use crate::wire::DialTarget;
 /// Tunnels being opened, or dials being set up, at once.
 pub const PARALLEL: usize = 256;
 
-/// Opens one simulated agent tunnel to `addr` and serves it until `stop`;
-/// `up` counts tunnels whose h2 handshake completed.
+/// Opens one simulated agent tunnel to `addr` and serves it until `stop`
+/// (a failed attempt is retried after a second, as an agent would); `up`
+/// counts tunnels whose h2 handshake completed.
 pub async fn agent_tunnel(tls: Arc<rustls::ClientConfig>, addr: String, stop: Signal, up: Rc<Cell<usize>>) {
     let h2 = super::scale::h2();
-    let Ok((tls, _)) = connect_tls(&tls, &addr, h2.handshake_timeout()).await else {
-        return;
-    };
-    let Ok(conn) = h2.link_server().handshake::<_, Bytes>(tls).await else {
-        return;
+    let conn = loop {
+        if stop.is_triggered() {
+            return;
+        }
+        if let Ok((tls, _)) = connect_tls(&tls, &addr, h2.handshake_timeout()).await {
+            if let Ok(conn) = h2.link_server().handshake::<_, Bytes>(tls).await {
+                break conn;
+            }
+        }
+        glommio::timer::sleep(Duration::from_secs(1)).await;
     };
     up.set(up.get() + 1);
     let active = ActiveStreams::default();
