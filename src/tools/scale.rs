@@ -185,7 +185,10 @@ fn proxy_phase(dir: &Path, tunnels: usize, streams: usize) -> anyhow::Result<Pro
     issue_all(dir, &names)?;
     let tls = names
         .iter()
-        .map(|n| Ok(TlsMaterial::load_as(&TlsFiles::in_dir(dir, n), "demo", Role::Agent, n)?.client_config(Role::Proxy, None)?))
+        .map(|n| {
+            Ok(TlsMaterial::load_as(&TlsFiles::in_dir(dir, n), "demo", Role::Agent, n)?
+                .client_config(Role::Proxy, None)?)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!("scale: {tunnels} agent certificates in {:.1} s", t0.elapsed().as_secs_f64());
     let proxy = ProxyProc::start(dir, "proxy-a", streams)?;
@@ -208,7 +211,9 @@ fn proxy_phase(dir: &Path, tunnels: usize, streams: usize) -> anyhow::Result<Pro
         m.rss_tunnels_kib = rss_kib(pid);
         let t = Instant::now();
         let clients = connect_clients(&client_addr, &client_tls, streams).await?;
-        let held = open_streams(&clients, streams, |i| format!("scale-{}/echo", i % tunnels)).await.map_err(anyhow::Error::msg)?;
+        let held = open_streams(&clients, streams, |i| format!("scale-{}/echo", i % tunnels))
+            .await
+            .map_err(anyhow::Error::msg)?;
         m.streams_s = t.elapsed().as_secs_f64();
         glommio::timer::sleep(SETTLE).await;
         m.rss_streams_kib = rss_kib(pid);
@@ -249,7 +254,9 @@ fn agent_phase(dir: &Path, streams: usize) -> anyhow::Result<AgentMem> {
         glommio::timer::sleep(SETTLE).await;
         let (a0, p0, slab0, sock0) = (rss_kib(apid), rss_kib(ppid), slab_kib(), sockstat_tcp_pages());
         let t = Instant::now();
-        let held = open_streams(&clients, streams, |i| format!("agent-1/echo{}", i % addrs)).await.map_err(anyhow::Error::msg)?;
+        let held = open_streams(&clients, streams, |i| format!("agent-1/echo{}", i % addrs))
+            .await
+            .map_err(anyhow::Error::msg)?;
         let streams_s = t.elapsed().as_secs_f64();
         glommio::timer::sleep(SETTLE).await;
         let (a1, p1, slab1, sock1) = (rss_kib(apid), rss_kib(ppid), slab_kib(), sockstat_tcp_pages());
@@ -323,7 +330,11 @@ fn issue_all(dir: &Path, names: &[String]) -> anyhow::Result<()> {
         let chunks: Vec<_> = names.chunks(names.len().div_ceil(threads).max(1)).collect();
         let hs: Vec<_> = chunks
             .into_iter()
-            .map(|c| s.spawn(move || c.iter().try_for_each(|n| crate::transport::certs::issue(dir, Role::Agent, n).map(|_| ()))))
+            .map(|c| {
+                s.spawn(move || {
+                    c.iter().try_for_each(|n| crate::transport::certs::issue(dir, Role::Agent, n).map(|_| ()))
+                })
+            })
             .collect();
         hs.into_iter().try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("certificate thread panicked"))?)
     })
@@ -384,7 +395,8 @@ impl ProxyProc {
         );
         let path = dir.join(format!("{id}.toml"));
         std::fs::write(&path, cfg)?;
-        let mut proc = Proc::spawn(dir, id, &["proxy", "--config", path.to_str().expect("utf-8 path"), "--log", "warn"])?;
+        let mut proc =
+            Proc::spawn(dir, id, &["proxy", "--config", path.to_str().expect("utf-8 path"), "--log", "warn"])?;
         let t0 = Instant::now();
         while metric(&admin, "ringpeer_tunnels").is_none() {
             if let Some(st) = proc.child.try_wait()? {

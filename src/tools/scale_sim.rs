@@ -100,7 +100,11 @@ async fn answer(req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
 /// Opens `n` dials spread over `clients` round robin, dial `i` to
 /// `target(i)` (`agent/service`), each established with one echoed byte;
 /// returns them held open.
-pub async fn open_streams(clients: &[Client], n: usize, target: impl Fn(usize) -> String) -> Result<Vec<DialIo>, String> {
+pub async fn open_streams(
+    clients: &[Client],
+    n: usize,
+    target: impl Fn(usize) -> String,
+) -> Result<Vec<DialIo>, String> {
     let held = Rc::new(std::cell::RefCell::new(Vec::with_capacity(n)));
     let failed: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
     let in_flight = Rc::new(Cell::new(0usize));
