@@ -135,12 +135,16 @@ pub fn run(o: &BenchOpts, tunnels: usize) -> anyhow::Result<()> {
         ..Default::default()
     };
     if o.scale_phase != "agent" {
-        r.proxy = Some(proxy_phase(&certs.path, tunnels, streams).context("proxy phase")?);
+        let p = proxy_phase(&certs.path, tunnels, streams).context("proxy phase")?;
+        // Printed at once: a later phase that fails must not lose it.
+        eprintln!("scale: proxy phase: {}", serde_json::to_string(&p)?);
+        r.proxy = Some(p);
     }
     if o.scale_phase != "proxy" {
-        // Each agent stream holds a socket in the agent and one in the
-        // target: without CAP_SYS_RESOURCE the hard limit caps the phase.
-        let fit = (nofile as usize).saturating_sub(1000).max(1);
+        // Each agent stream holds two descriptors in the agent (its target
+        // socket and the dup of it that `split_tcp` makes for the write
+        // half): without CAP_SYS_RESOURCE the hard limit caps the phase.
+        let fit = ((nofile as usize).saturating_sub(1000) / 2).max(1);
         if streams > fit {
             eprintln!("scale: agent phase limited to {fit} streams by RLIMIT_NOFILE {nofile}");
         }
