@@ -69,6 +69,17 @@ pub struct BenchOpts {
     /// Write the JSON report here (default: stdout only).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Memory at scale instead (`super::scale`): hold this many agent
+    /// tunnels (and `--streams` idle streams) from this one process against
+    /// a real proxy process, and report RSS per tunnel and per stream.
+    #[arg(long)]
+    pub tunnels: Option<usize>,
+    /// With `--tunnels`: open idle streams in each phase.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// With `--tunnels`: `proxy`, `agent` or `both` phases.
+    #[arg(long, default_value = "both", value_parser = ["both", "proxy", "agent"])]
+    pub scale_phase: String,
 }
 
 /// Latency percentiles of one path, microseconds (one-way = round trip / 2).
@@ -204,6 +215,9 @@ impl Samples {
 pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     if o.external_echo.is_some() {
         return super::bench_external::run(&o);
+    }
+    if let Some(n) = o.tunnels {
+        return super::scale::run(&o, n);
     }
     let certs = CertDir::temp()?;
     let dir = certs.path.clone();

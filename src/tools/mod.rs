@@ -3,8 +3,9 @@
 //! `demo` (the embedded default fleet), `bench` (the load generator),
 //! `target` (echo/sink/source services), `fleet` (in-process proxies and
 //! agents, used by the demo, the bench and the tests), `load` (dial drivers)
-//! `routes` (the backend reader behind `ringpeer routes`) and `soak` (a long
-//! mixed load with every byte checked).
+//! `routes` (the backend reader behind `ringpeer routes`), `soak` (a long
+//! mixed load with every byte checked) and `scale` (memory at scale: many
+//! tunnels and idle streams from one process).
 //!
 //! Invariant: this is the top layer; nothing under `wire`, `runtime`,
 //! `transport`, `relay`, `route` or the roles imports it (checked by
@@ -16,5 +17,7 @@ pub mod demo;
 pub mod fleet;
 pub mod load;
 pub mod routes;
+pub mod scale;
+pub mod scale_sim;
 pub mod soak;
 pub mod target;

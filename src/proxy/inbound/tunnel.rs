@@ -67,8 +67,12 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     // must not block the rest).
     let streams = ActiveStreams::default();
     let (count, pool) = (streams.clone(), shard.buf.clone());
+    // The connection goes in boxed and is moved out into the driver's
+    // future, so the task does not keep a second, moved-from copy of it
+    // (rustc #62958).
+    let conn = Box::new(conn);
     let driver = glommio::spawn_local(async move {
-        drive_client_pooled(conn, &h2cfg, &watched, Some(&pool), || Some(count.open())).await
+        drive_client_pooled(*conn, &h2cfg, &watched, Some(&pool), || Some(count.open())).await
     });
     // What the agent is first told is exactly what later pushes compare
     // against (computed once: the snapshot may change meanwhile).
