@@ -1236,6 +1236,15 @@ impl UringCommon for SleepableRing {
 /// [ringpeer] A shard that saw no work for this long sleeps without its
 /// preemption timer (see `Reactor::wait`).
 const IDLE_AFTER: Duration = Duration::from_millis(50);
+/// [ringpeer] Keep the latency-ring timer across calls and sleeps while
+/// busy (see `wait`). Off: with it on, tests/peering.rs
+/// `a_frozen_proxy_is_routed_around_within_a_second` saw 2 and then 6 of
+/// ~4,000 dials wait their whole 2 s deadline instead of a 500 ms timer,
+/// in two full-suite runs (it passed when run alone), and the cause was not
+/// found in the time available. Off, every call handles the latency timer
+/// exactly as upstream does (cancel, then re-arm or arm the user timer),
+/// and the other changes here stand.
+const KEEP_LATENCY_TIMER: bool = false;
 
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
@@ -1884,7 +1893,7 @@ impl Reactor {
         if woke > 0 {
             self.last_work.set(now);
         }
-        let idle = now.duration_since(self.last_work.get()) >= IDLE_AFTER;
+        let idle = !KEEP_LATENCY_TIMER || now.duration_since(self.last_work.get()) >= IDLE_AFTER;
 
         // [ringpeer] Upstream cancelled the latency-ring timer here and
         // re-armed it below on every call, and cancelled and re-armed the
