@@ -119,11 +119,6 @@ pub struct SoakReport {
     pub passed: bool,
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn parse_pids(v: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
     v.iter()
         .map(|p| {
@@ -202,7 +197,7 @@ pub fn run(o: SoakOpts) -> anyhow::Result<bool> {
             let mut peak = vec![0u64; n];
             loop {
                 let now = Instant::now();
-                let kib: Vec<u64> = pids.iter().map(|(_, p)| rss_kib(*p).unwrap_or(0)).collect();
+                let kib: Vec<u64> = pids.iter().map(|(_, p)| super::scale::rss_kib(*p)).collect();
                 for k in 0..n {
                     peak[k] = peak[k].max(kib[k]);
                 }

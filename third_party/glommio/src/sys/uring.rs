@@ -1233,36 +1233,17 @@ impl UringCommon for SleepableRing {
     }
 }
 
-/// [ringpeer] A shard that saw no work for this long sleeps without its
-/// preemption timer (see `Reactor::wait`).
-const IDLE_AFTER: Duration = Duration::from_millis(50);
-/// [ringpeer] Keep the latency-ring timer across calls and sleeps while
-/// busy (see `wait`). Off: with it on, tests/peering.rs
-/// `a_frozen_proxy_is_routed_around_within_a_second` saw 2 and then 6 of
-/// ~4,000 dials wait their whole 2 s deadline instead of a 500 ms timer,
-/// in two full-suite runs (it passed when run alone), and the cause was not
-/// found in the time available. Off, every call handles the latency timer
-/// exactly as upstream does (cancel, then re-arm or arm the user timer),
-/// and the other changes here stand.
-const KEEP_LATENCY_TIMER: bool = false;
-
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    // [ringpeer] the latency-ring timer in flight and when it fires: kept
-    // across loops while it is still pending (see `wait`).
-    latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
+    latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
     // [ringpeer] the POLL_ADD that links the latency ring into the main
     // ring while sleeping; kept armed across sleeps until it fires.
     link_rings_src: Cell<Option<Source>>,
-    // [ringpeer] when a call last saw work (a completion that woke a task,
-    // a timer or a remote wake-up): a shard without work for IDLE_AFTER
-    // sleeps without the preemption timer.
-    last_work: Cell<Instant>,
 
     link_fd: RawFd,
 
@@ -1395,7 +1376,6 @@ impl Reactor {
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             link_rings_src: Cell::new(None),
-            last_work: Cell::new(Instant::now()),
             blocking_thread,
             link_fd,
             notifier,
@@ -1799,13 +1779,6 @@ impl Reactor {
         r
     }
 
-    /// [ringpeer] The latency-ring timer if it has not fired yet.
-    fn pending_latency_timer(&self) -> Option<(Source, Instant)> {
-        self.latency_preemption_timeout_src
-            .take()
-            .filter(|(src, _)| src.in_flight())
-    }
-
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
         self.poll_ring.borrow_mut().poll(woke)?;
         self.main_ring.borrow_mut().poll(woke)?;
@@ -1884,30 +1857,18 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // [ringpeer] Busy or idle. A shard that saw no work (a completion
-        // that woke a task, a timer, a remote wake-up) for IDLE_AFTER runs
-        // upstream's timer handling unchanged: it cancels the latency-ring
-        // timer on every call, sleeps with the user timer only, and so an
-        // idle shard does not wake up. A busy shard keeps its timers (below).
-        let now = Instant::now();
-        if woke > 0 {
-            self.last_work.set(now);
-        }
-        let idle = !KEEP_LATENCY_TIMER || now.duration_since(self.last_work.get()) >= IDLE_AFTER;
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
 
-        // [ringpeer] Upstream cancelled the latency-ring timer here and
-        // re-armed it below on every call, and cancelled and re-armed the
-        // throughput timer too: four SQEs and two or three io_uring_enter
-        // calls per loop, twice per park/wake cycle. A timer that has not
-        // fired is kept instead, as long as it fires no later than needed:
-        // the preemption bound still holds (need_preempt() may turn true
-        // earlier than a fresh timer would, never later), and a throughput
-        // timer counts completions since it was armed rather than since
-        // this call.
-        let mut latency = self.pending_latency_timer();
-        if idle {
-            drop(latency.take());
-        }
+        // [ringpeer] The throughput-based timeout is re-armed only once it
+        // fired: upstream cancelled and re-armed it on every call (three
+        // SQEs, twice per park/wake cycle). It then counts completions since
+        // it was armed rather than since this call.
         let throughput = self
             .throughput_preemption_timeout_src
             .take()
@@ -1939,83 +1900,43 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            //
-            // [ringpeer] Busy: a pending timer is kept if it fires no
-            // later than the user timer needs, and a pending preemption
-            // timer is kept even with no user timer: one wake-up at most
-            // per preempt period, cheaper than cancelling it before every
-            // sleep and re-arming it after every wake-up. (Idle: nothing is
-            // pending here, as upstream.)
-            let keep = match (&latency, user_timer) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some((_, at)), Some(dur)) => *at <= now + dur,
-            };
-            if !keep {
-                drop(latency.take());
-                if let Some(dur) = user_timer {
-                    latency = Some((lat_ring.prepare_latency_preemption_timer(dur), now + dur));
-                }
-                // Submit only: consuming completions here could wake a task
-                // after `should_sleep` was decided, and we would sleep on it.
-                // (The cancelled timer's completion may end the coming sleep
-                // at once; that happens once, when the shard turns idle.)
-                lat_ring
-                    .consume_cancellation_queue()
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)?;
-                flush_rings!(lat_ring)?;
+            if let Some(dur) = user_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                assert!(flush_rings!(lat_ring)? > 0);
             }
-            self.latency_preemption_timeout_src.set(latency.take());
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
+            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
+            // details. This translates to `sys_membarrier()` /
+            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
             // [ringpeer] A SeqCst fence, paired with the one in
             // `SleepNotifier::notify`, replaces `membarrier::heavy()`: one
-            // `membarrier` syscall per park was a fifth of a relayed
-            // message's syscalls.
+            // `membarrier` syscall (an IPI) per park was a fifth of a
+            // relayed message's syscalls.
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
-                    let mut woke_after = 0;
-                    flush_cancellations!(into &mut woke_after; lat_ring, poll_ring, main_ring);
+                    // May have new cancellations related to the link ring fd.
+                    flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
-                    consume_rings!(into &mut woke_after; lat_ring, poll_ring, main_ring);
-                    if woke_after > 0 {
-                        self.last_work.set(Instant::now());
-                    }
+                    consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
                 }
                 // Woke up, so no need to notify us anymore.
                 self.notifier.wake_up();
             }
-            latency = self.pending_latency_timer();
         }
 
         if let Some(preempt) = preempt_timer() {
-            // [ringpeer] Keep a pending timer that preempts no later than a
-            // fresh one would.
-            match latency.take() {
-                Some((src, at)) if at <= now + preempt => {
-                    self.latency_preemption_timeout_src.set(Some((src, at)));
-                }
-                stale => {
-                    drop(stale);
-                    self.latency_preemption_timeout_src.set(Some((
-                        lat_ring.prepare_latency_preemption_timer(preempt),
-                        Instant::now() + preempt,
-                    )));
-                    flush_cancellations!(into &mut 0; lat_ring);
-                    flush_rings!(lat_ring, main_ring)?;
-                }
-            }
-        } else if let Some(pending) = latency.take() {
-            self.latency_preemption_timeout_src.set(Some(pending));
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
         }
 
         // A Note about `need_preempt`:
