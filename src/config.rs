@@ -139,11 +139,41 @@ pub struct ProxyConfig {
     /// its listeners before it leaves the fleet instead, ms.
     #[serde(default = "default_handover_wait")]
     pub handover_wait_ms: u64,
+    /// Authorization policy: `grants` (default: deny unless a grant allows
+    /// the dial) or `allow_all`.
+    #[serde(default)]
+    pub authorization: crate::route::grants::Authorization,
+    /// Grants for the embedded store (`[[grants]]`); with Redis, grants live
+    /// in Redis (`ringpeer grants add`), so this must be empty.
+    #[serde(default)]
+    pub grants: Vec<GrantSpec>,
     /// Unix socket on which this proxy hands its listening sockets to a
     /// successor (`ringpeer proxy` started with the same config) and takes
     /// `ringpeer proxy … drain`. Default: [`ProxyConfig::upgrade_socket_path`].
     #[serde(default)]
     pub upgrade_socket: Option<std::path::PathBuf>,
+}
+
+/// One `[[grants]]` entry.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// Grant name (its key in the backend).
+    pub name: String,
+    /// Client names (`spiffe://<cluster>/client/<name>`) or globs.
+    pub clients: Vec<String>,
+    /// Agent ids or globs.
+    pub agents: Vec<String>,
+    /// Service names or globs (`"*"`: any).
+    pub services: Vec<String>,
+}
+
+impl GrantSpec {
+    /// The validated grant.
+    pub fn grant(&self) -> Result<crate::route::grants::Grant, String> {
+        crate::route::grants::Grant::new(&self.name, &self.clients, &self.agents, &self.services)
+            .map_err(|e| format!("grant {:?}: {e}", self.name))
+    }
 }
 
 fn default_drain_timeout() -> u64 {
@@ -271,6 +301,16 @@ impl ProxyConfig {
                 "peer_addr port {port} + {} shards overflows 65535 (shard i listens on port + i); lower peer_addr's port or shards",
                 self.shard_count()
             );
+        }
+        if self.backend.kind == BackendKind::Redis && !self.grants.is_empty() {
+            bail!("[[grants]] is for the embedded store; with backend.kind = \"redis\" grants live in Redis (`ringpeer grants add`)");
+        }
+        let mut names = std::collections::HashSet::new();
+        for g in &self.grants {
+            g.grant().map_err(anyhow::Error::msg)?;
+            if !names.insert(&g.name) {
+                bail!("grant {:?} is defined twice", g.name);
+            }
         }
         self.limits.validate().map_err(anyhow::Error::msg)?;
         self.h2.validate().map_err(anyhow::Error::msg)

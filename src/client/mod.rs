@@ -82,7 +82,7 @@ impl Client {
     ) -> Result<Established, Error> {
         let mut send = self.send.clone();
         let first = encode_msg(&target.to_frame());
-        call::open(&mut send, paths::uri(path), hops, first, Side::Proxy, deadline).await
+        call::open(&mut send, paths::uri(path), call::Hop { hops, client: None }, first, Side::Proxy, deadline).await
     }
 
     /// Dials and splices the dial to a TCP connection until the call ends.

@@ -185,6 +185,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         peer_connect_timeout: Duration::from_millis(cfg.peer_connect_timeout_ms),
         peer_answer_timeout: Duration::from_millis(cfg.peer_answer_timeout_ms),
         limits: cfg.limits.clone(),
+        authorization: cfg.authorization,
+        cluster: cfg.cluster.clone(),
         client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
         tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
         tunnel_addr,
@@ -231,6 +233,15 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             }
         })
     };
+    // `[[grants]]` (embedded store only, see `config`) go in before the
+    // control thread's first load, so the first snapshot already has them
+    // and no dial meets an empty grant table at start.
+    if !cfg.grants.is_empty() {
+        let mut w = store.connect()?;
+        for g in &cfg.grants {
+            w.put_grant(&g.grant().map_err(anyhow::Error::msg)?)?;
+        }
+    }
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
     // Fires once every shard has ended: the side threads stop with it.
     let ended = Shutdown::new();

@@ -75,8 +75,8 @@ pub enum ShardMsg {
 pub struct CrossDial {
     /// The agent.
     pub agent: String,
-    /// The encoded `DialRequest` to send it.
-    pub first: Bytes,
+    /// The encoded `DialRequest` and the client identity to send it.
+    pub dial: crate::relay::call::Outgoing,
     /// Client → agent: verbatim DATA payloads, then End or Fail.
     pub up: PipeRx<Item>,
     /// Agent → client: first the establishment bytes or a Fail, then
@@ -114,6 +114,10 @@ pub struct ProxyShared {
     pub peer_answer_timeout: Duration,
     /// Budgets (`[limits]`).
     pub limits: ProxyLimits,
+    /// Authorization policy (`authorization`): grants, or allow-all.
+    pub authorization: crate::route::grants::Authorization,
+    /// The cluster (SPIFFE trust domain) of this proxy.
+    pub cluster: String,
     /// TLS acceptor for the client edge (clients only).
     pub client_tls: TlsAcceptor,
     /// TLS acceptor for agent tunnels (agents only).

@@ -39,6 +39,12 @@ const HOPS: [HeaderValue; 4] = [
     HeaderValue::from_static("3"),
 ];
 
+/// Header carrying the client's identity (`spiffe://<cluster>/client/<name>`)
+/// on every dial a proxy sends on: to a peer proxy (which checks its own
+/// grants against it) and to an agent (which checks its per-service allow
+/// list). Set only by proxies; a proxy never takes it from a client.
+pub const CLIENT_ID_HEADER: &str = "ringpeer-client-id";
+
 /// An established dial, seen from the side that opened it.
 pub struct Established {
     /// Request body (towards the callee).
@@ -60,12 +66,39 @@ fn closed(far: Side, e: &h2::Error) -> Error {
 pub async fn open(
     send: &mut SendRequest<Bytes>,
     uri: &Uri,
-    hops: u8,
+    hop: Hop<'_>,
     first: Bytes,
     far: Side,
     deadline: Duration,
 ) -> Result<Established, Error> {
-    open_bounded(send, uri, hops, first, far, deadline, deadline).await
+    open_bounded(send, uri, hop, first, far, deadline, deadline).await
+}
+
+/// A dial as a proxy sends it on: the encoded `DialRequest` and the
+/// client identity header value (both reference-counted, cheap to clone
+/// for each upstream tried).
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The encoded `DialRequest` frame.
+    pub first: Bytes,
+    /// The client's identity, for [`CLIENT_ID_HEADER`].
+    pub client: Option<HeaderValue>,
+}
+
+impl Outgoing {
+    /// The headers for a dial that has crossed `hops` peer links.
+    pub fn hop(&self, hops: u8) -> Hop<'_> {
+        Hop { hops, client: self.client.as_ref() }
+    }
+}
+
+/// What a dial's request headers say about where it came from.
+#[derive(Clone, Copy, Default)]
+pub struct Hop<'a> {
+    /// Peer links crossed so far.
+    pub hops: u8,
+    /// The client's identity ([`CLIENT_ID_HEADER`]), when a proxy forwards.
+    pub client: Option<&'a HeaderValue>,
 }
 
 /// [`open`], where the callee must also answer the request headers within
@@ -76,7 +109,7 @@ pub async fn open(
 pub async fn open_bounded(
     send: &mut SendRequest<Bytes>,
     uri: &Uri,
-    hops: u8,
+    hop: Hop<'_>,
     first: Bytes,
     far: Side,
     headers_within: Duration,
@@ -90,8 +123,11 @@ pub async fn open_bounded(
         let h = req.headers_mut();
         h.insert(CONTENT_TYPE, GRPC);
         h.insert(TE, TRAILERS);
-        if hops > 0 {
-            h.insert(HOPS_HEADER, HOPS[usize::from(hops.min(3))].clone());
+        if hop.hops > 0 {
+            h.insert(HOPS_HEADER, HOPS[usize::from(hop.hops.min(3))].clone());
+        }
+        if let Some(c) = hop.client {
+            h.insert(CLIENT_ID_HEADER, c.clone());
         }
         let (resp, tx) = send.send_request(req, false).map_err(|e| closed(far, &e))?;
         let mut tx = GrpcSend::request(tx, far);

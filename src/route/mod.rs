@@ -12,6 +12,7 @@
 
 pub mod agents;
 pub mod feed;
+pub mod grants;
 pub mod model;
 pub mod redis;
 pub mod store;
@@ -72,6 +73,12 @@ pub struct RouteTable {
     pub proxies: HashMap<String, ProxyInfo>,
     /// The cluster's tunnel strategy.
     pub strategy: Strategy,
+    /// The grants (shared between snapshots until one changes).
+    pub grants: Arc<grants::GrantTable>,
+    /// Bumped by each grant removal that asks to end the open streams it
+    /// allowed (`grants revoke --kill-streams`): shards re-check their open
+    /// streams when it moves.
+    pub grant_kills: u64,
     /// Whether the backend was reachable when this snapshot was built.
     pub backend_up: bool,
     /// Whether the routes were ever loaded from the backend (a process

@@ -1,8 +1,8 @@
 //! Route domain types and their backend encoding (prost messages from
 //! `proto/ringpeer/v1/ringpeer.proto`).
 //!
-//! Invariants: generated types are converted here and nowhere else in the
-//! route code; every value read from a backend is size-checked before it is
+//! Invariants: generated types are converted here (and grants in [`super::grants`]) and
+//! nowhere else in the route code; every value read from a backend is size-checked before it is
 //! decoded and validated after (names, shard numbers), so garbage under our
 //! keys is an error value, never a panic.
 
@@ -30,7 +30,8 @@ fn bad(what: &'static str, why: impl fmt::Display) -> BadValue {
     BadValue { what, why: why.to_string() }
 }
 
-fn decode<M: Message + Default>(what: &'static str, b: &[u8]) -> Result<M, BadValue> {
+/// Decodes a backend value after checking its size.
+pub(crate) fn decode_checked<M: Message + Default>(what: &'static str, b: &[u8]) -> Result<M, BadValue> {
     if b.len() > MAX_VALUE {
         return Err(bad(what, format!("{} bytes exceeds {MAX_VALUE}", b.len())));
     }
@@ -97,7 +98,7 @@ impl ProxyInfo {
 
     /// Decodes a `ProxyRecord`.
     pub fn decode(b: &[u8]) -> Result<ProxyInfo, BadValue> {
-        Self::from_pb(decode("ProxyRecord", b)?)
+        Self::from_pb(decode_checked("ProxyRecord", b)?)
     }
 }
 
@@ -142,7 +143,7 @@ impl AgentRoute {
 
     /// Decodes an `AgentRoute`.
     pub fn decode(b: &[u8]) -> Result<AgentRoute, BadValue> {
-        Self::from_pb(decode("AgentRoute", b)?)
+        Self::from_pb(decode_checked("AgentRoute", b)?)
     }
 }
 
@@ -202,7 +203,7 @@ impl Strategy {
 
     /// Decodes a `TunnelStrategy` message.
     pub fn decode(b: &[u8]) -> Result<Strategy, BadValue> {
-        Self::from_pb(&decode::<pb::TunnelStrategy>("TunnelStrategy", b)?)
+        Self::from_pb(&decode_checked::<pb::TunnelStrategy>("TunnelStrategy", b)?)
     }
 }
 
@@ -237,6 +238,16 @@ pub enum Event {
     },
     /// The strategy changed.
     Strategy(Strategy),
+    /// A grant was written (added or replaced).
+    GrantUp(super::grants::Grant),
+    /// A grant was removed; `kill_streams`: end the open streams it allowed
+    /// that no other grant allows.
+    GrantDown {
+        /// Grant name.
+        name: String,
+        /// End the streams it no longer allows.
+        kill_streams: bool,
+    },
 }
 
 impl Event {
@@ -270,6 +281,16 @@ impl Event {
                 e.r#type = Kind::Strategy as i32;
                 e.strategy = Some(s.to_pb());
             }
+            Event::GrantUp(g) => {
+                e.r#type = Kind::GrantUp as i32;
+                e.grant_name = g.name.clone();
+                e.grant = Some(g.to_pb());
+            }
+            Event::GrantDown { name, kill_streams } => {
+                e.r#type = Kind::GrantDown as i32;
+                e.grant_name = name.clone();
+                e.kill_streams = *kill_streams;
+            }
         }
         e.encode_to_vec()
     }
@@ -277,7 +298,7 @@ impl Event {
     /// Decodes a `RouteEvent`.
     pub fn decode(b: &[u8]) -> Result<Event, BadValue> {
         use pb::route_event::Kind;
-        let e: pb::RouteEvent = decode("RouteEvent", b)?;
+        let e: pb::RouteEvent = decode_checked("RouteEvent", b)?;
         let missing = |f| bad("RouteEvent", format!("missing {f}"));
         match Kind::try_from(e.r#type) {
             Ok(Kind::AgentUp) => {
@@ -302,6 +323,13 @@ impl Event {
             }
             Ok(Kind::Strategy) => {
                 Ok(Event::Strategy(Strategy::from_pb(&e.strategy.ok_or_else(|| missing("Strategy"))?)?))
+            }
+            Ok(Kind::GrantUp) => {
+                Ok(Event::GrantUp(super::grants::Grant::from_pb(e.grant.ok_or_else(|| missing("Grant"))?)?))
+            }
+            Ok(Kind::GrantDown) => {
+                name("RouteEvent", "GrantName", &e.grant_name)?;
+                Ok(Event::GrantDown { name: e.grant_name, kill_streams: e.kill_streams })
             }
             Err(_) => Err(bad("RouteEvent", format!("unknown type {}", e.r#type))),
         }
@@ -335,6 +363,10 @@ mod tests {
             Event::ProxyUp { info, ttl_ms: 10_000 },
             Event::ProxyDown { proxy: "proxy-b".into() },
             Event::Strategy(Strategy::ProxyPeering { agent_connection_count: 2 }),
+            Event::GrantUp(
+                super::super::grants::Grant::new("db", &["alice".into()], &["db-*".into()], &["*".into()]).unwrap(),
+            ),
+            Event::GrantDown { name: "db".into(), kill_streams: true },
         ] {
             assert_eq!(Event::decode(&e.encode()).unwrap(), e);
         }

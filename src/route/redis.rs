@@ -2,7 +2,8 @@
 //! `ringpeer:{<cluster>}:` (a Redis Cluster hash tag):
 //! `proxy:<id>` (string with TTL, ProxyRecord), `agent:<id>` (hash: field =
 //! proxy id, value = AgentRoute), `strategy` (TunnelStrategy), `events`
-//! (stream, field `e` = RouteEvent, trimmed with `MAXLEN ~`).
+//! (stream, field `e` = RouteEvent, trimmed with `MAXLEN ~`), `grant:<name>`
+//! (string, Grant).
 //!
 //! Invariants: every connection has connect, read and write timeouts, so the
 //! control thread never hangs on a dead server; a value change and its event
@@ -20,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use redis::{Commands, Connection, Value};
 
+use super::grants::Grant;
 use super::model::{AgentRoute, Event, ProxyInfo, Strategy};
 use super::store::{Loaded, Read, RouteStore, StoreFactory, StreamId};
 
@@ -257,6 +259,23 @@ impl RouteStore for RedisStore {
         self.exec(&p, None)
     }
 
+    fn put_grant(&mut self, g: &Grant) -> anyhow::Result<()> {
+        let mut p = redis::pipe();
+        let key = self.key(&format!("grant:{}", g.name));
+        p.atomic().cmd("SET").arg(&key).arg(g.encode()).ignore();
+        self.xadd(&mut p, &Event::GrantUp(g.clone()));
+        self.exec(&p, Some((&key, "string")))
+    }
+
+    fn remove_grant(&mut self, name: &str, kill_streams: bool) -> anyhow::Result<bool> {
+        let key = self.key(&format!("grant:{name}"));
+        let mut p = redis::pipe();
+        p.atomic().cmd("DEL").arg(&key);
+        self.xadd(&mut p, &Event::GrantDown { name: name.to_string(), kill_streams });
+        let (n,): (i64,) = p.query(&mut self.con)?;
+        Ok(n > 0)
+    }
+
     fn load(&mut self) -> anyhow::Result<Loaded> {
         let mut l = Loaded::default();
         let newest = |con: &mut Connection, key: &str| {
@@ -357,6 +376,31 @@ impl RouteStore for RedisStore {
             }
             None => None,
         };
+        for raw in self.scan(&format!("{}grant:*", self.prefix))? {
+            let key = match utf8_key(raw, plen) {
+                Ok(k) => k,
+                Err(skip) => {
+                    l.skipped.push((skip, bad("Grant", "the key name is not UTF-8".into())));
+                    continue;
+                }
+            };
+            let val: Option<Vec<u8>> = match self.con.get(&key) {
+                Ok(v) => v,
+                Err(e) if data_error(&e) => {
+                    l.skipped.push((key[plen..].to_string(), bad("Grant", e.to_string())));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match val.map(|b| Grant::decode(&b)) {
+                Some(Ok(g)) if key[plen + "grant:".len()..] == g.name => l.grants.push(g),
+                Some(Ok(g)) => l
+                    .skipped
+                    .push((key[plen..].to_string(), bad("Grant", format!("the value names grant {:?}", g.name)))),
+                Some(Err(e)) => l.skipped.push((key[plen..].to_string(), e)),
+                None => {}
+            }
+        }
         Ok(l)
     }
 

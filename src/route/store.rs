@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::grants::Grant;
 use super::model::{AgentRoute, BadValue, Event, ProxyInfo, Strategy};
 
 /// A position in the event stream (`ms-seq` in Redis).
@@ -39,6 +40,8 @@ pub struct Loaded {
     pub agents: Vec<(String, Vec<AgentRoute>)>,
     /// The strategy, if set.
     pub strategy: Option<Strategy>,
+    /// The grants.
+    pub grants: Vec<Grant>,
     /// Events after this id are not reflected in the load.
     pub cursor: StreamId,
     /// Values that could not be decoded (key and reason); skipped.
@@ -70,6 +73,12 @@ pub trait RouteStore: Send {
     fn seed_strategy(&mut self, s: Strategy) -> anyhow::Result<Strategy>;
     /// Sets the strategy and announces it.
     fn set_strategy(&mut self, s: Strategy) -> anyhow::Result<()>;
+    /// Writes a grant (added or replaced) and announces it.
+    fn put_grant(&mut self, g: &Grant) -> anyhow::Result<()>;
+    /// Removes a grant and announces it; with `kill_streams`, proxies end
+    /// the open streams no remaining grant allows. False when it did not
+    /// exist (the event is still announced, so a kill still applies).
+    fn remove_grant(&mut self, name: &str, kill_streams: bool) -> anyhow::Result<bool>;
     /// Reads everything (full resync).
     fn load(&mut self) -> anyhow::Result<Loaded>;
     /// Reads events after `after`, blocking up to `block`.
@@ -89,6 +98,7 @@ struct MemState {
     proxies: HashMap<String, (Vec<u8>, Instant)>,
     agents: HashMap<String, HashMap<String, Vec<u8>>>,
     strategy: Option<Vec<u8>>,
+    grants: HashMap<String, Vec<u8>>,
     events: VecDeque<(StreamId, Vec<u8>)>,
     next: u64,
     max_deleted: StreamId,
@@ -187,6 +197,22 @@ impl RouteStore for MemoryStore {
         Ok(())
     }
 
+    fn put_grant(&mut self, g: &Grant) -> anyhow::Result<()> {
+        self.with(|s| {
+            s.grants.insert(g.name.clone(), g.encode());
+            s.append(&Event::GrantUp(g.clone()));
+        });
+        Ok(())
+    }
+
+    fn remove_grant(&mut self, name: &str, kill_streams: bool) -> anyhow::Result<bool> {
+        Ok(self.with(|s| {
+            let had = s.grants.remove(name).is_some();
+            s.append(&Event::GrantDown { name: name.to_string(), kill_streams });
+            had
+        }))
+    }
+
     fn load(&mut self) -> anyhow::Result<Loaded> {
         Ok(self.with(|s| {
             let now = Instant::now();
@@ -209,6 +235,12 @@ impl RouteStore for MemoryStore {
                 l.agents.push((agent.clone(), routes));
             }
             l.strategy = s.strategy.as_deref().and_then(|b| Strategy::decode(b).ok());
+            for (name, b) in &s.grants {
+                match Grant::decode(b) {
+                    Ok(g) => l.grants.push(g),
+                    Err(e) => l.skipped.push((format!("grant:{name}"), e)),
+                }
+            }
             l
         }))
     }

@@ -47,7 +47,16 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         drain_timeout_ms: 300_000,
         handover_wait_ms: 5_000,
         upgrade_socket: None,
+        authorization: Default::default(),
+        grants: vec![open_grant()],
     }
+}
+
+/// The grant an in-process fleet starts with: every client of its CA may
+/// reach every agent's every service. Tests that exercise grants replace it.
+pub fn open_grant() -> crate::config::GrantSpec {
+    let any = vec!["*".to_string()];
+    crate::config::GrantSpec { name: "fleet".into(), clients: any.clone(), agents: any.clone(), services: any }
 }
 
 /// An agent config for `id` dialling `proxies`, serving `services`.

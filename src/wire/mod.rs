@@ -65,6 +65,10 @@ pub struct DialTarget {
     pub service: String,
     /// Opaque permit, passed to the agent untouched.
     pub permit: Bytes,
+    /// The client's address as the entry proxy saw it (`DialRequest.Source`,
+    /// network `tcp`); empty when unknown. The entry proxy overwrites what a
+    /// client sent, so only proxies set it.
+    pub source: String,
 }
 
 impl DialTarget {
@@ -74,7 +78,12 @@ impl DialTarget {
             Some((a, s)) => (a, s),
             None => (spec, ""),
         };
-        let t = DialTarget { agent: agent.to_string(), service: service.to_string(), permit: Bytes::new() };
+        let t = DialTarget {
+            agent: agent.to_string(),
+            service: service.to_string(),
+            permit: Bytes::new(),
+            source: String::new(),
+        };
         t.validate()?;
         Ok(t)
     }
@@ -93,6 +102,9 @@ impl DialTarget {
                 ));
             }
         }
+        if self.source.len() > MAX_NAME_LEN || self.source.chars().any(char::is_control) {
+            return Err(Status::new(Code::InvalidArgument, "DialRequest Source.Addr is not a printable address"));
+        }
         Ok(())
     }
 
@@ -102,7 +114,8 @@ impl DialTarget {
             message: Some(pb::frame::Message::DialRequest(pb::DialRequest {
                 node_id: self.agent.clone(),
                 tunnel_type: self.service.clone(),
-                source: None,
+                source: (!self.source.is_empty())
+                    .then(|| pb::NetAddr { network: "tcp".to_string(), addr: self.source.clone() }),
                 destination: None,
                 permit: self.permit.clone(),
             })),
@@ -113,7 +126,8 @@ impl DialTarget {
     pub fn from_frame(frame: pb::Frame) -> Result<Self, Status> {
         match frame.message {
             Some(pb::frame::Message::DialRequest(r)) => {
-                let t = DialTarget { agent: r.node_id, service: r.tunnel_type, permit: r.permit };
+                let source = r.source.map(|s| s.addr).unwrap_or_default();
+                let t = DialTarget { agent: r.node_id, service: r.tunnel_type, permit: r.permit, source };
                 t.validate()?;
                 Ok(t)
             }

@@ -13,6 +13,7 @@
 //!   republished, so the backend converges.
 
 pub mod commands;
+pub mod grants;
 pub mod health;
 pub mod reader;
 pub mod view;
@@ -241,6 +242,7 @@ impl ControlLoop {
                 let mut fresh = ClusterView::from_loaded(&l, now);
                 fresh.moving = std::mem::take(&mut self.view.moving);
                 fresh.arrivals_until = self.view.arrivals_until;
+                fresh.grants = grants::GrantView::from_loaded(&l.grants, &self.view.grants);
                 if self.reader_up {
                     // Periodic resync: only what differs.
                     let d = self.view.diff(&fresh);

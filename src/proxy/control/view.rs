@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::grants::GrantView;
 use crate::route::agents::AgentMap;
 use crate::route::model::{AgentRoute, Event, ProxyInfo, Strategy};
 use crate::route::store::Loaded;
@@ -47,6 +48,8 @@ pub struct ClusterView {
     pub moving: HashMap<String, Instant>,
     /// Until when routes under this proxy's own id count as arriving.
     pub arrivals_until: Option<Instant>,
+    /// The grants.
+    pub grants: GrantView,
 }
 
 /// Which agents' routes an update may have changed.
@@ -56,7 +59,8 @@ pub struct Affected {
     pub all: bool,
     /// These agents.
     pub agents: HashSet<String>,
-    /// Proxy set or strategy changed (cheap to copy into every snapshot).
+    /// Proxy set, strategy or grants changed (cheap to copy into every
+    /// snapshot).
     pub cluster: bool,
 }
 
@@ -85,6 +89,7 @@ impl ClusterView {
     /// A view from a full load.
     pub fn from_loaded(l: &Loaded, now: Instant) -> ClusterView {
         let mut v = ClusterView { strategy: l.strategy, ..Default::default() };
+        v.grants = GrantView::from_loaded(&l.grants, &GrantView::default());
         for (p, ttl) in &l.proxies {
             v.proxies.insert(p.id.clone(), (p.clone(), now + *ttl));
         }
@@ -104,7 +109,8 @@ impl ClusterView {
     /// periodic resync that finds nothing new costs a comparison, not a
     /// rebuild.
     pub fn diff(&self, new: &ClusterView) -> Affected {
-        let mut a = Affected { cluster: self.strategy != new.strategy, ..Default::default() };
+        let cluster = self.strategy != new.strategy || self.grants.differs(&new.grants);
+        let mut a = Affected { cluster, ..Default::default() };
         for (agent, routes) in &new.agents {
             if self.agents.get(agent) != Some(routes) {
                 a.agents.insert(agent.clone());
@@ -173,6 +179,10 @@ impl ClusterView {
             Event::Strategy(s) => {
                 self.strategy = Some(s);
                 Affected { cluster: true, ..Default::default() }
+            }
+            Event::GrantUp(g) => Affected { cluster: self.grants.up(g), ..Default::default() },
+            Event::GrantDown { name, kill_streams } => {
+                Affected { cluster: self.grants.down(&name, kill_streams), ..Default::default() }
             }
         }
     }
@@ -282,6 +292,8 @@ impl ClusterView {
             agents,
             proxies: if changed.cluster { self.proxy_map() } else { prev.proxies.clone() },
             strategy: self.strategy.unwrap_or_default(),
+            grants: self.grants.table(),
+            grant_kills: self.grants.kills(),
             backend_up,
             loaded: prev.loaded || backend_up,
         }
@@ -300,6 +312,8 @@ impl ClusterView {
             agents,
             proxies: self.proxy_map(),
             strategy: self.strategy.unwrap_or_default(),
+            grants: self.grants.table(),
+            grant_kills: self.grants.kills(),
             backend_up,
             loaded: backend_up,
         }

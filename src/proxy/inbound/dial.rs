@@ -2,7 +2,13 @@
 //!
 //! 1. **decode**: the method, the hop count and the `DialRequest`
 //!    (size-checked and validated before anything else);
-//! 2. **authorize**: a hook, allow-all for now (grants come later);
+//! 2. **authorize**: the client (this connection's identity on the client
+//!    edge, the identity a peer asserts in `ringpeer-client-id` on a peer
+//!    link) against the snapshot's grants, for the agent and the service
+//!    (an empty service resolved to the agent's default first, so grants
+//!    and the agent see the same name). A refused dial gets
+//!    PERMISSION_DENIED naming client, agent and service, before any route
+//!    is looked at: an unauthorized client learns nothing about the agent;
 //! 3. **resolve**: the ordered upstreams ([`outbound::plan`]);
 //! 4. **open**: [`outbound::open`] tries them with failover;
 //! 5. **relay**: move bytes verbatim until the upstream's trailers
@@ -29,16 +35,18 @@ use bytes::Bytes;
 use futures_lite::future::or;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::Request;
+use http::{HeaderValue, Request};
 
-use super::Edge;
+use super::{Caller, Edge};
 use crate::proxy::outbound::{self, Opened, UpRecv};
 use crate::proxy::shard::Shard;
-use crate::relay::call::{answer_error, answer_ok, read_dial_request, HOPS_HEADER};
+use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, CLIENT_ID_HEADER, HOPS_HEADER};
 use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
+use crate::route::grants::Authorization;
+use crate::route::RouteTable;
 use crate::runtime::budget::exceeded;
 use crate::transport::h2conf::ActiveStreams;
-use crate::transport::identity::SpiffeId;
+use crate::transport::identity::{Role, SpiffeId};
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::pb::ProxyServicePingResponse;
@@ -60,7 +68,7 @@ fn caller_reset(e: &Error) -> bool {
 /// Handles one request on a client or peer connection.
 pub async fn handle(
     shard: Rc<Shard>,
-    caller: &SpiffeId,
+    caller: &Caller,
     conn: &ActiveStreams,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -80,7 +88,7 @@ pub async fn handle(
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
         return fail(&shard, respond, &e);
     }
-    let (target, mut recv) = match decode(&shard, req, edge).await {
+    let (mut target, client, mut recv) = match decode(&shard, caller, req, edge).await {
         Ok(v) => v,
         Err(e) => {
             if caller_reset(&e) {
@@ -89,7 +97,12 @@ pub async fn handle(
             return fail(&shard, respond, &e);
         }
     };
-    if let Err(e) = authorize(caller, &target) {
+    if edge == Edge::Client {
+        // The source is the entry proxy's to say, never the client's.
+        target.source.clone_from(&caller.addr);
+    }
+    default_service(&shard.routes(), &mut target);
+    if let Err(e) = authorize(&shard, &client.id, &target, edge) {
         return fail(&shard, respond, &e);
     }
     let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
@@ -108,7 +121,7 @@ pub async fn handle(
     // Failures from here on end with trailers.
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
     let Ok(mut down) = answer_ok(&mut respond, far) else { return };
-    let first = encode_msg(&target.to_frame());
+    let dial = Outgoing { first: encode_msg(&target.to_frame()), client: Some(client.header) };
     // A caller that resets while the upstream is being opened cancels the
     // opening: dropping it resets the upstream stream in turn, so the agent
     // stops before (or right after) it connects the target.
@@ -116,7 +129,7 @@ pub async fn handle(
     let open = outbound::open_replanning(
         &shard,
         agent,
-        first,
+        dial,
         shard.shared.dial_timeout,
         |s| resolve(s, agent, edge),
         || no_route(agent, edge),
@@ -142,8 +155,43 @@ pub async fn handle(
     relay_to_caller(&shard, opened, recv, rest, down).await
 }
 
-/// Step 1: the method, the hop count and the `DialRequest`.
-async fn decode(shard: &Shard, req: Request<RecvStream>, edge: Edge) -> Result<(DialTarget, GrpcRecv), Error> {
+/// The client a dial acts for.
+struct Client {
+    id: SpiffeId,
+    header: HeaderValue,
+}
+
+/// The client of a dial: on the client edge, the connection's identity; on
+/// a peer link, the identity the peer asserts (the peer is trusted to say
+/// who its client is, not to widen what that client may reach).
+fn client_of(shard: &Shard, caller: &Caller, headers: &http::HeaderMap, edge: Edge) -> Result<Client, Error> {
+    if let (Edge::Client, Some(h)) = (edge, &caller.header) {
+        return Ok(Client { id: caller.id.clone(), header: h.clone() });
+    }
+    let denied = |m: String| Error::new(Code::PermissionDenied, Side::Peer, Retry::Never, Label::PermissionDenied, m);
+    let Some(h) = headers.get(CLIENT_ID_HEADER) else {
+        return Err(denied(format!("peer {} sent a dial without {CLIENT_ID_HEADER}", caller.id)));
+    };
+    let id = h.to_str().ok().and_then(|s| SpiffeId::parse(s).ok());
+    match id {
+        Some(id) if id.role == Role::Client && id.cluster == shard.shared.cluster => {
+            Ok(Client { id, header: h.clone() })
+        }
+        _ => Err(denied(format!(
+            "peer {} asserted {CLIENT_ID_HEADER} {:?}, which is not a client of this cluster",
+            caller.id,
+            String::from_utf8_lossy(&h.as_bytes()[..h.len().min(300)])
+        ))),
+    }
+}
+
+/// Step 1: the method, the hop count, the client and the `DialRequest`.
+async fn decode(
+    shard: &Shard,
+    caller: &Caller,
+    req: Request<RecvStream>,
+    edge: Edge,
+) -> Result<(DialTarget, Client, GrpcRecv), Error> {
     let path = match edge {
         Edge::Client => paths::PROXY_DIAL,
         Edge::Peer => paths::PEER_DIAL,
@@ -159,16 +207,57 @@ async fn decode(shard: &Shard, req: Request<RecvStream>, edge: Edge) -> Result<(
         let m = "dial has already crossed a peer link; refusing to forward it again";
         return Err(Error::new(Code::InvalidArgument, Side::Peer, Retry::Never, Label::Loop, m));
     }
+    let client = client_of(shard, caller, req.headers(), edge)?;
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
     let mut recv = GrpcRecv::new(req.into_body(), FrameDecoder::new(), far);
     let target = read_dial_request(&mut recv, shard.shared.dial_timeout).await?;
-    tracing::debug!(shard = shard.index, %target, ?edge, "dial");
-    Ok((target, recv))
+    tracing::debug!(shard = shard.index, %target, client = %client.id, ?edge, "dial");
+    Ok((target, client, recv))
 }
 
-/// Step 2: may `caller` reach `target`? Allow-all until grants exist.
-fn authorize(_caller: &SpiffeId, _target: &DialTarget) -> Result<(), Error> {
-    Ok(())
+/// Names the agent's default service when the dial names none, as the
+/// agent would pick it: its only service, else one called `default`.
+/// Unresolved (agent unknown here, or no default), it stays empty, which
+/// only a `*` grant matches; the agent then names its services to the
+/// (authorized) client.
+fn default_service(routes: &RouteTable, target: &mut DialTarget) {
+    if !target.service.is_empty() {
+        return;
+    }
+    let Some(r) = routes.get(&target.agent) else { return };
+    let services = match (r.local.first(), r.remote.first()) {
+        (Some(l), _) => &l.services,
+        (None, Some(rm)) => &rm.services,
+        (None, None) => return,
+    };
+    if services.len() == 1 {
+        target.service.clone_from(&services[0]);
+    } else if services.iter().any(|s| s == "default") {
+        target.service = "default".to_string();
+    }
+}
+
+/// Step 2: may `client` reach `target`? A dial refused on a peer link says
+/// so in its message: the serving proxy's grants, not the entry proxy's,
+/// refused it.
+fn authorize(shard: &Shard, client: &SpiffeId, target: &DialTarget, edge: Edge) -> Result<(), Error> {
+    if shard.shared.authorization == Authorization::AllowAll {
+        return Ok(());
+    }
+    let routes = shard.routes();
+    if routes.grants.allows(&client.name, &target.agent, &target.service).is_some() {
+        return Ok(());
+    }
+    let service = if target.service.is_empty() { "(default)" } else { target.service.as_str() };
+    let at = match edge {
+        Edge::Client => String::new(),
+        Edge::Peer => format!(" at proxy {}", shard.shared.id),
+    };
+    let m = format!(
+        "permission denied{at}: client {:?} may not reach agent {:?} service {service:?} (no grant allows it)",
+        client.name, target.agent
+    );
+    Err(Error::new(Code::PermissionDenied, Side::Proxy, Retry::Never, Label::PermissionDenied, m))
 }
 
 /// Step 3: the upstreams to try, in order, and how long the dial may wait

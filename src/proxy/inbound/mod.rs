@@ -26,6 +26,7 @@ use crate::runtime::timeout;
 use crate::transport::accept_tls;
 use crate::transport::flood::FloodMeter;
 use crate::transport::h2conf::{serve, ActiveStreams};
+use crate::transport::identity::SpiffeId;
 use crate::wire::error::{Label, Side};
 
 /// Accepts connections on `l` until the shard stops, running `f` for each.
@@ -64,6 +65,23 @@ where
     }
 }
 
+/// Who is at the other end of an inbound connection.
+pub struct Caller {
+    /// Its verified certificate identity.
+    pub id: SpiffeId,
+    /// Its address (`ip:port`), as this proxy sees it.
+    pub addr: String,
+    /// `id` as a [`CLIENT_ID_HEADER`](crate::relay::call::CLIENT_ID_HEADER)
+    /// value, made once per connection (client edge only).
+    pub header: Option<http::HeaderValue>,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.id.fmt(f)
+    }
+}
+
 /// Which edge a connection came in on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Edge {
@@ -88,6 +106,7 @@ pub async fn peer_accept_loop(shard: Rc<Shard>, l: TcpListener) {
 
 async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let h2cfg = &shard.shared.h2;
+    let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let acceptor = match edge {
         Edge::Client => &shard.shared.client_tls,
         Edge::Peer => &shard.shared.peer_tls,
@@ -121,7 +140,11 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     };
     tracing::debug!(peer = %peer, ?edge, shard = shard.index, "connected");
     let who = peer.to_string();
-    let caller = Rc::new(peer);
+    let header = match edge {
+        Edge::Client => http::HeaderValue::from_str(&who).ok(),
+        Edge::Peer => None,
+    };
+    let caller = Rc::new(Caller { id: peer, addr, header });
     // Over its connection budget, an identity's connection is drained: the
     // dials it sent before it read the GOAWAY are answered with the
     // budget's error, and it ends at the first answer or after a second.

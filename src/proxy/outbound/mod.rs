@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::shard::{Shard, TunnelRef};
-use crate::relay::call::{self, Established};
+use crate::relay::call::{self, Established, Outgoing};
 use crate::relay::{Chunk, GrpcRecv, GrpcSend, Item, Sink, Source};
 use crate::route::RemoteRoute;
 use crate::runtime::pipe::{PipeRx, PipeTx};
@@ -215,7 +215,7 @@ impl Upstream {
         &self,
         shard: &Rc<Shard>,
         agent: &str,
-        first: &Bytes,
+        dial: &Outgoing,
         left: Duration,
         last: bool,
     ) -> Result<Opened, Error> {
@@ -225,13 +225,14 @@ impl Upstream {
                 let mut send = t.send.clone();
                 let uri = paths::uri(paths::AGENT_DIAL);
                 let guard = t.streams.enter();
-                let mut o = Opened::from(call::open(&mut send, uri, 0, first.clone(), Side::Agent, left).await?);
+                let mut o =
+                    Opened::from(call::open(&mut send, uri, dial.hop(0), dial.first.clone(), Side::Agent, left).await?);
                 o.tunnel_slot = Some(guard);
                 Ok(o)
             }
             Upstream::Sibling(k) => {
                 shard.stats.dials_cross_shard.inc();
-                sibling::open(shard, *k, agent, first.clone(), left).await
+                sibling::open(shard, *k, agent, dial.clone(), left).await
             }
             Upstream::Peer { proxy, addr } => {
                 shard.stats.dials_peered.inc();
@@ -244,7 +245,17 @@ impl Upstream {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let uri = paths::uri(paths::PEER_DIAL);
                 let bound = if last { left } else { shard.shared.peer_answer_timeout.min(left) };
-                let e = match call::open_bounded(&mut slot.send, uri, 1, first.clone(), Side::Peer, bound, left).await {
+                let e = match call::open_bounded(
+                    &mut slot.send,
+                    uri,
+                    dial.hop(1),
+                    dial.first.clone(),
+                    Side::Peer,
+                    bound,
+                    left,
+                )
+                .await
+                {
                     Ok(e) => e,
                     Err(e) => {
                         if e.label == Label::Unresponsive {
@@ -266,7 +277,7 @@ pub async fn open(
     shard: &Rc<Shard>,
     plan: &[Upstream],
     agent: &str,
-    first: Bytes,
+    dial: &Outgoing,
     deadline: Duration,
 ) -> Result<Opened, Error> {
     let end = Instant::now() + deadline;
@@ -277,7 +288,7 @@ pub async fn open(
         if left.is_zero() {
             break;
         }
-        match plan[i].open(shard, agent, &first, left, i + 1 == plan.len()).await {
+        match plan[i].open(shard, agent, dial, left, i + 1 == plan.len()).await {
             Ok(o) => return Ok(o),
             Err(e) => {
                 match after_failure(&e, refused) {
@@ -303,7 +314,7 @@ pub async fn open(
 pub async fn open_replanning(
     shard: &Rc<Shard>,
     agent: &str,
-    first: Bytes,
+    dial: Outgoing,
     deadline: Duration,
     resolve: impl Fn(&Shard) -> (Vec<Upstream>, Option<Duration>),
     no_route: impl Fn() -> Error,
@@ -315,7 +326,7 @@ pub async fn open_replanning(
         let (plan, moving) = resolve(shard);
         if !plan.is_empty() {
             let left = end.saturating_duration_since(Instant::now());
-            match open(shard, &plan, agent, first.clone(), left).await {
+            match open(shard, &plan, agent, &dial, left).await {
                 Ok(o) => return Ok(o),
                 Err(e) if !e.is_route_failure() => return Err(e),
                 Err(e) => last = Some(e),

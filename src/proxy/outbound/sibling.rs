@@ -11,12 +11,12 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_lite::future::or;
 
 use super::{Opened, UpRecv, UpSend};
 use crate::proxy::shard::{CrossDial, Shard, ShardMailbox, ShardMsg};
-use crate::relay::{call, relay, Item, Leg, Sink};
+use crate::relay::call::{self, Outgoing};
+use crate::relay::{relay, Item, Leg, Sink};
 use crate::runtime::mailbox::Refused;
 use crate::runtime::pipe::pipe;
 use crate::runtime::stats::Counter;
@@ -56,10 +56,10 @@ pub fn post_dial(mailbox: &ShardMailbox, owner: u32, msg: ShardMsg) -> Result<()
 }
 
 /// Shard A: hands the dial to shard `owner` and waits for its answer.
-pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left: Duration) -> Result<Opened, Error> {
+pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, dial: Outgoing, left: Duration) -> Result<Opened, Error> {
     let (up_tx, up_rx) = pipe(PIPE_CAP);
     let (down_tx, mut down_rx) = pipe(PIPE_CAP);
-    let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), first, up: up_rx, down: down_tx }));
+    let msg = ShardMsg::Dial(Box::new(CrossDial { agent: agent.to_string(), dial, up: up_rx, down: down_tx }));
     let stopped =
         || Error::unavailable(Side::Proxy, Retry::Safe, Label::ShardStopped, format!("shard {owner} has stopped"));
     post_dial(shard.mailboxes.get(owner as usize).ok_or_else(stopped)?, owner, msg)?;
@@ -81,7 +81,7 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, first: Bytes, left
 /// Shard B: opens the agent stream for a dial that entered elsewhere and
 /// relays it between the agent and the pipes.
 pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
-    let CrossDial { agent, first, mut up, mut down } = d;
+    let CrossDial { agent, dial, mut up, mut down } = d;
     let Some(t) = shard.local_tunnel(&agent) else {
         let m = format!("the tunnel to agent {agent:?} just went away");
         down.fail(&Error::unavailable(Side::Proxy, Retry::Safe, Label::TunnelGone, m)).await;
@@ -93,7 +93,7 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
     // The entry shard gives up (its caller reset, its deadline passed) by
     // dropping its pipe ends: the opening is dropped with it, which resets
     // the agent stream, so the agent stops connecting the target.
-    let open = call::open(&mut send, uri, 0, first, Side::Agent, shard.shared.dial_timeout);
+    let open = call::open(&mut send, uri, dial.hop(0), dial.first.clone(), Side::Agent, shard.shared.dial_timeout);
     let e = match or(async { Some(open.await) }, async {
         down.closed().await;
         None
