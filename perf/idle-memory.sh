@@ -27,6 +27,11 @@ peer_addr = "127.0.0.1:$peer_port"
 ca = "$work/certs/ca.pem"
 cert = "$work/certs/proxy-a.pem"
 key = "$work/certs/proxy-a-key.pem"
+[[grants]]
+name = "bench"
+clients = ["client"]
+agents = ["*"]
+services = ["*"]
 CFG
 cat > "$work/agent.toml" <<CFG
 cluster = "mem"

@@ -105,6 +105,24 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
+    /// List, add, check or revoke grants (who may reach which agents and
+    /// services) in the route backend.
+    Grants {
+        /// Backend URL, e.g. redis://127.0.0.1:6379 (with --cluster).
+        #[arg(long, global = true)]
+        backend: Option<String>,
+        /// Cluster name (with --backend).
+        #[arg(long, global = true)]
+        cluster: Option<String>,
+        /// Take backend and cluster from a proxy config instead.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: GrantsCmd,
+    },
     /// Run a test target (echo or sink) as a standalone process, for
     /// side-by-side benchmarks against other proxies.
     Target {
@@ -153,6 +171,41 @@ enum RoutesCmd {
         /// agent_connection_count (proxy_peering).
         #[arg(long)]
         count: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantsCmd {
+    /// Every grant.
+    List,
+    /// Write a grant (replacing one of the same name).
+    Add {
+        /// Grant name.
+        name: String,
+        /// Client names or globs (`alice`, `ci-*`); repeat or comma-separate.
+        #[arg(long, required = true)]
+        clients: Vec<String>,
+        /// Agent ids or globs.
+        #[arg(long, required = true)]
+        agents: Vec<String>,
+        /// Service names or globs (`*`: any).
+        #[arg(long, required = true)]
+        services: Vec<String>,
+    },
+    /// Remove a grant. Open streams stay up unless --kill-streams.
+    Revoke {
+        /// Grant name.
+        name: String,
+        /// Also end the open streams that no remaining grant allows.
+        #[arg(long)]
+        kill_streams: bool,
+    },
+    /// Say which grant, if any, lets CLIENT reach AGENT/SERVICE.
+    Check {
+        /// Client name.
+        client: String,
+        /// AGENT/SERVICE.
+        target: String,
     },
 }
 
@@ -311,6 +364,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     store.set_strategy(s)?;
                     format!("strategy set to {s}\n")
                 }
+            };
+            print!("{out}");
+        }
+        Cmd::Grants { backend, cluster, config, json, cmd } => {
+            use ringpeer::tools::grants as cli;
+            let mut store = ringpeer::tools::routes::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;
+            let out = match cmd {
+                GrantsCmd::List => cli::list(store.as_mut(), json)?,
+                GrantsCmd::Add { name, clients, agents, services } => {
+                    cli::add(store.as_mut(), &name, &clients, &agents, &services)?
+                }
+                GrantsCmd::Revoke { name, kill_streams } => cli::revoke(store.as_mut(), &name, kill_streams)?,
+                GrantsCmd::Check { client, target } => cli::check(store.as_mut(), &client, &target)?,
             };
             print!("{out}");
         }

@@ -37,7 +37,7 @@ fn proxy_toml(dir: &Path, client: &str, tunnel: &str) -> String {
     let d = dir.display();
     format!(
         "cluster = \"c1\"\nid = \"proxy-a\"\nshards = 2\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\n\
-         peer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n"
+         peer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n[[grants]]\nname = \"all\"\nclients = [\"*\"]\nagents = [\"*\"]\nservices = [\"*\"]\n"
     )
 }
 

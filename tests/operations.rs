@@ -197,6 +197,7 @@ fn healthz_says_why_routes_are_not_loaded_until_the_backend_answers() {
     let (proxy, admin) = proxy_with_admin(&certs, |c| {
         c.backend.kind = BackendKind::Redis;
         c.backend.url = Some(url);
+        c.grants.clear();
     });
     // Redis is down: the proxy is not healthy and says why.
     common::eventually("healthz names the unreachable backend", || {

@@ -26,6 +26,7 @@ fn redis_proxy(certs: &CertDir, redis: &Redis, id: &str, ttl_ms: u64) -> ProxyHa
     let mut cfg = proxy_config(&certs.path, id, 1);
     cfg.backend.kind = BackendKind::Redis;
     cfg.backend.url = Some(redis.url());
+    cfg.grants.clear();
     cfg.backend.proxy_ttl_ms = ttl_ms;
     // One tunnel per agent, so an agent stays on the proxy it dialled.
     cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 1 };
@@ -401,6 +402,7 @@ fn strategy_is_seeded_once_and_changes_propagate_to_every_proxy() {
     let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
     cfg.backend.kind = BackendKind::Redis;
     cfg.backend.url = Some(redis.url());
+    cfg.grants.clear();
     cfg.strategy = Strategy::ProxyPeering { agent_connection_count: 2 };
     let a = ProxyHandle::start(cfg).unwrap();
     eventually("seeded", || a.routes().strategy == Strategy::ProxyPeering { agent_connection_count: 2 });

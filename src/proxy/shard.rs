@@ -162,6 +162,8 @@ pub struct Shard {
     pub buf: BufMeter,
     /// Connections and streams per caller identity on this shard.
     pub identities: Identities,
+    /// Open dials, for `grants revoke --kill-streams` sweeps.
+    pub open_dials: super::inbound::authz::OpenDials,
     tunnels: RefCell<HashMap<String, Vec<TunnelRef>>>,
     /// Tunnels on sibling shards: agent → (shard, conn), newest first.
     siblings: RefCell<HashMap<String, Vec<(u32, u64)>>>,
@@ -208,6 +210,7 @@ impl Shard {
             conns: Inflight::default(),
             buf,
             identities: Identities::default(),
+            open_dials: Default::default(),
             tunnels: RefCell::default(),
             siblings: RefCell::default(),
             backlog: Rc::default(),
@@ -412,10 +415,19 @@ impl Shard {
                     if t.version > cur.version {
                         self.peers.retain_proxies(|p| t.proxies.contains_key(p));
                         self.stats.route_version.set(t.version as i64);
+                        let (grants, kills) = (t.grants.clone(), t.grant_kills);
                         *cur = t;
                         drop(cur);
                         for w in self.route_waiters.borrow_mut().drain(..) {
                             w.wake();
+                        }
+                        let ended = self.open_dials.sweep(&grants, kills);
+                        if ended > 0 {
+                            tracing::info!(
+                                shard = self.index,
+                                ended,
+                                "grant revoked: ended the open streams it allowed"
+                            );
                         }
                     }
                 }

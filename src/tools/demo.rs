@@ -60,6 +60,15 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
     let start = |id: &str, shards: usize| -> anyhow::Result<ProxyHandle> {
         let mut c = proxy_config(&dir, id, shards);
         c.strategy = crate::route::model::Strategy::ProxyPeering { agent_connection_count: 1 };
+        // Default policy: deny unless a grant allows. The demo's client may
+        // reach the agents' services; nobody else may.
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        c.grants = vec![crate::config::GrantSpec {
+            name: "demo".into(),
+            clients: v(&["client"]),
+            agents: v(&["agent-*"]),
+            services: v(&["*"]),
+        }];
         let l = crate::proxy::Listeners::bind(&c)?;
         ProxyHandle::start_full(c, l, Some(store.clone()))
     };
@@ -150,6 +159,8 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     // 2. Heavier traffic through the peer link from proxy-a.
     let addr = proxies[0].client_addr.to_string();
+    crate::transport::certs::issue(&dir, crate::transport::identity::Role::Client, "mallory")?;
+    let mallory_tls = crate::client::client_tls(&dir, "mallory")?;
     let more = crate::runtime::block_on("demo-client", move || async move {
         let h2 = H2Tuning::default();
         let c = Client::connect(&addr, &client_tls, &h2).await.map_err(|e| e.to_string())?;
@@ -205,11 +216,16 @@ pub fn run(serve: bool, shutdown: Shutdown) -> anyhow::Result<()> {
             d.as_secs_f64(),
             gbps(bytes, d)
         ));
-        for (spec, want) in [("nobody/echo", "NOT_FOUND"), ("agent-2/ssh", "NOT_FOUND")] {
-            match super::load::open(&c, &DialTarget::parse(spec).unwrap()).await {
-                Ok(_) => return Err(format!("dial {spec} unexpectedly worked")),
-                Err(s) if s.code.name() == want => lines.push(format!("[ok] dial {spec}: {s}")),
-                Err(s) => return Err(format!("dial {spec}: expected {want}, got {s}")),
+        let m = Client::connect(&addr, &mallory_tls, &h2).await.map_err(|e| e.to_string())?;
+        for (who, c, spec, want) in [
+            ("client", &c, "agent-9/echo", "NOT_FOUND"),
+            ("client", &c, "agent-2/ssh", "NOT_FOUND"),
+            ("mallory", &m, "agent-1/echo", "PERMISSION_DENIED"),
+        ] {
+            match super::load::open(c, &DialTarget::parse(spec).unwrap()).await {
+                Ok(_) => return Err(format!("dial {spec} as {who} unexpectedly worked")),
+                Err(s) if s.code.name() == want => lines.push(format!("[ok] dial {spec} as {who}: {s}")),
+                Err(s) => return Err(format!("dial {spec} as {who}: expected {want}, got {s}")),
             }
         }
         Ok(lines)

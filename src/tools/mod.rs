@@ -3,7 +3,8 @@
 //! `demo` (the embedded default fleet), `bench` (the load generator),
 //! `target` (echo/sink/source services), `fleet` (in-process proxies and
 //! agents, used by the demo, the bench and the tests), `load` (dial drivers)
-//! `routes` (the backend reader behind `ringpeer routes`), `soak` (a long
+//! `routes` (the backend reader behind `ringpeer routes`), `grants` (behind
+//! `ringpeer grants`), `soak` (a long
 //! mixed load with every byte checked) and `scale` (memory at scale: many
 //! tunnels and idle streams from one process).
 //!
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod bench_external;
 pub mod demo;
 pub mod fleet;
+pub mod grants;
 pub mod load;
 pub mod routes;
 pub mod scale;

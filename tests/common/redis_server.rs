@@ -8,16 +8,32 @@ use std::time::{Duration, Instant};
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Whether (re)starts write the open grant (see [`Redis::start`]).
+    open_grant: bool,
 }
 
 impl Redis {
     /// A server on a free port. The port is free when picked but another
     /// process (a parallel test) may take it before redis-server binds it:
     /// then redis-server exits, and another port is tried.
+    ///
+    /// The server starts (and restarts) holding one grant for cluster
+    /// `demo`, named `fleet`, that lets every client reach everything, as a
+    /// control plane would have written: the proxies' default policy denies
+    /// every dial no grant allows. Tests of grants use [`Redis::start_bare`].
     pub fn start() -> Redis {
+        Self::start_with(true)
+    }
+
+    /// A server with no grant in it.
+    pub fn start_bare() -> Redis {
+        Self::start_with(false)
+    }
+
+    fn start_with(open_grant: bool) -> Redis {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut r = Redis { port, child: None };
+            let mut r = Redis { port, child: None, open_grant };
             if r.try_start() {
                 return r;
             }
@@ -56,7 +72,18 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+        if self.open_grant {
+            self.put_open_grant();
+        }
         true
+    }
+
+    /// Writes the `fleet` grant (every client, agent and service) for `demo`.
+    pub fn put_open_grant(&self) {
+        use ringpeer::route::store::StoreFactory;
+        let g = ringpeer::tools::fleet::open_grant().grant().unwrap();
+        let f = ringpeer::route::redis::RedisFactory::new(&self.url(), "demo", 10_000).unwrap();
+        f.connect().unwrap().put_grant(&g).unwrap();
     }
 
     /// kill -9.

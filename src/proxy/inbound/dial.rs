@@ -35,18 +35,18 @@ use bytes::Bytes;
 use futures_lite::future::or;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{HeaderValue, Request};
+use http::Request;
 
+use super::authz::{self, authorize, client_of, default_service, Client};
 use super::{Caller, Edge};
 use crate::proxy::outbound::{self, Opened, UpRecv};
 use crate::proxy::shard::Shard;
-use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, CLIENT_ID_HEADER, HOPS_HEADER};
+use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, HOPS_HEADER};
 use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
 use crate::route::grants::Authorization;
-use crate::route::RouteTable;
 use crate::runtime::budget::exceeded;
+use crate::runtime::signal::Signal;
 use crate::transport::h2conf::ActiveStreams;
-use crate::transport::identity::{Role, SpiffeId};
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::pb::ProxyServicePingResponse;
@@ -152,37 +152,12 @@ pub async fn handle(
     };
     drop(setup);
     let rest = recv.decoder().take_rest();
-    relay_to_caller(&shard, opened, recv, rest, down).await
-}
-
-/// The client a dial acts for.
-struct Client {
-    id: SpiffeId,
-    header: HeaderValue,
-}
-
-/// The client of a dial: on the client edge, the connection's identity; on
-/// a peer link, the identity the peer asserts (the peer is trusted to say
-/// who its client is, not to widen what that client may reach).
-fn client_of(shard: &Shard, caller: &Caller, headers: &http::HeaderMap, edge: Edge) -> Result<Client, Error> {
-    if let (Edge::Client, Some(h)) = (edge, &caller.header) {
-        return Ok(Client { id: caller.id.clone(), header: h.clone() });
-    }
-    let denied = |m: String| Error::new(Code::PermissionDenied, Side::Peer, Retry::Never, Label::PermissionDenied, m);
-    let Some(h) = headers.get(CLIENT_ID_HEADER) else {
-        return Err(denied(format!("peer {} sent a dial without {CLIENT_ID_HEADER}", caller.id)));
-    };
-    let id = h.to_str().ok().and_then(|s| SpiffeId::parse(s).ok());
-    match id {
-        Some(id) if id.role == Role::Client && id.cluster == shard.shared.cluster => {
-            Ok(Client { id, header: h.clone() })
-        }
-        _ => Err(denied(format!(
-            "peer {} asserted {CLIENT_ID_HEADER} {:?}, which is not a client of this cluster",
-            caller.id,
-            String::from_utf8_lossy(&h.as_bytes()[..h.len().min(300)])
-        ))),
-    }
+    // Registered for `grants revoke --kill-streams` sweeps (not under
+    // allow_all: no grant can be revoked there).
+    let reg =
+        (shard.shared.authorization == Authorization::Grants).then(|| shard.open_dials.register(&client.id, &target));
+    let revoke = reg.as_ref().map(|r| (&r.cancel, client.id.name.as_str(), &target));
+    relay_to_caller(&shard, opened, recv, rest, down, revoke).await
 }
 
 /// Step 1: the method, the hop count, the client and the `DialRequest`.
@@ -213,51 +188,6 @@ async fn decode(
     let target = read_dial_request(&mut recv, shard.shared.dial_timeout).await?;
     tracing::debug!(shard = shard.index, %target, client = %client.id, ?edge, "dial");
     Ok((target, client, recv))
-}
-
-/// Names the agent's default service when the dial names none, as the
-/// agent would pick it: its only service, else one called `default`.
-/// Unresolved (agent unknown here, or no default), it stays empty, which
-/// only a `*` grant matches; the agent then names its services to the
-/// (authorized) client.
-fn default_service(routes: &RouteTable, target: &mut DialTarget) {
-    if !target.service.is_empty() {
-        return;
-    }
-    let Some(r) = routes.get(&target.agent) else { return };
-    let services = match (r.local.first(), r.remote.first()) {
-        (Some(l), _) => &l.services,
-        (None, Some(rm)) => &rm.services,
-        (None, None) => return,
-    };
-    if services.len() == 1 {
-        target.service.clone_from(&services[0]);
-    } else if services.iter().any(|s| s == "default") {
-        target.service = "default".to_string();
-    }
-}
-
-/// Step 2: may `client` reach `target`? A dial refused on a peer link says
-/// so in its message: the serving proxy's grants, not the entry proxy's,
-/// refused it.
-fn authorize(shard: &Shard, client: &SpiffeId, target: &DialTarget, edge: Edge) -> Result<(), Error> {
-    if shard.shared.authorization == Authorization::AllowAll {
-        return Ok(());
-    }
-    let routes = shard.routes();
-    if routes.grants.allows(&client.name, &target.agent, &target.service).is_some() {
-        return Ok(());
-    }
-    let service = if target.service.is_empty() { "(default)" } else { target.service.as_str() };
-    let at = match edge {
-        Edge::Client => String::new(),
-        Edge::Peer => format!(" at proxy {}", shard.shared.id),
-    };
-    let m = format!(
-        "permission denied{at}: client {:?} may not reach agent {:?} service {service:?} (no grant allows it)",
-        client.name, target.agent
-    );
-    Err(Error::new(Code::PermissionDenied, Side::Proxy, Retry::Never, Label::PermissionDenied, m))
 }
 
 /// Step 3: the upstreams to try, in order, and how long the dial may wait
@@ -292,7 +222,14 @@ fn no_route(agent: &str, edge: Edge) -> Error {
 }
 
 /// Step 5: answers the caller and relays until the call ends.
-async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut down: GrpcSend) {
+async fn relay_to_caller(
+    shard: &Shard,
+    o: Opened,
+    mut recv: GrpcRecv,
+    rest: Bytes,
+    mut down: GrpcSend,
+    revoke: Option<(&Signal, &str, &DialTarget)>,
+) {
     let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot } = o;
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
@@ -312,11 +249,31 @@ async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Byt
     let stats = &shard.stats;
     let r = match start.await {
         Ok(()) => {
-            relay(
+            let relaying = relay(
                 Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up },
                 Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down },
-            )
-            .await
+            );
+            match revoke {
+                None => relaying.await,
+                Some((cancel, client, target)) => {
+                    let ended = or(async { Some(relaying.await) }, async {
+                        cancel.wait().await;
+                        None
+                    })
+                    .await;
+                    match ended {
+                        Some(r) => r,
+                        None => {
+                            // Revoked: the relay was dropped mid-flight; end
+                            // both hops with the revocation's status.
+                            let e = authz::revoked(client, target);
+                            Sink::fail(&mut down, &e).await;
+                            send.fail(&e).await;
+                            Err(e)
+                        }
+                    }
+                }
+            }
         }
         Err(e) => {
             Sink::fail(&mut down, &e).await;

@@ -10,6 +10,7 @@
 //! connections and client-edge streams per certificate identity; a stream
 //! past one is answered at once, RESOURCE_EXHAUSTED naming the budget.
 
+pub mod authz;
 pub mod dial;
 pub mod tunnel;
 
