@@ -5,7 +5,10 @@
 //! exactly as proxies run them. For each of 300 agents it reports a tunnel
 //! up on B and measures the time until A's shards receive a snapshot with
 //! the route (then the same for the tunnel going down): B's write, Redis,
-//! A's XREAD, A's rebuild and publish. Prints p50/p99/max.
+//! A's XREAD, A's rebuild and publish. Then, for 300 grants written and
+//! revoked by a third connection (as `ringpeer grants` or another control
+//! plane would), the time until *both* proxies publish a snapshot with the
+//! change. Prints p50/p99/max.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -14,8 +17,10 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use ringpeer::proxy::control::{Control, ControlOpts};
 use ringpeer::route::feed::TunnelEvent;
+use ringpeer::route::grants::Grant;
 use ringpeer::route::model::{ProxyInfo, Strategy};
 use ringpeer::route::redis::RedisFactory;
+use ringpeer::route::store::StoreFactory;
 use ringpeer::route::RouteTable;
 
 type Tables = Receiver<Arc<RouteTable>>;
@@ -62,7 +67,7 @@ fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     std::thread::sleep(Duration::from_millis(300));
     let (a, mut a_in) = control("proxy-a", &url);
-    let (b, _b_in) = control("proxy-b", &url);
+    let (b, mut b_in) = control("proxy-b", &url);
     wait_until(&mut a_in, |t| t.proxies.contains_key("proxy-b"));
     let mut up = hdrhistogram::Histogram::<u64>::new(3).unwrap();
     let mut down = hdrhistogram::Histogram::<u64>::new(3).unwrap();
@@ -84,7 +89,41 @@ fn main() {
         wait_until(&mut a_in, |t| t.get(&agent).is_none());
         down.record(t0.elapsed().as_micros() as u64).ok();
     }
+    // Grants: written by a separate connection; applied when both proxies
+    // published a table with (or without) the grant.
+    let mut writer = RedisFactory::new(&url, "bench", 10_000).unwrap().connect().unwrap();
+    let mut g_up = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut g_down = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    while b_in.try_recv().is_ok() {}
+    for i in 0..300u64 {
+        let name = format!("grant-{i}");
+        let client = format!("client-{i}");
+        let g = Grant::new(&name, &[client.clone()], &["db-*".into()], &["postgres".into()]).unwrap();
+        let t0 = Instant::now();
+        writer.put_grant(&g).unwrap();
+        let has = |t: &RouteTable| t.grants.allows(&client, "db-1", "postgres").is_some();
+        wait_until(&mut a_in, has);
+        wait_until(&mut b_in, has);
+        g_up.record(t0.elapsed().as_micros() as u64).ok();
+        let t0 = Instant::now();
+        writer.remove_grant(&name, false).unwrap();
+        wait_until(&mut a_in, |t| !has(t));
+        wait_until(&mut b_in, |t| !has(t));
+        g_down.record(t0.elapsed().as_micros() as u64).ok();
+    }
     let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "grant written -> on A and B:     p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(&g_up, 0.5),
+        ms(&g_up, 0.99),
+        g_up.max() as f64 / 1000.0
+    );
+    println!(
+        "grant revoked -> gone on A and B: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(&g_down, 0.5),
+        ms(&g_down, 0.99),
+        g_down.max() as f64 / 1000.0
+    );
     println!(
         "route up on B -> visible on A:   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
         ms(&up, 0.5),
@@ -102,6 +141,8 @@ fn main() {
             "samples": 300,
             "up_ms": {"p50": ms(&up, 0.5), "p99": ms(&up, 0.99), "max": up.max() as f64 / 1000.0},
             "down_ms": {"p50": ms(&down, 0.5), "p99": ms(&down, 0.99), "max": down.max() as f64 / 1000.0},
+            "grant_up_ms": {"p50": ms(&g_up, 0.5), "p99": ms(&g_up, 0.99), "max": g_up.max() as f64 / 1000.0},
+            "grant_down_ms": {"p50": ms(&g_down, 0.5), "p99": ms(&g_down, 0.99), "max": g_down.max() as f64 / 1000.0},
         });
         std::fs::write(p, serde_json::to_string_pretty(&j).unwrap()).unwrap();
     }

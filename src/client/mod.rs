@@ -80,9 +80,21 @@ impl Client {
         deadline: Duration,
         hops: u8,
     ) -> Result<Established, Error> {
+        self.dial_with(path, call::Hop { hops, client: None }, target, deadline).await
+    }
+
+    /// [`dial_path`](Self::dial_path) with the hop headers given as they
+    /// are: what a peer proxy sends (tests of the serving proxy's checks).
+    pub async fn dial_with(
+        &self,
+        path: &'static str,
+        hop: call::Hop<'_>,
+        target: &DialTarget,
+        deadline: Duration,
+    ) -> Result<Established, Error> {
         let mut send = self.send.clone();
         let first = encode_msg(&target.to_frame());
-        call::open(&mut send, paths::uri(path), call::Hop { hops, client: None }, first, Side::Proxy, deadline).await
+        call::open(&mut send, paths::uri(path), hop, first, Side::Proxy, deadline).await
     }
 
     /// Dials and splices the dial to a TCP connection until the call ends.
