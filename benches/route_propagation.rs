@@ -98,7 +98,7 @@ fn main() {
     for i in 0..300u64 {
         let name = format!("grant-{i}");
         let client = format!("client-{i}");
-        let g = Grant::new(&name, &[client.clone()], &["db-*".into()], &["postgres".into()]).unwrap();
+        let g = Grant::new(&name, std::slice::from_ref(&client), &["db-*".into()], &["postgres".into()]).unwrap();
         let t0 = Instant::now();
         writer.put_grant(&g).unwrap();
         let has = |t: &RouteTable| t.grants.allows(&client, "db-1", "postgres").is_some();

@@ -66,6 +66,12 @@ impl RouteStore for SlowConn {
     fn set_strategy(&mut self, s: Strategy) -> anyhow::Result<()> {
         self.inner.set_strategy(s)
     }
+    fn put_grant(&mut self, g: &ringpeer::route::grants::Grant) -> anyhow::Result<()> {
+        self.inner.put_grant(g)
+    }
+    fn remove_grant(&mut self, name: &str, kill_streams: bool) -> anyhow::Result<bool> {
+        self.inner.remove_grant(name, kill_streams)
+    }
     fn load(&mut self) -> anyhow::Result<Loaded> {
         self.inner.load()
     }
