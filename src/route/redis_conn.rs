@@ -109,14 +109,20 @@ impl RedisOptions {
     }
 
     /// [`load`](Self::load) with `env` as the environment.
-    pub fn resolve(url: &str, src: &RedisSources, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<RedisOptions> {
+    pub fn resolve(
+        url: &str,
+        src: &RedisSources,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<RedisOptions> {
         let shown = redact(url);
         // The redis error never quotes the URL; ours quotes it redacted.
         let mut info = url.into_connection_info().map_err(|e| anyhow::anyhow!("invalid redis url {shown:?}: {e}"))?;
         let in_url = info.redis.password.take().map(Secret::new);
         let (password, password_from) = if let Some(path) = &src.password_file {
             if in_url.is_some() {
-                bail!("the redis url {shown:?} carries a password and password_file is set too: keep only password_file");
+                bail!(
+                    "the redis url {shown:?} carries a password and password_file is set too: keep only password_file"
+                );
             }
             (Some(read_password(path)?), format!("password_file {}", path.display()))
         } else if let Some(p) = env(PASSWORD_ENV) {
@@ -177,7 +183,11 @@ fn read_password(path: &Path) -> anyhow::Result<Secret> {
 
 /// The TLS material of `src` for a `rediss://` URL; `None` uses redis-rs's
 /// defaults (the system roots).
-fn tls_material(info: &ConnectionInfo, src: &RedisSources, shown: &str) -> anyhow::Result<Option<redis::TlsCertificates>> {
+fn tls_material(
+    info: &ConnectionInfo,
+    src: &RedisSources,
+    shown: &str,
+) -> anyhow::Result<Option<redis::TlsCertificates>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let any = src.tls_ca.is_some() || src.tls_cert.is_some() || src.tls_key.is_some();
@@ -269,7 +279,10 @@ impl RedisFactory {
                 auth.arg(p).query::<()>(&mut con).map_err(|e| self.explain(e))?;
             }
             if r.db != 0 {
-                redis::cmd("SELECT").arg(r.db).query::<()>(&mut con).with_context(|| format!("redis {shown}: SELECT"))?;
+                redis::cmd("SELECT")
+                    .arg(r.db)
+                    .query::<()>(&mut con)
+                    .with_context(|| format!("redis {shown}: SELECT"))?;
             }
         }
         redis::cmd("PING").query::<()>(&mut con).map_err(|e| self.explain(e))?;
@@ -285,10 +298,14 @@ impl RedisFactory {
             None => "the password".into(),
         };
         if code == "WRONGPASS" || e.kind() == redis::ErrorKind::AuthenticationFailed {
-            anyhow::anyhow!("redis {shown}: authentication failed: the server refused {who} from {}: {e}", self.opts.password_from)
+            anyhow::anyhow!(
+                "redis {shown}: authentication failed: the server refused {who} from {}: {e}",
+                self.opts.password_from
+            )
         } else if code == "NOAUTH" {
-            anyhow::anyhow!("redis {shown}: the server requires a password: set backend.password_file or {PASSWORD_ENV}: {e}")
-        } else if matches!(self.opts.info.addr, ConnectionAddr::TcpTls { .. }) && e.to_string().contains("certificate") {
+            anyhow::anyhow!("redis {shown}: the server requires a password: give one with password_file (--redis-password-file) or {PASSWORD_ENV}: {e}")
+        } else if matches!(self.opts.info.addr, ConnectionAddr::TcpTls { .. }) && e.to_string().contains("certificate")
+        {
             anyhow::anyhow!("redis {shown}: TLS: {e} (the server certificate must chain to backend.tls_ca, or to the system roots without it)")
         } else {
             anyhow::anyhow!("redis {shown}: {e}")
