@@ -16,15 +16,34 @@ use crate::transport::identity::valid_name;
 use crate::transport::tls::TlsFiles;
 
 /// `[backend]`: where routes live.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `memory` (embedded, one process) or `redis`.
     #[serde(default)]
     pub kind: BackendKind,
-    /// Redis URL, e.g. `redis://127.0.0.1:6379/0` (with `kind = "redis"`).
+    /// Redis URL, `redis://host:port/db` or `rediss://` (TLS), with
+    /// `kind = "redis"`. A password in it works but is visible to anyone who
+    /// reads the config: use `password_file` or `RINGPEER_REDIS_PASSWORD`.
     #[serde(default)]
     pub url: Option<String>,
+    /// File holding the Redis password (read at start, trailing newline
+    /// stripped); without it, `RINGPEER_REDIS_PASSWORD` is used when set.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// Redis ACL user (Redis 6+); without it, `RINGPEER_REDIS_USERNAME`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// PEM CA the `rediss://` server certificate must chain to (the system
+    /// roots without it).
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for `rediss://` servers that require one.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Validity of this proxy's record; it heartbeats every third of it.
     #[serde(default = "default_ttl")]
     pub proxy_ttl_ms: u64,
@@ -46,11 +65,54 @@ fn default_maxlen() -> usize {
     10_000
 }
 
+/// By hand: the URL is shown with its password redacted.
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_deref().map(crate::route::redis_conn::redact))
+            .field("password_file", &self.password_file)
+            .field("username", &self.username)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("proxy_ttl_ms", &self.proxy_ttl_ms)
+            .field("resync_interval_ms", &self.resync_interval_ms)
+            .field("events_maxlen", &self.events_maxlen)
+            .finish()
+    }
+}
+
+impl BackendConfig {
+    /// Where the Redis credentials and TLS material come from.
+    pub fn redis_sources(&self) -> crate::route::redis_conn::RedisSources {
+        crate::route::redis_conn::RedisSources {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+
+    /// The Redis connection options: the URL, the password (file,
+    /// environment or URL) and the TLS files, all read now.
+    pub fn redis_options(&self) -> anyhow::Result<crate::route::redis_conn::RedisOptions> {
+        crate::route::redis_conn::RedisOptions::load(self.url.as_deref().unwrap_or_default(), &self.redis_sources())
+            .context("[backend]")
+    }
+}
+
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig {
             kind: BackendKind::Memory,
             url: None,
+            password_file: None,
+            username: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             proxy_ttl_ms: default_ttl(),
             resync_interval_ms: default_resync(),
             events_maxlen: default_maxlen(),
@@ -272,6 +334,9 @@ impl ProxyConfig {
         }
         if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
             bail!("backend.kind = \"redis\" needs backend.url");
+        }
+        if self.backend.tls_cert.is_some() != self.backend.tls_key.is_some() {
+            bail!("backend.tls_cert and backend.tls_key go together");
         }
         if self.backend.proxy_ttl_ms < 300 {
             bail!("backend.proxy_ttl_ms {} must be >= 300", self.backend.proxy_ttl_ms);

@@ -102,6 +102,8 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        #[command(flatten)]
+        redis: RedisArgs,
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
@@ -151,6 +153,40 @@ struct ClientArgs {
     /// Client certificate name in the directory.
     #[arg(long, default_value = "client")]
     name: String,
+}
+
+/// Redis credentials and TLS for commands that name a backend. No flag
+/// takes the password itself (argv is visible in `ps`): a file, or
+/// RINGPEER_REDIS_PASSWORD.
+#[derive(clap::Args)]
+struct RedisArgs {
+    /// File holding the Redis password (else RINGPEER_REDIS_PASSWORD).
+    #[arg(long, global = true)]
+    redis_password_file: Option<PathBuf>,
+    /// Redis ACL user (else RINGPEER_REDIS_USERNAME).
+    #[arg(long, global = true)]
+    redis_username: Option<String>,
+    /// PEM CA for a rediss:// backend (else the system roots).
+    #[arg(long, global = true)]
+    redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for a rediss:// backend.
+    #[arg(long, global = true, requires = "redis_tls_key")]
+    redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of --redis-tls-cert.
+    #[arg(long, global = true, requires = "redis_tls_cert")]
+    redis_tls_key: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    fn sources(self) -> ringpeer::route::redis_conn::RedisSources {
+        ringpeer::route::redis_conn::RedisSources {
+            username: self.redis_username,
+            password_file: self.redis_password_file,
+            tls_ca: self.redis_tls_ca,
+            tls_cert: self.redis_tls_cert,
+            tls_key: self.redis_tls_key,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -352,9 +388,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("ringpeer: {kind:?} target on {}", t.addr);
             shutdown_on_signals()?.wait_blocking();
         }
-        Cmd::Routes { backend, cluster, config, json, cmd } => {
+        Cmd::Routes { backend, cluster, config, json, redis, cmd } => {
             use ringpeer::tools::routes as cli;
-            let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;
+            let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref(), &redis.sources())?;
             let out = match cmd {
                 RoutesCmd::List => cli::list(store.as_mut(), json)?,
                 RoutesCmd::Get { agent } => cli::get(store.as_mut(), &agent, json)?,

@@ -153,11 +153,9 @@ pub fn run(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown) -> anyhow
 pub fn store_for(cfg: &ProxyConfig) -> anyhow::Result<Arc<dyn StoreFactory>> {
     Ok(match cfg.backend.kind {
         BackendKind::Memory => Arc::new(MemoryStore::new(cfg.backend.events_maxlen)),
-        BackendKind::Redis => Arc::new(RedisFactory::new(
-            cfg.backend.url.as_deref().unwrap_or_default(),
-            &cfg.cluster,
-            cfg.backend.events_maxlen,
-        )?),
+        BackendKind::Redis => {
+            Arc::new(RedisFactory::with_options(cfg.backend.redis_options()?, &cfg.cluster, cfg.backend.events_maxlen)?)
+        }
     })
 }
 

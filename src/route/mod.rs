@@ -15,6 +15,7 @@ pub mod feed;
 pub mod grants;
 pub mod model;
 pub mod redis;
+pub mod redis_conn;
 pub mod store;
 
 use std::collections::HashMap;

@@ -5,6 +5,9 @@
 //! (stream, field `e` = RouteEvent, trimmed with `MAXLEN ~`), `grant:<name>`
 //! (string, Grant).
 //!
+//! Connections (URL, credentials, TLS, timeouts) are opened by
+//! [`RedisFactory`] in `redis_conn.rs`.
+//!
 //! Invariants: every connection has connect, read and write timeouts, so the
 //! control thread never hangs on a dead server; a value change and its event
 //! go out in one MULTI/EXEC; trimming past a reader's cursor is detected from
@@ -18,53 +21,27 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use redis::{Commands, Connection, Value};
 
 use super::grants::Grant;
 use super::model::{AgentRoute, Event, ProxyInfo, Strategy};
-use super::store::{Loaded, Read, RouteStore, StoreFactory, StreamId};
+use super::store::{Loaded, Read, RouteStore, StreamId};
 
-/// Connect deadline.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Read/write deadline for non-blocking commands.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Opens Redis connections for one cluster.
-pub struct RedisFactory {
-    client: redis::Client,
-    url: String,
-    cluster: String,
-    maxlen: usize,
-}
-
-impl RedisFactory {
-    /// A factory for `url` and `cluster`; events are trimmed to about `maxlen`.
-    pub fn new(url: &str, cluster: &str, maxlen: usize) -> anyhow::Result<RedisFactory> {
-        let client = redis::Client::open(url).with_context(|| format!("invalid redis url {url:?}"))?;
-        Ok(RedisFactory { client, url: url.to_string(), cluster: cluster.to_string(), maxlen })
-    }
-}
-
-impl StoreFactory for RedisFactory {
-    fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>> {
-        let con =
-            self.client.get_connection_with_timeout(CONNECT_TIMEOUT).with_context(|| format!("redis {}", self.url))?;
-        con.set_read_timeout(Some(IO_TIMEOUT))?;
-        con.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Box::new(RedisStore { con, prefix: format!("ringpeer:{{{}}}:", self.cluster), maxlen: self.maxlen }))
-    }
-
-    fn describe(&self) -> String {
-        format!("redis {}", self.url)
-    }
-}
+pub use super::redis_conn::{RedisFactory, CONNECT_TIMEOUT, IO_TIMEOUT};
 
 /// One Redis connection speaking the route schema.
 pub struct RedisStore {
     con: Connection,
     prefix: String,
     maxlen: usize,
+}
+
+impl RedisStore {
+    /// The store of `cluster` over `con` (opened by [`RedisFactory`]:
+    /// timed, authenticated); events are trimmed to about `maxlen`.
+    pub(super) fn new(con: Connection, cluster: &str, maxlen: usize) -> RedisStore {
+        RedisStore { con, prefix: format!("ringpeer:{{{cluster}}}:"), maxlen }
+    }
 }
 
 /// Whether a Redis error is about the data (wrong type, bad reply), as

@@ -13,26 +13,44 @@ use serde::Serialize;
 use crate::config::{BackendKind, ProxyConfig};
 use crate::route::model::{AgentRoute, ProxyInfo, Strategy};
 use crate::route::redis::RedisFactory;
+use crate::route::redis_conn::{RedisOptions, RedisSources};
 use crate::route::store::{Loaded, RouteStore, StoreFactory};
 
 /// Opens the backend named by `--backend/--cluster` or by a proxy config.
+/// The password never comes from the command line's other flags: it is
+/// read from `flags.password_file`, `RINGPEER_REDIS_PASSWORD` or the
+/// config's `password_file` (a password in `--backend` still works, with a
+/// warning, since argv is visible in `ps`). `flags` given with `--config`
+/// override the config's keys.
 pub fn open(
     backend: Option<&str>,
     cluster: Option<&str>,
     config: Option<&Path>,
+    flags: &RedisSources,
 ) -> anyhow::Result<Box<dyn RouteStore>> {
-    let (url, cluster) = match (backend, config) {
-        (Some(url), _) => (url.to_string(), cluster.context("--backend needs --cluster")?.to_string()),
+    let (url, cluster, base) = match (backend, config) {
+        (Some(url), _) => {
+            (url.to_string(), cluster.context("--backend needs --cluster")?.to_string(), RedisSources::default())
+        }
         (None, Some(path)) => {
             let c = ProxyConfig::load(path)?;
             if c.backend.kind != BackendKind::Redis {
                 bail!("{} uses the memory backend, which lives inside that proxy; read its admin endpoint /routes instead", path.display());
             }
-            (c.backend.url.unwrap_or_default(), c.cluster)
+            let base = c.backend.redis_sources();
+            (c.backend.url.unwrap_or_default(), c.cluster, base)
         }
         (None, None) => bail!("name the backend: --backend redis://HOST:PORT --cluster NAME, or --config proxy.toml"),
     };
-    RedisFactory::new(&url, &cluster, 10_000)?.connect()
+    let f = flags.clone();
+    let src = RedisSources {
+        username: f.username.or(base.username),
+        password_file: f.password_file.or(base.password_file),
+        tls_ca: f.tls_ca.or(base.tls_ca),
+        tls_cert: f.tls_cert.or(base.tls_cert),
+        tls_key: f.tls_key.or(base.tls_key),
+    };
+    RedisFactory::with_options(RedisOptions::load(&url, &src)?, &cluster, 10_000)?.connect()
 }
 
 #[derive(Serialize)]

@@ -1,15 +1,40 @@
 //! A real `redis-server` on a free port, started, killed and restarted by
-//! the tests.
+//! the tests; optionally with a password (`--requirepass`) and TLS only
+//! (`--tls-port`, plain port off).
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How the server is started; the default is plain, no password.
+#[derive(Clone, Default)]
+pub struct RedisOpts {
+    /// `--requirepass`.
+    pub password: Option<String>,
+    /// TLS only, on the server's port.
+    pub tls: Option<RedisTls>,
+    /// No open grant (see [`Redis::start`]).
+    pub bare: bool,
+}
+
+/// The server's TLS files (PEM), and the client pair the helper's own
+/// client presents when `auth_clients` is on.
+#[derive(Clone)]
+pub struct RedisTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// `--tls-auth-clients yes|no`.
+    pub auth_clients: bool,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
 
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
-    /// Whether (re)starts write the open grant (see [`Redis::start`]).
-    open_grant: bool,
+    opts: RedisOpts,
 }
 
 impl Redis {
@@ -17,23 +42,24 @@ impl Redis {
     /// process (a parallel test) may take it before redis-server binds it:
     /// then redis-server exits, and another port is tried.
     ///
-    /// The server starts (and restarts) holding one grant for cluster
+    /// A plain server starts (and restarts) holding one grant for cluster
     /// `demo`, named `fleet`, that lets every client reach everything, as a
     /// control plane would have written: the proxies' default policy denies
     /// every dial no grant allows. Tests of grants use [`Redis::start_bare`].
     pub fn start() -> Redis {
-        Self::start_with(true)
+        Self::start_with(RedisOpts::default())
     }
 
-    /// A server with no grant in it.
+    /// A plain server with no grant in it.
     pub fn start_bare() -> Redis {
-        Self::start_with(false)
+        Self::start_with(RedisOpts { bare: true, ..Default::default() })
     }
 
-    fn start_with(open_grant: bool) -> Redis {
+    /// [`start`](Self::start) with a password and/or TLS.
+    pub fn start_with(opts: RedisOpts) -> Redis {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut r = Redis { port, child: None, open_grant };
+            let mut r = Redis { port, child: None, opts: opts.clone() };
             if r.try_start() {
                 return r;
             }
@@ -41,8 +67,10 @@ impl Redis {
         panic!("redis-server did not start on any of 5 free ports");
     }
 
+    /// The URL, without the password (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.opts.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// (Re)starts the server on the same port, empty.
@@ -58,8 +86,24 @@ impl Redis {
 
     /// Starts the server; false when it exited at once (its port was taken).
     fn try_start(&mut self) -> bool {
+        let port = self.port.to_string();
+        let mut args: Vec<String> =
+            ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from).into();
+        match &self.opts.tls {
+            None => args.extend(["--port".into(), port]),
+            Some(t) => {
+                let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+                args.extend(["--port".into(), "0".into(), "--tls-port".into(), port]);
+                args.extend(["--tls-cert-file".into(), p(&t.cert), "--tls-key-file".into(), p(&t.key)]);
+                args.extend(["--tls-ca-cert-file".into(), p(&t.ca)]);
+                args.extend(["--tls-auth-clients".into(), if t.auth_clients { "yes" } else { "no" }.into()]);
+            }
+        }
+        if let Some(pw) = &self.opts.password {
+            args.extend(["--requirepass".into(), pw.clone()]);
+        }
         let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
@@ -72,7 +116,7 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
-        if self.open_grant {
+        if !self.opts.bare && self.opts.password.is_none() && self.opts.tls.is_none() {
             self.put_open_grant();
         }
         true
@@ -94,8 +138,19 @@ impl Redis {
         }
     }
 
+    /// A client with the server's password and TLS files (test-only: the
+    /// password rides in its connection info).
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).unwrap()
+        let mut info = redis::IntoConnectionInfo::into_connection_info(self.url()).unwrap();
+        info.redis.password = self.opts.password.clone();
+        let Some(t) = &self.opts.tls else { return redis::Client::open(info).unwrap() };
+        let read = |p: &PathBuf| std::fs::read(p).unwrap();
+        let client_tls = match (&t.client_cert, &t.client_key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig { client_cert: read(c), client_key: read(k) }),
+            _ => None,
+        };
+        redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert: Some(read(&t.ca)) })
+            .unwrap()
     }
 
     pub fn con(&self) -> redis::Connection {

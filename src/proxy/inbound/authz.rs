@@ -90,11 +90,17 @@ pub fn default_service(routes: &RouteTable, target: &mut DialTarget) {
 
 /// May `client` reach `target`? A refusal on a peer link says which proxy
 /// refused: the serving proxy's grants, not the entry proxy's.
-pub fn authorize(shard: &Shard, client: &SpiffeId, target: &DialTarget, edge: Edge) -> Result<(), Error> {
+pub fn authorize(
+    shard: &Shard,
+    routes: &RouteTable,
+    client: &SpiffeId,
+    target: &DialTarget,
+    edge: Edge,
+) -> Result<(), Error> {
     if shard.shared.authorization == Authorization::AllowAll {
         return Ok(());
     }
-    if shard.routes().grants.allows(&client.name, &target.agent, &target.service).is_some() {
+    if routes.grants.allows(&client.name, &target.agent, &target.service).is_some() {
         return Ok(());
     }
     let service = if target.service.is_empty() { "(default)" } else { target.service.as_str() };

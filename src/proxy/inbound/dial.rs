@@ -101,8 +101,9 @@ pub async fn handle(
         // The source is the entry proxy's to say, never the client's.
         target.source.clone_from(&caller.addr);
     }
-    default_service(&shard.routes(), &mut target);
-    if let Err(e) = authorize(&shard, &client.id, &target, edge) {
+    let routes = shard.routes();
+    default_service(&routes, &mut target);
+    if let Err(e) = authorize(&shard, &routes, &client.id, &target, edge) {
         return fail(&shard, respond, &e);
     }
     let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
