@@ -94,7 +94,7 @@ fn proc_file(p: &Proc, what: &str) -> String {
 #[test]
 fn a_password_from_a_file_reaches_redis_and_nothing_else() {
     let pw = password();
-    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: None });
+    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: None, ..Default::default() });
     let certs = CertDir::temp().unwrap();
     let dir = &certs.path;
     let pass = secret_file(dir, "redis.pass", &pw);
@@ -167,7 +167,7 @@ fn a_password_from_a_file_reaches_redis_and_nothing_else() {
 #[test]
 fn a_password_in_the_url_still_works_and_is_printed_as_stars() {
     let pw = password();
-    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: None });
+    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: None, ..Default::default() });
     let certs = CertDir::temp().unwrap();
     let dir = &certs.path;
     let url = format!("redis://:{pw}@127.0.0.1:{}/0", redis.port);
@@ -240,7 +240,7 @@ fn rediss_with_a_private_ca_carries_route_sync_and_refuses_an_unknown_ca() {
         client_cert: Some(client_cert.clone()),
         client_key: Some(client_key.clone()),
     };
-    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: Some(tls) });
+    let redis = Redis::start_with(RedisOpts { password: Some(pw.clone()), tls: Some(tls), ..Default::default() });
     assert!(redis.url().starts_with("rediss://"));
     let pass = secret_file(dir, "redis.pass", &pw);
     let backend = format!(
