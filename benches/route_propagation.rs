@@ -86,7 +86,10 @@ fn main() {
         up.record(t0.elapsed().as_micros() as u64).ok();
         let t0 = Instant::now();
         b.events.send(TunnelEvent::TunnelDown { agent: agent.clone(), conn: i }).unwrap();
-        wait_until(&mut a_in, |t| t.get(&agent).is_none());
+        // Gone from A's routes to B. (The entry itself stays, marked
+        // moving, for MOVE_GRACE: dials wait for the agent instead of
+        // failing; that is not propagation.)
+        wait_until(&mut a_in, |t| t.get(&agent).is_none_or(|r| r.remote.iter().all(|x| &*x.proxy != "proxy-b")));
         down.record(t0.elapsed().as_micros() as u64).ok();
     }
     // Grants: written by a separate connection; applied when both proxies
