@@ -40,7 +40,17 @@ def frames():
         yield pb.Frame(Data=pb.Data(Bytes=payload[i : i + 4096]))
 
 
-replies = list(stub.DialNode(frames(), timeout=20))
+# A peer proxy says which client it dials for (ringpeer-client-id); the
+# serving proxy checks its own grants for that client.
+md = (("ringpeer-client-id", "spiffe://demo/client/client"),)
+# Without it, the serving proxy refuses the dial.
+try:
+    list(stub.DialNode(frames(), timeout=10))
+    sys.exit("a peer dial without ringpeer-client-id succeeded")
+except grpc.RpcError as e:
+    if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+        sys.exit(f"no client identity: expected PERMISSION_DENIED, got {e.code()} {e.details()}")
+replies = list(stub.DialNode(frames(), timeout=20, metadata=md))
 if not replies or replies[0].WhichOneof("Message") != "ConnectionEstablished":
     sys.exit(f"first reply is not ConnectionEstablished: {replies[:1]}")
 echoed = b"".join(f.Data.Bytes for f in replies[1:])
@@ -49,7 +59,7 @@ if echoed != payload:
 
 # An unknown agent is a clean gRPC error, not a hang.
 try:
-    list(stub.DialNode(iter([pb.Frame(DialRequest=pb.DialRequest(NodeID="nobody"))]), timeout=10))
+    list(stub.DialNode(iter([pb.Frame(DialRequest=pb.DialRequest(NodeID="nobody"))]), timeout=10, metadata=md))
     sys.exit("dial to an unknown agent succeeded")
 except grpc.RpcError as e:
     if e.code() != grpc.StatusCode.NOT_FOUND:

@@ -515,8 +515,10 @@ fn a_dial_that_already_crossed_a_peer_link_is_not_forwarded_again() {
     let (one, two) = ringpeer::runtime::block_on("peer", move || async move {
         let c = ringpeer::client::Client::connect(&peer, &cfg, &Default::default()).await.unwrap();
         let path = ringpeer::wire::paths::PEER_DIAL;
-        let one = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 1).await.map(|_| ());
-        let two = c.dial_path(path, &t("agent-1/echo"), Duration::from_secs(5), 2).await.map(|_| ());
+        let client = http::HeaderValue::from_static("spiffe://demo/client/client");
+        let hop = |hops| ringpeer::relay::call::Hop { hops, client: Some(&client) };
+        let one = c.dial_with(path, hop(1), &t("agent-1/echo"), Duration::from_secs(5)).await.map(|_| ());
+        let two = c.dial_with(path, hop(2), &t("agent-1/echo"), Duration::from_secs(5)).await.map(|_| ());
         (one, two)
     })
     .unwrap();

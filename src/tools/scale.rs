@@ -388,12 +388,15 @@ struct ProxyProc {
     admin: String,
 }
 
+/// The load's client may reach every agent (the proxy denies by default).
+const GRANT: &str = "[[grants]]\nname = \"scale\"\nclients = [\"client\"]\nagents = [\"*\"]\nservices = [\"*\"]\n";
+
 impl ProxyProc {
     fn start(dir: &Path, id: &str, streams: usize) -> anyhow::Result<ProxyProc> {
         let [client, tunnel, peer, admin] =
             [free_port()?, free_port()?, free_port()?, free_port()?].map(|p| format!("127.0.0.1:{p}"));
         let cfg = format!(
-            "cluster = \"demo\"\nid = \"{id}\"\nshards = 1\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\npeer_addr = \"{peer}\"\nadmin_addr = \"{admin}\"\ndial_timeout_ms = 60000\n{}[limits]\nstreams_per_identity = {}\n{KEEPALIVE}",
+            "cluster = \"demo\"\nid = \"{id}\"\nshards = 1\nclient_addr = \"{client}\"\ntunnel_addr = \"{tunnel}\"\npeer_addr = \"{peer}\"\nadmin_addr = \"{admin}\"\ndial_timeout_ms = 60000\n{}[limits]\nstreams_per_identity = {}\n{KEEPALIVE}{GRANT}",
             tls_section(dir, id),
             streams * 2 + 100
         );
