@@ -74,7 +74,9 @@ fn listener() -> (TcpListener, std::net::SocketAddr) {
 /// Opens a dial for `t` at `path` on `on` (the far end is `far`).
 async fn dial(on: &h2::client::SendRequest<Bytes>, path: &'static str, t: &DialTarget, far: Side) -> Established {
     let mut s = on.clone();
-    open(&mut s, paths::uri(path), 0, encode_msg(&t.to_frame()), far, Duration::from_secs(5)).await.unwrap()
+    open(&mut s, paths::uri(path), Default::default(), encode_msg(&t.to_frame()), far, Duration::from_secs(5))
+        .await
+        .unwrap()
 }
 
 /// The relay hop: what `proxy::inbound::dial` does after resolving.
