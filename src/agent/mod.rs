@@ -11,6 +11,11 @@
 //! RESOURCE_EXHAUSTED naming it, so the agent's memory is bounded by its
 //! budgets, not by its clients. A dial the proxy resets (its caller left,
 //! its deadline passed) stops connecting, or closes its target connection.
+//! Who may reach what: a service with an `allow` list serves only the
+//! clients it names, checked against the identity the proxies vouch for
+//! (`ringpeer-client-id`) before the target is connected ([`services`]).
+//! Which proxy it tunnels to: an address from the pushed proxy set must
+//! present that entry's proxy certificate (`proxy_tls`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};

@@ -59,6 +59,15 @@ impl Expect {
             Expect::OneOf(ids) => ids.iter().any(|i| i == name),
         }
     }
+
+    /// The ids expected, for a log line.
+    pub fn names(&self) -> String {
+        match self {
+            Expect::Any => "any proxy".into(),
+            Expect::One(id) => format!("{id:?}"),
+            Expect::OneOf(ids) => ids.iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", "),
+        }
+    }
 }
 
 /// The agent's TLS client configs towards proxies.

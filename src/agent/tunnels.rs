@@ -162,14 +162,13 @@ async fn attempt(
     let cfg = ctx.tls.config(expect).map_err(|e| Refused::Other(e.to_string()))?;
     match connect_tls(&cfg, addr, ctx.h2.handshake_timeout()).await {
         Ok((_, proxy)) if !expect.check(&proxy.name) => {
-            let Expect::OneOf(ids) = expect else { unreachable!("only OneOf checks after the handshake") };
             if ctx.tls.first_refusal(&proxy.name, addr) {
                 tracing::warn!(
                     agent = ctx.id,
                     addr,
-                    entries = ?ids,
                     presented = proxy.name,
-                    "proxy set entries {ids:?} at {addr} presented a certificate for {:?}; refusing it",
+                    "the proxy set entries at {addr} ({}) do not include {:?}, whose certificate it presented; refusing it",
+                    expect.names(),
                     proxy.name
                 );
             }
