@@ -321,4 +321,13 @@ fn an_agent_refuses_a_proxy_whose_certificate_name_differs_from_the_pushed_id() 
     assert!((1..=10).contains(&handshakes), "C saw {handshakes} handshakes from the agent in about 5-10 s");
     assert_eq!(refusals, 1, "the refusal is logged once");
     assert!(log.lines_with(&["tunnel up", "proxy-c"]).is_empty(), "no tunnel to C");
+    // Now C's own record claims its address too (as a stale record and the
+    // proxy that took its port would): the agent accepts C there, under
+    // C's name, and only C.
+    let real = ProxyInfo { id: "proxy-c".into(), ..forged };
+    f.connect().unwrap().put_proxy(&real, Duration::from_secs(600)).unwrap();
+    let up = format!("addr=\"{c_tunnel}\"");
+    let line = log.wait_for(&["tunnel up", "proxy=\"proxy-c\"", &up], Duration::from_secs(10));
+    assert!(line.is_some(), "no tunnel to C under proxy-c within 10 s: {:?}", log.0.lock().unwrap());
+    assert!(log.lines_with(&["tunnel up", "proxy-b"]).is_empty(), "never a tunnel under proxy-b");
 }
