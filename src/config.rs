@@ -273,8 +273,9 @@ pub struct AgentConfig {
     pub proxies: Vec<String>,
     /// TLS files.
     pub tls: TlsFiles,
-    /// Services: name = "host:port".
-    pub services: BTreeMap<String, String>,
+    /// Services: `name = "host:port"`, or a `[services.name]` table with
+    /// `addr` and `allow` ([`ServiceSpec`]).
+    pub services: BTreeMap<String, ServiceSpec>,
     /// Target connect deadline, ms.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -293,6 +294,57 @@ pub struct AgentConfig {
     /// strategy no longer wants it) keeps its open streams, ms.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_ms: u64,
+}
+
+/// One `[services]` entry: `name = "host:port"`, or a table
+/// `[services.name]` with `addr` and an optional `allow` list of client
+/// names or globs. Without `allow`, every client the proxies' grants let
+/// through is served; with it, the agent itself refuses the others.
+///
+/// Deserialized by hand rather than as a serde untagged enum: an untagged
+/// enum answers a typo in the table (`alow = [..]`) with "data did not match
+/// any variant", where this names the unknown key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    /// Target address, `host:port`.
+    pub addr: String,
+    /// Client names or globs allowed to reach this service, if restricted.
+    pub allow: Option<Vec<String>>,
+}
+
+impl ServiceSpec {
+    /// A service at `addr` open to every client the proxies let through.
+    pub fn open(addr: impl Into<String>) -> ServiceSpec {
+        ServiceSpec { addr: addr.into(), allow: None }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceTable {
+    addr: String,
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for ServiceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ServiceSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"host:port\" or a table with addr and allow")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServiceSpec, E> {
+                Ok(ServiceSpec::open(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<ServiceSpec, A::Error> {
+                let t = ServiceTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(ServiceSpec { addr: t.addr, allow: t.allow })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_connect_timeout() -> u64 {
@@ -424,12 +476,22 @@ impl AgentConfig {
         if self.agent_connection_count == Some(0) {
             bail!("agent_connection_count must be at least 1");
         }
-        for (name, addr) in &self.services {
+        for (name, spec) in &self.services {
+            let addr = &spec.addr;
             if !valid_name(name) {
                 bail!("service name {name:?} is not a valid name");
             }
             if !addr.contains(':') {
                 bail!("service {name} = {addr:?} is not host:port");
+            }
+            if let Some(allow) = &spec.allow {
+                if allow.is_empty() {
+                    bail!("service {name:?}: allow = [] would refuse every client; omit allow to serve every client the proxies' grants let through");
+                }
+                for p in allow {
+                    crate::route::grants::Pattern::new(p)
+                        .map_err(|e| anyhow::anyhow!("service {name:?}: allow: {e}"))?;
+                }
             }
         }
         self.limits.validate().map_err(anyhow::Error::msg)?;
@@ -499,6 +561,23 @@ mod tests {
             std::fs::write(&a, format!("{head}{agent}{rest}{tail}")).unwrap();
             let e = AgentConfig::load(&a).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains(&a.display().to_string()), "{want:?} not in {e:?}");
+        }
+        // `[services]`: the short form and the table form with `allow`; a
+        // typo in the table or a bad pattern is an error naming the service.
+        let svc =
+            "[tls]\nca='a'\ncert='b'\nkey='c'\n[services]\nweb='127.0.0.1:80'\n[services.ssh]\naddr='127.0.0.1:22'\n";
+        std::fs::write(&a, format!("{agent}{svc}allow=['alice','ci-*']\n")).unwrap();
+        let c = AgentConfig::load(&a).unwrap();
+        assert_eq!(c.services["web"], ServiceSpec::open("127.0.0.1:80"));
+        assert_eq!(c.services["ssh"].allow.as_deref(), Some(&["alice".to_string(), "ci-*".to_string()][..]));
+        for (tail, want) in [
+            ("alow=['alice']\n", "unknown field `alow`"),
+            ("allow=['al ice']\n", "service \"ssh\": allow: \"al ice\" is not a name or a glob"),
+            ("allow=[]\n", "service \"ssh\": allow = [] would refuse every client"),
+        ] {
+            std::fs::write(&a, format!("{agent}{svc}{tail}")).unwrap();
+            let e = AgentConfig::load(&a).unwrap_err().to_string();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
         }
         std::fs::write(&p, format!("{base}[limits]\nstreams_per_conn=0\n")).unwrap();
         let e = ProxyConfig::load(&p).unwrap_err().to_string();

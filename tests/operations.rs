@@ -78,12 +78,6 @@ impl RouteStore for SlowConn {
     fn read(&mut self, after: StreamId, block: Duration) -> anyhow::Result<StoreRead> {
         self.inner.read(after, block)
     }
-    fn put_grant(&mut self, g: &ringpeer::route::grants::Grant) -> anyhow::Result<()> {
-        self.inner.put_grant(g)
-    }
-    fn remove_grant(&mut self, name: &str, kill_streams: bool) -> anyhow::Result<bool> {
-        self.inner.remove_grant(name, kill_streams)
-    }
 }
 
 #[test]

@@ -11,11 +11,15 @@
 //! RESOURCE_EXHAUSTED naming it, so the agent's memory is bounded by its
 //! budgets, not by its clients. A dial the proxy resets (its caller left,
 //! its deadline passed) stops connecting, or closes its target connection.
+//! Who may reach what: a service with an `allow` list serves only the
+//! clients it names, checked against the identity the proxies vouch for
+//! (`ringpeer-client-id`) before the target is connected ([`services`]).
+//! Which proxy it tunnels to: an address from the pushed proxy set must
+//! present that entry's proxy certificate (`proxy_tls`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +30,8 @@ use h2::RecvStream;
 use http::Request;
 
 use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
+mod proxy_tls;
+pub mod services;
 pub mod strategy;
 mod tunnels;
 
@@ -47,12 +53,17 @@ use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
 use crate::wire::status::{Code, Status};
+use proxy_tls::ProxyTls;
+use services::{Services, CLIENT_ID_HEADER};
 use strategy::{Membership, Slot, LEAVING_FOR};
 
 struct AgentCtx {
     id: String,
-    services: BTreeMap<String, String>,
-    tls: Arc<rustls::ClientConfig>,
+    cluster: String,
+    services: Services,
+    /// Client configs towards proxies: any proxy at a seed, the named one
+    /// at an address from the pushed proxy set.
+    tls: ProxyTls,
     h2: H2Tuning,
     connect_timeout: Duration,
     shutdown: Shutdown,
@@ -69,13 +80,15 @@ struct AgentCtx {
 pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     cfg.validate()?;
     let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;
-    let client = tls.client_config(Role::Proxy, None)?;
+    let client = ProxyTls::new(tls)?;
+    let services = services::from_config(&cfg.services)?;
     let proxies = cfg.proxies.clone();
     let name = format!("agent-{}", cfg.id);
     crate::runtime::block_on(&name, move || async move {
         let ctx = Rc::new(AgentCtx {
             id: cfg.id,
-            services: cfg.services,
+            cluster: cfg.cluster,
+            services,
             tls: client,
             h2: H2Tuning { drain_timeout_ms: cfg.drain_timeout_ms, ..cfg.h2 },
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
@@ -182,6 +195,7 @@ fn on_control(ctx: &AgentCtx, m: ControlMessage, slot: &Slot) {
             let draining: BTreeSet<String> = valid().filter(|p| p.draining).map(|p| p.id.clone()).collect();
             let mut m = ctx.membership.borrow_mut();
             if m.proxies != set || m.draining != draining {
+                ctx.tls.retain(&set);
                 tracing::info!(
                     agent = ctx.id,
                     from = s.self_,
@@ -220,25 +234,6 @@ fn on_control(ctx: &AgentCtx, m: ControlMessage, slot: &Slot) {
     }
 }
 
-fn pick_service<'a>(ctx: &'a AgentCtx, name: &str) -> Result<(&'a str, &'a str), Error> {
-    let known = || ctx.services.keys().cloned().collect::<Vec<_>>().join(", ");
-    if name.is_empty() {
-        if ctx.services.len() == 1 {
-            let (k, v) = ctx.services.iter().next().expect("one service");
-            return Ok((k, v));
-        }
-        if let Some((k, v)) = ctx.services.get_key_value("default") {
-            return Ok((k, v));
-        }
-        let m = format!("agent {:?} has several services; name one of: {}", ctx.id, known());
-        return Err(Error::new(Code::NotFound, Side::Agent, Retry::Never, Label::NoService, m));
-    }
-    ctx.services.get_key_value(name).map(|(k, v)| (k.as_str(), v.as_str())).ok_or_else(|| {
-        let m = format!("agent {:?} has no service {name:?} (it has: {})", ctx.id, known());
-        Error::new(Code::NotFound, Side::Agent, Retry::Never, Label::NoService, m)
-    })
-}
-
 /// The budgets a dial must fit in: streams and set-ups on its tunnel, the
 /// shard's buffered bytes. Checked once the `DialRequest` is in: refusing
 /// at the headers would leave the proxy's request DATA arriving on a reset
@@ -265,6 +260,9 @@ async fn handle_dial(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    // The client the proxies vouch for (`None` only from a proxy that
+    // predates identity propagation).
+    let client = req.headers().get(CLIENT_ID_HEADER).cloned();
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
@@ -277,10 +275,18 @@ async fn handle_dial(
             return answer_error(respond, &e);
         }
     };
-    let (service, addr) = match pick_service(&ctx, &target.service) {
+    let (service, spec) = match services::pick(&ctx.id, &ctx.services, &target.service) {
         Ok(v) => v,
         Err(e) => return answer_error(respond, &e),
     };
+    let who = client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("");
+    tracing::debug!(agent = ctx.id, client = who, source = target.source, service, "dial");
+    // Before connecting: a refused client never reaches the target.
+    if let Err(e) = services::authorize(&ctx.id, &ctx.cluster, service, spec, client.as_ref()) {
+        tracing::debug!(agent = ctx.id, client = who, source = target.source, service, error = %e, "dial refused");
+        return answer_error(respond, &e);
+    }
+    let addr = spec.addr.as_str();
     let connect = async {
         let sa = resolve(addr).await?;
         TcpStream::connect(sa).await.map_err(std::io::Error::from)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future::or;
 
+use super::proxy_tls::{is_name_mismatch, Expect, ProxyTls};
 use super::strategy::{desired, Slot, SETTLE};
 use super::{serve_tunnel, AgentCtx};
 use crate::route::model::Strategy;
@@ -110,7 +111,10 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
     let mut last_error: Option<String> = None;
     while !ctx.shutdown.is_triggered() && !slot.stop.is_triggered() {
         let started = Instant::now();
-        match connect_tls(&ctx.tls, &addr, ctx.h2.handshake_timeout()).await {
+        // Which proxy must answer here: read per attempt, so a new proxy
+        // set applies from the next handshake on.
+        let expect = ProxyTls::expect(&ctx.membership.borrow().proxies, &addr);
+        match attempt(&ctx, &addr, &expect).await {
             Ok((tls, proxy)) => {
                 last_error = None;
                 *slot.proxy.borrow_mut() = Some(proxy.name.clone());
@@ -126,16 +130,64 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
                     backoff.reset();
                 }
             }
-            Err(e) => {
-                let msg = e.to_string();
+            Err(Refused::Logged) => last_error = None,
+            Err(Refused::Other(msg)) => {
                 if last_error.as_deref() != Some(&msg) {
                     tracing::warn!(agent = ctx.id, addr, error = %msg, "cannot open tunnel; retrying with backoff");
                     last_error = Some(msg);
                 }
             }
         }
+        // Every failure, a refused proxy name included, waits its backoff:
+        // a forged entry costs one handshake per step, not a tight loop.
         let wait = or(glommio::timer::sleep(backoff.next_delay()), ctx.shutdown.wait());
         or(wait, slot.stop.wait()).await;
     }
     slot.ended.set(true);
+}
+
+enum Refused {
+    /// A proxy that is not the one the set names (logged once per entry).
+    Logged,
+    /// Any other failure, for the caller to log once per change.
+    Other(String),
+}
+
+/// One handshake with `addr`, holding the proxy to `expect`.
+async fn attempt(
+    ctx: &AgentCtx,
+    addr: &str,
+    expect: &Expect,
+) -> Result<(crate::transport::ClientTls, crate::transport::identity::SpiffeId), Refused> {
+    let cfg = ctx.tls.config(expect).map_err(|e| Refused::Other(e.to_string()))?;
+    match connect_tls(&cfg, addr, ctx.h2.handshake_timeout()).await {
+        Ok((_, proxy)) if !expect.check(&proxy.name) => {
+            if ctx.tls.first_refusal(&proxy.name, addr) {
+                tracing::warn!(
+                    agent = ctx.id,
+                    addr,
+                    presented = proxy.name,
+                    "the proxy set entries at {addr} ({}) do not include {:?}, whose certificate it presented; refusing it",
+                    expect.names(),
+                    proxy.name
+                );
+            }
+            Err(Refused::Logged)
+        }
+        Ok(v) => Ok(v),
+        Err(e) => match expect {
+            Expect::One(id) if is_name_mismatch(&e) => {
+                if ctx.tls.first_refusal(id, addr) {
+                    tracing::warn!(
+                        agent = ctx.id,
+                        addr,
+                        entry = id,
+                        "proxy set entry {id:?} at {addr} presented a certificate that does not name {id:?}; refusing it"
+                    );
+                }
+                Err(Refused::Logged)
+            }
+            _ => Err(Refused::Other(e.to_string())),
+        },
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::config::{AgentConfig, BackendConfig, ProxyConfig};
+use crate::config::{AgentConfig, BackendConfig, ProxyConfig, ServiceSpec};
 use crate::proxy::control::SnapshotCell;
 use crate::proxy::stats::Metrics;
 use crate::proxy::{run_with, Listeners, RunOpts};
@@ -66,7 +66,10 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         id: id.into(),
         proxies: proxies.iter().map(|p| p.to_string()).collect(),
         tls: TlsFiles::in_dir(dir, id),
-        services: services.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect::<BTreeMap<_, _>>(),
+        services: services
+            .iter()
+            .map(|(n, a)| (n.to_string(), ServiceSpec::open(a.to_string())))
+            .collect::<BTreeMap<_, _>>(),
         connect_timeout_ms: 2_000,
         agent_connection_count: None,
         h2: H2Tuning::default(),
