@@ -122,6 +122,8 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        #[command(flatten)]
+        redis: RedisArgs,
         #[command(subcommand)]
         cmd: GrantsCmd,
     },
@@ -403,9 +405,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             print!("{out}");
         }
-        Cmd::Grants { backend, cluster, config, json, cmd } => {
+        Cmd::Grants { backend, cluster, config, json, redis, cmd } => {
             use ringpeer::tools::grants as cli;
-            let mut store = ringpeer::tools::routes::open(backend.as_deref(), cluster.as_deref(), config.as_deref())?;
+            let sources = redis.sources();
+            let mut store =
+                ringpeer::tools::routes::open(backend.as_deref(), cluster.as_deref(), config.as_deref(), &sources)?;
             let out = match cmd {
                 GrantsCmd::List => cli::list(store.as_mut(), json)?,
                 GrantsCmd::Add { name, clients, agents, services } => {
