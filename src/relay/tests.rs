@@ -74,7 +74,8 @@ fn listener() -> (TcpListener, std::net::SocketAddr) {
 /// Opens a dial for `t` at `path` on `on` (the far end is `far`).
 async fn dial(on: &h2::client::SendRequest<Bytes>, path: &'static str, t: &DialTarget, far: Side) -> Established {
     let mut s = on.clone();
-    open(&mut s, paths::uri(path), 0, encode_msg(&t.to_frame()), far, Duration::from_secs(5)).await.unwrap()
+    let hop = crate::relay::call::Hop { hops: 0, client: None };
+    open(&mut s, paths::uri(path), hop, encode_msg(&t.to_frame()), far, Duration::from_secs(5)).await.unwrap()
 }
 
 /// The relay hop: what `proxy::inbound::dial` does after resolving.
@@ -88,10 +89,12 @@ fn relay_hop(l: TcpListener, far: std::net::SocketAddr) {
         for b in e.held {
             down.send(b).await.unwrap();
         }
-        let (mut send, mut recv, c) = (e.send, e.recv, Counter::default());
-        let _ =
-            relay(Leg { src: &mut rx, sink: &mut send, bytes: &c }, Leg { src: &mut recv, sink: &mut down, bytes: &c })
-                .await;
+        let (mut send, mut recv, c, t) = (e.send, e.recv, Counter::default(), super::Tally::default());
+        let _ = relay(
+            Leg { src: &mut rx, sink: &mut send, bytes: &c, tally: &t },
+            Leg { src: &mut recv, sink: &mut down, bytes: &c, tally: &t },
+        )
+        .await;
     });
 }
 

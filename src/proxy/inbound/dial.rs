@@ -24,6 +24,10 @@
 //! than `shard_buffer_bytes`; the relayed streams' received bytes are
 //! counted in that meter.
 //!
+//! Every client-edge dial leaves one line in the audit log
+//! ([`crate::proxy::audit`]): a [`Trail`] started when it arrives and
+//! queued when `handle` returns, whichever way.
+//!
 //! Invariants: only this module answers the caller; a failed dial is
 //! answered once, with its error's trailers, and counted under its label
 //! and code; a failure after establishment cancels the upstream hop.
@@ -38,10 +42,11 @@ use h2::RecvStream;
 use http::{HeaderValue, Request};
 
 use super::{Caller, Edge};
-use crate::proxy::outbound::{self, Opened, UpRecv};
+use crate::proxy::audit::{self, Trail};
+use crate::proxy::outbound::{self, Opened, UpRecv, Via};
 use crate::proxy::shard::Shard;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, CLIENT_ID_HEADER, HOPS_HEADER};
-use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
+use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink, Tally};
 use crate::route::grants::Authorization;
 use crate::route::RouteTable;
 use crate::runtime::budget::exceeded;
@@ -58,6 +63,28 @@ pub fn fail(shard: &Shard, respond: SendResponse<Bytes>, e: &Error) {
     shard.stats.dials_failed.inc();
     shard.stats.failed(e);
     answer_error(respond, e);
+}
+
+/// [`fail`], auditing the refusal first.
+fn refuse(shard: &Shard, respond: SendResponse<Bytes>, e: &Error, trail: &mut Option<Trail<'_>>) {
+    if let Some(t) = trail {
+        t.failed(e);
+    }
+    fail(shard, respond, e)
+}
+
+/// [`fail`] for a stream refused before its dial was read (a connection or
+/// identity budget), auditing it when it came in on the client edge.
+pub fn refuse_stream(shard: &Shard, caller: &Caller, edge: Edge, respond: SendResponse<Bytes>, e: &Error) {
+    refuse(shard, respond, e, &mut trail(shard, caller, edge))
+}
+
+/// The audit trail of a dial that just arrived: client-edge dials only, and
+/// only when the audit is on.
+fn trail<'a>(shard: &'a Shard, caller: &Caller, edge: Edge) -> Option<Trail<'a>> {
+    let audit = shard.shared.audit.as_ref().filter(|_| edge == Edge::Client)?;
+    let client = caller.header.clone().or_else(|| HeaderValue::from_str(&caller.id.uri()).ok())?;
+    Some(Trail::start(audit, shard.index, client, &caller.addr))
 }
 
 /// Whether the caller ended the call by resetting or cancelling it.
@@ -78,15 +105,16 @@ pub async fn handle(
         return answer_ping(respond);
     }
     shard.stats.dials.inc();
+    let mut trail = trail(&shard, caller, edge);
     let Some(setup) = conn.enter_setup() else {
         let max = conn.limits().1;
         let mut e = exceeded("setup_per_conn", max, Label::BudgetSetupPerConn, Side::Client);
         e.message = format!("{}: at most {max} dials in set-up per connection", e.message).into();
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     };
     if shard.buf.over_budget() {
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     }
     let (mut target, client, mut recv) = match decode(&shard, caller, req, edge).await {
         Ok(v) => v,
@@ -94,7 +122,7 @@ pub async fn handle(
             if caller_reset(&e) {
                 conn.reset_by_peer();
             }
-            return fail(&shard, respond, &e);
+            return refuse(&shard, respond, &e, &mut trail);
         }
     };
     if edge == Edge::Client {
@@ -102,8 +130,11 @@ pub async fn handle(
         target.source.clone_from(&caller.addr);
     }
     default_service(&shard.routes(), &mut target);
+    if let Some(t) = &mut trail {
+        t.target(&target.agent, &target.service);
+    }
     if let Err(e) = authorize(&shard, &client.id, &target, edge) {
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     }
     let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
     if plan.is_empty() && moving.is_none() {
@@ -113,14 +144,19 @@ pub async fn handle(
         (plan, moving) = resolve(&shard, &target.agent, edge);
     }
     if plan.is_empty() && moving.is_none() {
-        return fail(&shard, respond, &no_route(&target.agent, edge));
+        return refuse(&shard, respond, &no_route(&target.agent, edge), &mut trail);
     }
     // Answer the headers now: a peer proxy's failover bounds the time to
     // this answer, so a live proxy must give it before the (possibly slow)
     // upstream connects, or before a moving agent's tunnel arrives.
     // Failures from here on end with trailers.
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
-    let Ok(mut down) = answer_ok(&mut respond, far) else { return };
+    let Ok(mut down) = answer_ok(&mut respond, far) else {
+        if let Some(t) = &mut trail {
+            t.failed(&Error::cancelled("the caller went away before the dial was answered"));
+        }
+        return;
+    };
     let dial = Outgoing { first: encode_msg(&target.to_frame()), client: Some(client.header) };
     // A caller that resets while the upstream is being opened cancels the
     // opening: dropping it resets the upstream stream in turn, so the agent
@@ -147,12 +183,22 @@ pub async fn handle(
             }
             shard.stats.dials_failed.inc();
             shard.stats.failed(&e);
+            if let Some(t) = &mut trail {
+                t.failed(&e);
+            }
             return Sink::fail(&mut down, &e).await;
         }
     };
     drop(setup);
+    if let Some(t) = &mut trail {
+        t.established(match &opened.via {
+            Via::Local => audit::Path::Local,
+            Via::Sibling(k) => audit::Path::Shard(*k),
+            Via::Peer(p) => audit::Path::Peer(p.to_string()),
+        });
+    }
     let rest = recv.decoder().take_rest();
-    relay_to_caller(&shard, opened, recv, rest, down).await
+    relay_to_caller(&shard, opened, recv, rest, down, trail.as_mut()).await
 }
 
 /// The client a dial acts for.
@@ -291,30 +337,43 @@ fn no_route(agent: &str, edge: Edge) -> Error {
     Error::new(Code::NotFound, Side::Proxy, Retry::Safe, Label::NoRoute, m)
 }
 
-/// Step 5: answers the caller and relays until the call ends.
-async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Bytes, mut down: GrpcSend) {
-    let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot } = o;
+/// Step 5: answers the caller and relays until the call ends. The payload
+/// counted (in the shard's counters and the audit) is what is relayed after
+/// establishment, gRPC framing included: the client's bytes that followed
+/// its `DialRequest`, then every DATA payload each way.
+async fn relay_to_caller(
+    shard: &Shard,
+    o: Opened,
+    mut recv: GrpcRecv,
+    rest: Bytes,
+    mut down: GrpcSend,
+    trail: Option<&mut Trail<'_>>,
+) {
+    let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot, via: _ } = o;
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
         r.meter(&shard.buf);
     }
     let _open = shard.streams.enter();
     let _gauge = StreamGauge::new(shard);
+    let stats = &shard.stats;
+    let (up, back) = (Tally::default(), Tally::default());
     let start = async {
         for b in held {
             down.send(b).await?;
         }
         if !rest.is_empty() {
+            stats.bytes_up.add(rest.len() as u64);
+            up.add(rest.len() as u64);
             send.send(rest).await?;
         }
         Ok(())
     };
-    let stats = &shard.stats;
     let r = match start.await {
         Ok(()) => {
             relay(
-                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up },
-                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down },
+                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up, tally: &up },
+                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down, tally: &back },
             )
             .await
         }
@@ -324,6 +383,9 @@ async fn relay_to_caller(shard: &Shard, o: Opened, mut recv: GrpcRecv, rest: Byt
             Err(e)
         }
     };
+    if let Some(t) = trail {
+        t.relayed(&r, &up, &back);
+    }
     // A reset after establishment is an ordinary cancel (a client dropping
     // a finished stream early): it is not counted against the connection.
     if let Err(e) = r {

@@ -67,6 +67,17 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Which kind of upstream served a dial (for the audit log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A tunnel on this shard.
+    Local,
+    /// A tunnel on sibling shard `k`.
+    Sibling(u32),
+    /// A peer proxy, by id.
+    Peer(Rc<str>),
+}
+
 /// The send half of an opened upstream.
 pub enum UpSend {
     /// An HTTP/2 stream (tunnel or peer link).
@@ -96,11 +107,20 @@ pub struct Opened {
     pub slot: Option<peer::PeerStream>,
     /// Counts the dial among the tunnel's open streams while it lives.
     pub tunnel_slot: Option<StreamGuard>,
+    /// The upstream that served it ([`Upstream::open`] sets it).
+    pub via: Via,
 }
 
 impl From<Established> for Opened {
     fn from(e: Established) -> Opened {
-        Opened { send: UpSend::H2(e.send), recv: UpRecv::H2(e.recv), held: e.held, slot: None, tunnel_slot: None }
+        Opened {
+            send: UpSend::H2(e.send),
+            recv: UpRecv::H2(e.recv),
+            held: e.held,
+            slot: None,
+            tunnel_slot: None,
+            via: Via::Local,
+        }
     }
 }
 
@@ -266,6 +286,7 @@ impl Upstream {
                 };
                 let mut o = Opened::from(e);
                 o.slot = Some(slot);
+                o.via = Via::Peer(proxy.clone());
                 Ok(o)
             }
         }

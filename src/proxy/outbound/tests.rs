@@ -82,7 +82,12 @@ fn a_cross_shard_dial_past_the_mailbox_bound_is_refused_naming_the_budget() {
     use crate::runtime::pipe::pipe;
     let dial = || {
         let ((_, up), (down, _)) = (pipe(1), pipe(1));
-        ShardMsg::Dial(Box::new(CrossDial { agent: "a".into(), first: bytes::Bytes::new(), up, down }))
+        ShardMsg::Dial(Box::new(CrossDial {
+            agent: "a".into(),
+            dial: Outgoing { first: bytes::Bytes::new(), client: None },
+            up,
+            down,
+        }))
     };
     let (mb, inbox) = mailbox(2);
     assert!(sibling::post_dial(&mb, 1, dial()).is_ok() && sibling::post_dial(&mb, 1, dial()).is_ok());
