@@ -192,7 +192,10 @@ fn a_dial_through_a_peer_names_the_peer_and_the_serving_proxy_writes_no_line() {
     let c = counted_dial(a.client_addr, &certs.path, "agent-1/echo");
     assert!(c.status.is_ok(), "{:?}", c.status);
     let l = wait_lines(&a_audit, 1).remove(0);
-    assert_eq!((l["proxy"].as_str(), l["path"].as_str(), l["via"].as_str()), (Some("proxy-a"), Some("peer"), Some("proxy-b")));
+    assert_eq!(
+        (l["proxy"].as_str(), l["path"].as_str(), l["via"].as_str()),
+        (Some("proxy-a"), Some("peer"), Some("proxy-b"))
+    );
     assert_eq!(l["code"], "OK");
     assert_eq!((l["bytes_up"].as_u64(), l["bytes_down"].as_u64()), (Some(c.up), Some(c.down)));
     // B served the dial over a peer link: the entry proxy audits, B does not.
@@ -233,4 +236,73 @@ fn a_flood_past_a_one_line_queue_drops_lines_exactly_and_no_dial_fails() {
     assert!(m.contains(&format!("ringpeer_audit_dropped_total{{proxy=\"proxy-a\"}} {}", audit.dropped_count())), "{m}");
     assert!(m.contains(&format!("ringpeer_audit_lines_total{{proxy=\"proxy-a\"}} {}", audit.lines())), "{m}");
     eprintln!("{DIALS} dials in {took:?}: {} lines written, {} dropped", audit.lines(), audit.dropped_count());
+}
+
+#[test]
+fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
+    const DIALS: usize = 1000;
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    // The audit goes into a pipe whose reader never reads: once its 64 KiB
+    // are full (some 200 lines), the writer thread blocks in write(2).
+    let fifo = certs.path.join("audit.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    use std::os::unix::fs::OpenOptionsExt;
+    let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
+    cfg.audit = AuditConfig { queue: 64, ..AuditConfig::to_file(&fifo) };
+    let proxy = ProxyHandle::start(cfg).unwrap();
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    proxy.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    let t0 = Instant::now();
+    let ok = common::with_client(proxy.client_addr, &certs.path, "client", |cl| async move {
+        let tasks: Vec<_> = (0..DIALS)
+            .map(|_| {
+                let cl = cl.clone();
+                glommio::spawn_local(async move { echo_roundtrip(&cl, &t("agent-1/echo"), b"ping").await.is_ok() })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await);
+        }
+        ok
+    });
+    let took = t0.elapsed();
+    assert_eq!(ok, DIALS, "every dial succeeds while the audit sink is stuck");
+    assert!(took < Duration::from_secs(30), "{DIALS} dials took {took:?}");
+    let audit = proxy.metrics.audit.clone();
+    // Stuck: under 64 KiB written, the queue full, the rest dropped.
+    eventually("the queue full, the rest dropped", || audit.dropped_count() >= (DIALS - 64 - 300) as u64);
+    assert!(audit.lines() < 300, "{} lines cannot all have fit in a 64 KiB pipe", audit.lines());
+    // Stopping waits for the stuck writer a bounded time, then leaves it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t1 = Instant::now();
+    std::thread::spawn(move || tx.send(proxy.stop().is_ok()).unwrap());
+    let stopped = rx.recv_timeout(Duration::from_secs(20)).expect("the proxy stops despite a stuck audit sink");
+    assert!(stopped);
+    let stop = t1.elapsed();
+    assert!(stop >= ringpeer::proxy::audit::STOP_WAIT, "it waited for the writer first ({stop:?})");
+    eprintln!(
+        "{DIALS} dials in {took:?} with the sink stuck: {} lines written, {} dropped; stop took {stop:?}",
+        audit.lines(),
+        audit.dropped_count()
+    );
+    // The writer left behind writes what it holds once the pipe is read,
+    // and the accounting comes out exact: every dial written or dropped.
+    let (mut reader, mut read, mut buf) = (reader, Vec::new(), [0u8; 65536]);
+    eventually("the freed writer accounts for every dial", || {
+        use std::io::Read;
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            read.extend_from_slice(&buf[..n]);
+        }
+        audit.lines() + audit.dropped_count() == DIALS as u64
+    });
+    let written = read.iter().filter(|&&b| b == b'\n').count() as u64;
+    assert_eq!(written, audit.lines(), "every line counted as written came out of the pipe");
+    eprintln!("after the pipe was read: {} lines, {} dropped, {written} read", audit.lines(), audit.dropped_count());
 }
