@@ -149,6 +149,26 @@ fn a_granted_local_dial_is_one_ok_line_with_its_exact_bytes_and_times() {
 }
 
 #[test]
+fn a_dial_served_by_another_shard_says_shard_and_counts_the_same_bytes() {
+    // The client port is open only on shard 0, the tunnel port only on
+    // shard 1: the dial crosses shards through the pipes.
+    ringpeer::runtime::raise_memlock();
+    let certs = CertDir::temp().unwrap();
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    let (cfg, audit) = audited(proxy_config(&certs.path, "proxy-a", 2), &certs.path);
+    let proxy = ProxyHandle::start_with(cfg, common::split_shards(0)).unwrap();
+    let _agent =
+        AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    proxy.wait_tunnels(1, Duration::from_secs(10)).unwrap();
+    let c = counted_dial(proxy.client_addr, &certs.path, "agent-1/echo");
+    assert!(c.status.is_ok(), "{:?}", c.status);
+    let l = wait_lines(&audit, 1).remove(0);
+    assert_eq!((l["shard"].as_u64(), l["path"].as_str(), l["via"].as_str()), (Some(0), Some("shard"), Some("proxy-a")));
+    assert_eq!((l["code"].as_str(), l["source"].as_str()), (Some("OK"), Some(c.source.as_str())));
+    assert_eq!((l["bytes_up"].as_u64(), l["bytes_down"].as_u64()), (Some(c.up), Some(c.down)));
+}
+
+#[test]
 fn a_denied_dial_and_a_dial_to_an_unknown_agent_are_audited_with_their_codes() {
     let f = one(1024);
     assert_eq!(dial_status(f.proxy.client_addr, &f.certs.path, "agent-2/echo"), Code::PermissionDenied);
@@ -185,8 +205,8 @@ fn a_dial_through_a_peer_names_the_peer_and_the_serving_proxy_writes_no_line() {
     };
     let (a, a_audit) = start("proxy-a");
     let (b, b_audit) = start("proxy-b");
-    let _agent =
-        AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr)])).unwrap();
+    let services = [("echo", echo.addr), ("refused", common::dead_addr())];
+    let _agent = AgentHandle::start(agent_config(&certs.path, "agent-1", &[b.tunnel_addr], &services)).unwrap();
     b.wait_tunnels(1, Duration::from_secs(10)).unwrap();
     eventually("A routes agent-1 via B", || a.routes().get("agent-1").is_some_and(|r| !r.remote.is_empty()));
     let c = counted_dial(a.client_addr, &certs.path, "agent-1/echo");
@@ -202,6 +222,16 @@ fn a_dial_through_a_peer_names_the_peer_and_the_serving_proxy_writes_no_line() {
     assert_eq!(b.metrics.sum(|s| s.dials.get()), 1, "B saw the peer dial");
     assert_eq!(lines(&b_audit).len(), 0);
     assert_eq!(b.metrics.audit.lines(), 0);
+
+    // A dial the agent cannot connect: it failed at B, and A's line says so.
+    let code = dial_status(a.client_addr, &certs.path, "agent-1/refused");
+    assert_ne!(code, Code::Ok);
+    let l = wait_lines(&a_audit, 2).remove(1);
+    assert_eq!((l["path"].as_str(), l["via"].as_str()), (Some("peer"), Some("proxy-b")), "the upstream tried last");
+    assert_eq!(l["code"], code.name());
+    assert!(l["label"].is_string() && l["message"].is_string(), "{l}");
+    assert_eq!((l["bytes_up"].as_u64(), l["bytes_down"].as_u64()), (Some(0), Some(0)));
+    eprintln!("refused at the agent, audited at A: {l}");
 }
 
 #[test]

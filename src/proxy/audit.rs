@@ -56,7 +56,7 @@ pub const STOP_WAIT: Duration = Duration::from_secs(2);
 /// Which way a dial went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// It never got an upstream (refused, or every upstream failed).
+    /// It never got to try an upstream (refused, or no route).
     None,
     /// A tunnel on the entry shard.
     Local,
@@ -82,7 +82,8 @@ pub struct Record {
     pub agent: String,
     /// The service, as resolved ("" when unknown).
     pub service: String,
-    /// The way it went.
+    /// The way it went: the upstream that served it, or for a dial that
+    /// failed after an upstream was tried, the last one tried.
     pub path: Path,
     /// How it ended.
     pub code: Code,
@@ -225,11 +226,18 @@ impl<'a> Trail<'a> {
 
     /// The dial was established through `path`.
     pub fn established(&mut self, path: Path) {
+        self.path(path);
         if let Some(r) = &mut self.r {
             r.setup = self.t0.elapsed();
-            r.path = path;
         }
         self.established = true;
+    }
+
+    /// The dial went (or last tried to go) through `path`.
+    pub fn path(&mut self, path: Path) {
+        if let Some(r) = &mut self.r {
+            r.path = path;
+        }
     }
 
     /// The dial failed with `e` (before or after establishment).
@@ -388,6 +396,7 @@ mod tests {
         r.write_json("proxy-a", &mut out);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
         assert_eq!(out.last(), Some(&b'\n'));
+        assert!(out.starts_with(b"{\"time\":\""), "fields in their documented order");
         serde_json::from_slice::<serde_json::Value>(&out).unwrap().as_object().unwrap().clone()
     }
 

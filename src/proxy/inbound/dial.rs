@@ -32,6 +32,7 @@
 //! answered once, with its error's trailers, and counted under its label
 //! and code; a failure after establishment cancels the upstream hop.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -85,6 +86,14 @@ fn trail<'a>(shard: &'a Shard, caller: &Caller, edge: Edge) -> Option<Trail<'a>>
     let audit = shard.shared.audit.as_ref().filter(|_| edge == Edge::Client)?;
     let client = caller.header.clone().or_else(|| HeaderValue::from_str(&caller.id.uri()).ok())?;
     Some(Trail::start(audit, shard.index, client, &caller.addr))
+}
+
+fn path_of(via: &Via) -> audit::Path {
+    match via {
+        Via::Local => audit::Path::Local,
+        Via::Sibling(k) => audit::Path::Shard(*k),
+        Via::Peer(p) => audit::Path::Peer(p.to_string()),
+    }
 }
 
 /// Whether the caller ended the call by resetting or cancelling it.
@@ -162,6 +171,7 @@ pub async fn handle(
     // opening: dropping it resets the upstream stream in turn, so the agent
     // stops before (or right after) it connects the target.
     let agent = target.agent.as_str();
+    let tried = Cell::new(None);
     let open = outbound::open_replanning(
         &shard,
         agent,
@@ -169,6 +179,7 @@ pub async fn handle(
         shard.shared.dial_timeout,
         |s| resolve(s, agent, edge),
         || no_route(agent, edge),
+        &tried,
     );
     let opened = or(open, async {
         let r = down.reset_by_peer().await;
@@ -184,6 +195,8 @@ pub async fn handle(
             shard.stats.dials_failed.inc();
             shard.stats.failed(&e);
             if let Some(t) = &mut trail {
+                // The path of a dial that failed: the upstream tried last.
+                t.path(tried.take().as_ref().map_or(audit::Path::None, path_of));
                 t.failed(&e);
             }
             return Sink::fail(&mut down, &e).await;
@@ -191,11 +204,7 @@ pub async fn handle(
     };
     drop(setup);
     if let Some(t) = &mut trail {
-        t.established(match &opened.via {
-            Via::Local => audit::Path::Local,
-            Via::Sibling(k) => audit::Path::Shard(*k),
-            Via::Peer(p) => audit::Path::Peer(p.to_string()),
-        });
+        t.established(path_of(&opened.via));
     }
     let rest = recv.decoder().take_rest();
     relay_to_caller(&shard, opened, recv, rest, down, trail.as_mut()).await
