@@ -146,6 +146,9 @@ fn a_granted_local_dial_is_one_ok_line_with_its_exact_bytes_and_times() {
     let time = l["time"].as_str().unwrap();
     assert!(time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T', "RFC 3339 UTC ms: {time}");
     assert_eq!((f.proxy.metrics.audit.lines(), f.proxy.metrics.audit.dropped_count()), (1, 0));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&f.audit).unwrap().permissions().mode();
+    assert_eq!(mode & 0o007, 0, "others may not read the audit log ({mode:o})");
 }
 
 #[test]
@@ -282,6 +285,10 @@ fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     use std::os::unix::fs::OpenOptionsExt;
     let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    // 64 KiB, whatever this system's default.
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open pipe descriptor.
+    assert_eq!(unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETPIPE_SZ, 65_536) }, 65_536);
     let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
     cfg.audit = AuditConfig { queue: 64, ..AuditConfig::to_file(&fifo) };
     let proxy = ProxyHandle::start(cfg).unwrap();
