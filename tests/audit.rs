@@ -273,7 +273,11 @@ fn a_flood_past_a_one_line_queue_drops_lines_exactly_and_no_dial_fails() {
 
 #[test]
 fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
-    const DIALS: usize = 1000;
+    const DIALS: usize = 1500;
+    const QUEUE: usize = 512;
+    // A line is at least 240 bytes: the pipe holds at most 273 of them,
+    // and the writer's blocked batch (64 KiB and one line) as many again.
+    const MAX_HELD: u64 = (64 << 10) / 240;
     ringpeer::runtime::raise_memlock();
     let certs = CertDir::temp().unwrap();
     let echo = targets::spawn(Kind::Echo).unwrap();
@@ -290,7 +294,8 @@ fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
     // SAFETY: an open pipe descriptor.
     assert_eq!(unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETPIPE_SZ, 65_536) }, 65_536);
     let mut cfg = proxy_config(&certs.path, "proxy-a", 1);
-    cfg.audit = AuditConfig { queue: 64, ..AuditConfig::to_file(&fifo) };
+    // More lines queue than the pipe holds, so the writer must block.
+    cfg.audit = AuditConfig { queue: QUEUE, ..AuditConfig::to_file(&fifo) };
     let proxy = ProxyHandle::start(cfg).unwrap();
     let _agent =
         AgentHandle::start(agent_config(&certs.path, "agent-1", &[proxy.tunnel_addr], &[("echo", echo.addr)])).unwrap();
@@ -313,9 +318,21 @@ fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
     assert_eq!(ok, DIALS, "every dial succeeds while the audit sink is stuck");
     assert!(took < Duration::from_secs(30), "{DIALS} dials took {took:?}");
     let audit = proxy.metrics.audit.clone();
-    // Stuck: under 64 KiB written, the queue full, the rest dropped.
-    eventually("the queue full, the rest dropped", || audit.dropped_count() >= (DIALS - 64 - 300) as u64);
-    assert!(audit.lines() < 300, "{} lines cannot all have fit in a 64 KiB pipe", audit.lines());
+    // Stuck: the pipe full (64 KiB, some 190 lines), the writer blocked
+    // with a batch of at most 64 KiB more, the queue full, the rest dropped.
+    let in_pipe = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n as usize
+    };
+    // A blocked writer leaves the pipe nearly full (its 16 pages, partly
+    // filled where writes did not merge).
+    eventually("the pipe full", || in_pipe() > 48 << 10);
+    assert!(audit.lines() <= MAX_HELD, "{} lines cannot all have fit in a 64 KiB pipe", audit.lines());
+    // What neither the pipe, the blocked batch nor the queue holds was dropped.
+    let least = DIALS as u64 - QUEUE as u64 - 2 * MAX_HELD - 1;
+    eventually(&format!("at least {least} dropped"), || audit.dropped_count() >= least);
     // Stopping waits for the stuck writer a bounded time, then leaves it.
     let (tx, rx) = std::sync::mpsc::channel();
     let t1 = Instant::now();
@@ -323,7 +340,11 @@ fn a_sink_that_stops_reading_holds_back_no_dial_and_not_the_proxy_stop() {
     let stopped = rx.recv_timeout(Duration::from_secs(20)).expect("the proxy stops despite a stuck audit sink");
     assert!(stopped);
     let stop = t1.elapsed();
-    assert!(stop >= ringpeer::proxy::audit::STOP_WAIT, "it waited for the writer first ({stop:?})");
+    let (l, d) = (audit.lines(), audit.dropped_count());
+    assert!(
+        stop >= ringpeer::proxy::audit::STOP_WAIT,
+        "it waited for the writer first ({stop:?}; {l} lines, {d} dropped)"
+    );
     eprintln!(
         "{DIALS} dials in {took:?} with the sink stuck: {} lines written, {} dropped; stop took {stop:?}",
         audit.lines(),
