@@ -214,6 +214,53 @@ pub struct ProxyConfig {
     /// `ringpeer proxy … drain`. Default: [`ProxyConfig::upgrade_socket_path`].
     #[serde(default)]
     pub upgrade_socket: Option<std::path::PathBuf>,
+    /// The audit log (`[audit]`): one JSON line per client-edge dial.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where the entry proxy writes one JSON line per client dial
+/// (README, "Audit").
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Write the audit log (default: on; an operator expects an audit
+    /// trail without asking for one).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A file (appended to; created mode 0640), or `"-"` for stdout, the
+    /// default: logs go to stderr, so the audit stays a stream of its own.
+    #[serde(default = "default_audit_path")]
+    pub path: String,
+    /// Lines queued for the writer thread before further lines are dropped
+    /// (and counted in `ringpeer_audit_dropped_total`).
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+}
+
+fn default_audit_path() -> String {
+    "-".into()
+}
+fn default_audit_queue() -> usize {
+    65_536
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { enabled: true, path: default_audit_path(), queue: default_audit_queue() }
+    }
+}
+
+impl AuditConfig {
+    /// No audit log (the in-process fleet: demo and bench print on stdout).
+    pub fn off() -> Self {
+        AuditConfig { enabled: false, ..AuditConfig::default() }
+    }
+
+    /// An audit log appended to `path`.
+    pub fn to_file(path: &Path) -> Self {
+        AuditConfig { path: path.display().to_string(), ..AuditConfig::default() }
+    }
 }
 
 /// One `[[grants]]` entry.
@@ -429,6 +476,12 @@ impl ProxyConfig {
                 bail!("grant {:?} is defined twice", g.name);
             }
         }
+        if self.audit.queue == 0 || self.audit.queue > 1 << 24 {
+            bail!("audit.queue {} must be between 1 and {}", self.audit.queue, 1 << 24);
+        }
+        if self.audit.path.is_empty() {
+            bail!("audit.path must be a file or \"-\" (stdout)");
+        }
         self.limits.validate().map_err(anyhow::Error::msg)?;
         self.h2.validate().map_err(anyhow::Error::msg)
     }
@@ -540,6 +593,8 @@ mod tests {
             ("peer_addr='nowhere'\n", "", "peer_addr \"nowhere\" is not host:port"),
             ("dial_timeout_ms=0\n", "", "dial_timeout_ms must be > 0"),
             ("peer_answer_timeout_ms=0\n", "", "peer_answer_timeout_ms must be > 0"),
+            ("", "[audit]\nqueue=0\n", "audit.queue 0 must be between 1"),
+            ("", "[audit]\npath=''\n", "audit.path must be a file"),
         ];
         for (head, tail, want) in cases {
             std::fs::write(&p, format!("{head}{top}{tls}{tail}")).unwrap();

@@ -45,6 +45,7 @@ pub fn client_tls(dir: &Path, name: &str) -> anyhow::Result<Arc<rustls::ClientCo
 pub struct Client {
     send: SendRequest<Bytes>,
     proxy: String,
+    local: Option<std::net::SocketAddr>,
 }
 
 impl Client {
@@ -52,13 +53,19 @@ impl Client {
     /// driven by a task on the current executor.
     pub async fn connect(addr: &str, tls: &Arc<rustls::ClientConfig>, h2: &H2Tuning) -> Result<Client, TransportError> {
         let (stream, peer) = connect_tls(tls, addr, h2.handshake_timeout()).await?;
+        let local = stream.get_ref().0.get_ref().local_addr().ok();
         let (send, conn) = crate::runtime::timeout(h2.handshake_timeout(), h2.client().handshake::<_, Bytes>(stream))
             .await
             .map_err(|_| TransportError::Timeout { addr: addr.to_string() })?
             .map_err(|source| TransportError::H2 { addr: addr.to_string(), source })?;
         let h2 = h2.clone();
         glommio::spawn_local(async move { drive_client(conn, &h2).await }).detach();
-        Ok(Client { send, proxy: peer.name })
+        Ok(Client { send, proxy: peer.name, local })
+    }
+
+    /// This end's socket address (what the proxy sees as the source).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local
     }
 
     /// The proxy's id (from its certificate).

@@ -7,6 +7,7 @@
 //! after every shard has stopped.
 
 pub mod admin;
+pub mod audit;
 pub mod control;
 pub mod drain;
 pub mod inbound;
@@ -159,6 +160,15 @@ pub fn store_for(cfg: &ProxyConfig) -> anyhow::Result<Arc<dyn StoreFactory>> {
     })
 }
 
+/// Fires a signal when dropped (the side threads' stop, on every exit).
+struct EndOnDrop(Shutdown);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
 /// [`run`], sharing counters, store or snapshot with the caller.
 pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts: RunOpts) -> anyhow::Result<()> {
     let metrics = opts.metrics;
@@ -176,6 +186,17 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     };
     let mut h2 = cfg.h2.clone();
     h2.drain_timeout_ms = cfg.drain_timeout_ms;
+    let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
+    // Fires once every shard has ended: the side threads stop with it.
+    let ended = Shutdown::new();
+    let (audit, audit_writer) = match audit::start(&cfg.audit, &cfg.id, metrics.audit.clone(), ended.clone())
+        .with_context(|| format!("audit.path {:?}", cfg.audit.path))?
+    {
+        Some((a, w)) => (Some(a), Some(w)),
+        None => (None, None),
+    };
+    // Should a later step fail, the side threads (the audit writer) stop too.
+    let _ended_on_exit = EndOnDrop(ended.clone());
     let shared = Arc::new(ProxyShared {
         id: cfg.id.clone(),
         h2,
@@ -190,8 +211,8 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         tunnel_addr,
         peer_tls: TlsAcceptor::from(tls.server_config(&[Role::Proxy])?),
         tls: tls.clone(),
+        audit,
     });
-    let metrics = metrics.filter(|m| m.shards.len() == n).unwrap_or_else(|| Metrics::new(n));
     let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox(shard::MAILBOX_DIALS)).unzip();
     let store = match opts.store {
         Some(s) => s,
@@ -241,8 +262,6 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         }
     }
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
-    // Fires once every shard has ended: the side threads stop with it.
-    let ended = Shutdown::new();
     let admin = match listeners.admin {
         Some(l) => {
             let state = admin::AdminState {
@@ -359,6 +378,9 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         }
     }
     ended.trigger();
+    if let Some(w) = audit_writer {
+        w.finish(audit::STOP_WAIT);
+    }
     control.stop();
     if let Some(a) = admin {
         let _ = a.join();

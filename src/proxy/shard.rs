@@ -129,6 +129,8 @@ pub struct ProxyShared {
     /// This proxy's TLS identity, for dialling peers (each dial checks the
     /// peer's name against the route's proxy id).
     pub tls: crate::transport::tls::TlsMaterial,
+    /// The audit queue (`[audit]`); `None` when the audit is off.
+    pub audit: Option<super::audit::Audit>,
 }
 
 /// One shard.

@@ -5,6 +5,7 @@
 //! sum across shards. Errors are counted by [`Label`] (an array index) and
 //! by gRPC code, so counting one never allocates or compares strings.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use crate::runtime::stats::{Counter, Gauge};
@@ -92,17 +93,53 @@ impl ShardStats {
 
 type Row = (&'static str, fn(&ShardStats) -> i64);
 
+/// The audit log's counters (`proxy::audit`), one pair per proxy: `lines`
+/// has one writer (the audit thread); `dropped` is added to by any shard,
+/// but only when the audit queue is full (an atomic add beside the failed
+/// push, which already touched the shared queue), and by the audit thread
+/// for lines its sink refused. Lines written plus lines dropped is exactly
+/// the number of client-edge dials audited.
+#[derive(Debug, Default)]
+pub struct AuditCounters {
+    lines: Counter,
+    dropped: AtomicU64,
+}
+
+impl AuditCounters {
+    /// Adds `n` lines written (the audit thread only).
+    pub fn wrote(&self, n: u64) {
+        self.lines.add(n);
+    }
+
+    /// Adds `n` lines dropped (any thread).
+    pub fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Lines written to the audit sink.
+    pub fn lines(&self) -> u64 {
+        self.lines.get()
+    }
+
+    /// Lines dropped: the queue was full, or the sink failed.
+    pub fn dropped_count(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 /// All shards' counters of one proxy.
 #[derive(Clone, Default)]
 pub struct Metrics {
     /// One entry per shard.
     pub shards: Vec<Arc<ShardStats>>,
+    /// The audit log's counters.
+    pub audit: Arc<AuditCounters>,
 }
 
 impl Metrics {
     /// Counters for `n` shards.
     pub fn new(n: usize) -> Metrics {
-        Metrics { shards: (0..n).map(|_| Arc::new(ShardStats::default())).collect() }
+        Metrics { shards: (0..n).map(|_| Arc::new(ShardStats::default())).collect(), audit: Arc::default() }
     }
 
     /// Sums a counter over shards.
@@ -133,6 +170,8 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{proxy=\"{proxy}\",shard=\"{i}\"}} {}", f(s));
             }
         }
+        let _ = writeln!(out, "ringpeer_audit_lines_total{{proxy=\"{proxy}\"}} {}", self.audit.lines());
+        let _ = writeln!(out, "ringpeer_audit_dropped_total{{proxy=\"{proxy}\"}} {}", self.audit.dropped_count());
         for label in Label::ALL {
             for (i, s) in self.shards.iter().enumerate() {
                 let v = s.errors[label.index()].get();

@@ -30,6 +30,8 @@ pub mod splice;
 #[cfg(test)]
 mod tests;
 
+use std::cell::{Cell, RefCell};
+
 use bytes::Bytes;
 use http::HeaderMap;
 
@@ -38,6 +40,7 @@ pub use grpc::{GrpcRecv, GrpcSend};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::stats::Counter;
 use crate::wire::error::{Error, Label, Retry, Side};
+use crate::wire::status::Status;
 
 /// What crosses a shard boundary in a [`PipeTx`] / [`PipeRx`].
 #[derive(Debug)]
@@ -148,17 +151,43 @@ impl Sink for PipeTx<Item> {
     }
 }
 
+/// What one direction of one call moved: its payload bytes, and the status
+/// its far end ended it with (read from the trailers once, at the end).
+/// Shard-local plain cells, owned by the call (the audit reads them after
+/// the relay; alternatives rejected: returning the counts from [`relay`],
+/// which loses the losing direction's count when `or` drops it).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Payload bytes forwarded (verbatim DATA payloads).
+    pub bytes: Cell<u64>,
+    /// The `grpc-status` of the trailers forwarded, if any.
+    pub status: RefCell<Option<Status>>,
+}
+
+impl Tally {
+    /// Counts `n` more bytes.
+    pub fn add(&self, n: u64) {
+        self.bytes.set(self.bytes.get() + n);
+    }
+}
+
 /// Forwards one direction until its end.
-pub async fn pump<S: Source, K: Sink>(src: &mut S, sink: &mut K, bytes: &Counter) -> Result<(), Error> {
+pub async fn pump<S: Source, K: Sink>(src: &mut S, sink: &mut K, bytes: &Counter, tally: &Tally) -> Result<(), Error> {
     loop {
         match src.next().await? {
             Chunk::Data(b) if b.is_empty() => {}
             Chunk::Data(b) => {
                 bytes.add(b.len() as u64);
+                tally.add(b.len() as u64);
                 sink.send(b).await?;
                 glommio::yield_if_needed().await;
             }
-            Chunk::End(t) => return sink.end(t).await,
+            Chunk::End(t) => {
+                if let Some(t) = &t {
+                    *tally.status.borrow_mut() = Status::from_headers(t);
+                }
+                return sink.end(t).await;
+            }
         }
     }
 }
@@ -169,8 +198,10 @@ pub struct Leg<'a, S, K> {
     pub src: &'a mut S,
     /// Sink.
     pub sink: &'a mut K,
-    /// Payload bytes counted here.
+    /// Payload bytes counted here (the shard's counter).
     pub bytes: &'a Counter,
+    /// And here (this call's own).
+    pub tally: &'a Tally,
 }
 
 /// Runs both directions of a call: `up` (caller → callee) and `down`
@@ -180,8 +211,8 @@ pub async fn relay<S1: Source, K1: Sink, S2: Source, K2: Sink>(
     up: Leg<'_, S1, K1>,
     down: Leg<'_, S2, K2>,
 ) -> Result<(), Error> {
-    let r = futures_lite::future::or(pump(down.src, down.sink, down.bytes), async {
-        match pump(up.src, up.sink, up.bytes).await {
+    let r = futures_lite::future::or(pump(down.src, down.sink, down.bytes, down.tally), async {
+        match pump(up.src, up.sink, up.bytes, up.tally).await {
             Ok(()) => std::future::pending().await,
             Err(e) => Err(e),
         }

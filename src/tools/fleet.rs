@@ -49,6 +49,9 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         upgrade_socket: None,
         authorization: Default::default(),
         grants: vec![open_grant()],
+        // demo and bench print their reports on stdout; tests that read
+        // the audit set a file.
+        audit: crate::config::AuditConfig::off(),
     }
 }
 

@@ -24,10 +24,15 @@
 //! than `shard_buffer_bytes`; the relayed streams' received bytes are
 //! counted in that meter.
 //!
+//! Every client-edge dial leaves one line in the audit log
+//! ([`crate::proxy::audit`]): a [`Trail`] started when it arrives and
+//! queued when `handle` returns, whichever way.
+//!
 //! Invariants: only this module answers the caller; a failed dial is
 //! answered once, with its error's trailers, and counted under its label
 //! and code; a failure after establishment cancels the upstream hop.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -35,14 +40,15 @@ use bytes::Bytes;
 use futures_lite::future::or;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::Request;
+use http::{HeaderValue, Request};
 
 use super::authz::{self, authorize, client_of, default_service, Client};
 use super::{Caller, Edge};
-use crate::proxy::outbound::{self, Opened, UpRecv};
+use crate::proxy::audit::{self, Trail};
+use crate::proxy::outbound::{self, Opened, UpRecv, Via};
 use crate::proxy::shard::Shard;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, HOPS_HEADER};
-use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink};
+use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink, Tally};
 use crate::route::grants::Authorization;
 use crate::runtime::budget::exceeded;
 use crate::runtime::signal::Signal;
@@ -58,6 +64,36 @@ pub fn fail(shard: &Shard, respond: SendResponse<Bytes>, e: &Error) {
     shard.stats.dials_failed.inc();
     shard.stats.failed(e);
     answer_error(respond, e);
+}
+
+/// [`fail`], auditing the refusal first.
+fn refuse(shard: &Shard, respond: SendResponse<Bytes>, e: &Error, trail: &mut Option<Trail<'_>>) {
+    if let Some(t) = trail {
+        t.failed(e);
+    }
+    fail(shard, respond, e)
+}
+
+/// [`fail`] for a stream refused before its dial was read (a connection or
+/// identity budget), auditing it when it came in on the client edge.
+pub fn refuse_stream(shard: &Shard, caller: &Caller, edge: Edge, respond: SendResponse<Bytes>, e: &Error) {
+    refuse(shard, respond, e, &mut trail(shard, caller, edge))
+}
+
+/// The audit trail of a dial that just arrived: client-edge dials only, and
+/// only when the audit is on.
+fn trail<'a>(shard: &'a Shard, caller: &Caller, edge: Edge) -> Option<Trail<'a>> {
+    let audit = shard.shared.audit.as_ref().filter(|_| edge == Edge::Client)?;
+    let client = caller.header.clone().or_else(|| HeaderValue::from_str(&caller.id.uri()).ok())?;
+    Some(Trail::start(audit, shard.index, client, &caller.addr))
+}
+
+fn path_of(via: &Via) -> audit::Path {
+    match via {
+        Via::Local => audit::Path::Local,
+        Via::Sibling(k) => audit::Path::Shard(*k),
+        Via::Peer(p) => audit::Path::Peer(p.to_string()),
+    }
 }
 
 /// Whether the caller ended the call by resetting or cancelling it.
@@ -78,15 +114,16 @@ pub async fn handle(
         return answer_ping(respond);
     }
     shard.stats.dials.inc();
+    let mut trail = trail(&shard, caller, edge);
     let Some(setup) = conn.enter_setup() else {
         let max = conn.limits().1;
         let mut e = exceeded("setup_per_conn", max, Label::BudgetSetupPerConn, Side::Client);
         e.message = format!("{}: at most {max} dials in set-up per connection", e.message).into();
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     };
     if shard.buf.over_budget() {
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     }
     let (mut target, client, mut recv) = match decode(&shard, caller, req, edge).await {
         Ok(v) => v,
@@ -94,7 +131,7 @@ pub async fn handle(
             if caller_reset(&e) {
                 conn.reset_by_peer();
             }
-            return fail(&shard, respond, &e);
+            return refuse(&shard, respond, &e, &mut trail);
         }
     };
     if edge == Edge::Client {
@@ -103,8 +140,11 @@ pub async fn handle(
     }
     let routes = shard.routes();
     default_service(&routes, &mut target);
+    if let Some(t) = &mut trail {
+        t.target(&target.agent, &target.service);
+    }
     if let Err(e) = authorize(&shard, &routes, &client.id, &target, edge) {
-        return fail(&shard, respond, &e);
+        return refuse(&shard, respond, &e, &mut trail);
     }
     let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
     if plan.is_empty() && moving.is_none() {
@@ -114,19 +154,25 @@ pub async fn handle(
         (plan, moving) = resolve(&shard, &target.agent, edge);
     }
     if plan.is_empty() && moving.is_none() {
-        return fail(&shard, respond, &no_route(&target.agent, edge));
+        return refuse(&shard, respond, &no_route(&target.agent, edge), &mut trail);
     }
     // Answer the headers now: a peer proxy's failover bounds the time to
     // this answer, so a live proxy must give it before the (possibly slow)
     // upstream connects, or before a moving agent's tunnel arrives.
     // Failures from here on end with trailers.
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
-    let Ok(mut down) = answer_ok(&mut respond, far) else { return };
+    let Ok(mut down) = answer_ok(&mut respond, far) else {
+        if let Some(t) = &mut trail {
+            t.failed(&Error::cancelled("the caller went away before the dial was answered"));
+        }
+        return;
+    };
     let dial = Outgoing { first: encode_msg(&target.to_frame()), client: Some(client.header) };
     // A caller that resets while the upstream is being opened cancels the
     // opening: dropping it resets the upstream stream in turn, so the agent
     // stops before (or right after) it connects the target.
     let agent = target.agent.as_str();
+    let tried = Cell::new(None);
     let open = outbound::open_replanning(
         &shard,
         agent,
@@ -134,6 +180,7 @@ pub async fn handle(
         shard.shared.dial_timeout,
         |s| resolve(s, agent, edge),
         || no_route(agent, edge),
+        &tried,
     );
     let opened = or(open, async {
         let r = down.reset_by_peer().await;
@@ -148,17 +195,25 @@ pub async fn handle(
             }
             shard.stats.dials_failed.inc();
             shard.stats.failed(&e);
+            if let Some(t) = &mut trail {
+                // The path of a dial that failed: the upstream tried last.
+                t.path(tried.take().as_ref().map_or(audit::Path::None, path_of));
+                t.failed(&e);
+            }
             return Sink::fail(&mut down, &e).await;
         }
     };
     drop(setup);
+    if let Some(t) = &mut trail {
+        t.established(path_of(&opened.via));
+    }
     let rest = recv.decoder().take_rest();
     // Registered for `grants revoke --kill-streams` sweeps (not under
     // allow_all: no grant can be revoked there).
     let reg =
         (shard.shared.authorization == Authorization::Grants).then(|| shard.open_dials.register(&client.id, &target));
     let revoke = reg.as_ref().map(|r| (&r.cancel, client.id.name.as_str(), &target));
-    relay_to_caller(&shard, opened, recv, rest, down, revoke).await
+    relay_to_caller(&shard, opened, recv, rest, down, revoke, trail.as_mut()).await
 }
 
 /// Step 1: the method, the hop count, the client and the `DialRequest`.
@@ -222,7 +277,10 @@ fn no_route(agent: &str, edge: Edge) -> Error {
     Error::new(Code::NotFound, Side::Proxy, Retry::Safe, Label::NoRoute, m)
 }
 
-/// Step 5: answers the caller and relays until the call ends.
+/// Step 5: answers the caller and relays until the call ends. The payload
+/// counted (in the shard's counters and the audit) is what is relayed after
+/// establishment, gRPC framing included: the client's bytes that followed
+/// its `DialRequest`, then every DATA payload each way.
 async fn relay_to_caller(
     shard: &Shard,
     o: Opened,
@@ -230,29 +288,33 @@ async fn relay_to_caller(
     rest: Bytes,
     mut down: GrpcSend,
     revoke: Option<(&Signal, &str, &DialTarget)>,
+    trail: Option<&mut Trail<'_>>,
 ) {
-    let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot } = o;
+    let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot, via: _ } = o;
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
         r.meter(&shard.buf);
     }
     let _open = shard.streams.enter();
     let _gauge = StreamGauge::new(shard);
+    let stats = &shard.stats;
+    let (up, back) = (Tally::default(), Tally::default());
     let start = async {
         for b in held {
             down.send(b).await?;
         }
         if !rest.is_empty() {
+            stats.bytes_up.add(rest.len() as u64);
+            up.add(rest.len() as u64);
             send.send(rest).await?;
         }
         Ok(())
     };
-    let stats = &shard.stats;
     let r = match start.await {
         Ok(()) => {
             let relaying = relay(
-                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up },
-                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down },
+                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up, tally: &up },
+                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down, tally: &back },
             );
             match revoke {
                 None => relaying.await,
@@ -282,6 +344,9 @@ async fn relay_to_caller(
             Err(e)
         }
     };
+    if let Some(t) = trail {
+        t.relayed(&r, &up, &back);
+    }
     // A reset after establishment is an ordinary cancel (a client dropping
     // a finished stream early): it is not counted against the connection.
     if let Err(e) = r {

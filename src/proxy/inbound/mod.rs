@@ -172,18 +172,19 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         let Some(ident) = &ident else {
             let e =
                 exceeded("conns_per_identity", limits.conns_per_identity, Label::BudgetConnsPerIdentity, Side::Client);
-            return dial::fail(&shard, respond, &e);
+            return dial::refuse_stream(&shard, &caller, edge, respond, &e);
         };
         let Some(guard) = active.try_enter() else {
             let e = exceeded(per_conn.0, per_conn.1, Label::BudgetStreamsPerConn, Side::Client);
-            return dial::fail(&shard, respond, &e);
+            return dial::refuse_stream(&shard, &caller, edge, respond, &e);
         };
         let stream = match edge {
             Edge::Client => match ident.enter_stream(limits.streams_per_identity) {
                 Some(s) => Some(s),
                 None => {
                     let (max, label) = (limits.streams_per_identity, Label::BudgetStreamsPerIdentity);
-                    return dial::fail(&shard, respond, &exceeded("streams_per_identity", max, label, Side::Client));
+                    let e = exceeded("streams_per_identity", max, label, Side::Client);
+                    return dial::refuse_stream(&shard, &caller, edge, respond, &e);
                 }
             },
             Edge::Peer => None,

@@ -13,6 +13,7 @@
 pub mod peer;
 pub mod sibling;
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,17 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Which kind of upstream served a dial (for the audit log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A tunnel on this shard.
+    Local,
+    /// A tunnel on sibling shard `k`.
+    Sibling(u32),
+    /// A peer proxy, by id.
+    Peer(Rc<str>),
+}
+
 /// The send half of an opened upstream.
 pub enum UpSend {
     /// An HTTP/2 stream (tunnel or peer link).
@@ -96,11 +108,20 @@ pub struct Opened {
     pub slot: Option<peer::PeerStream>,
     /// Counts the dial among the tunnel's open streams while it lives.
     pub tunnel_slot: Option<StreamGuard>,
+    /// The upstream that served it ([`Upstream::open`] sets it).
+    pub via: Via,
 }
 
 impl From<Established> for Opened {
     fn from(e: Established) -> Opened {
-        Opened { send: UpSend::H2(e.send), recv: UpRecv::H2(e.recv), held: e.held, slot: None, tunnel_slot: None }
+        Opened {
+            send: UpSend::H2(e.send),
+            recv: UpRecv::H2(e.recv),
+            held: e.held,
+            slot: None,
+            tunnel_slot: None,
+            via: Via::Local,
+        }
     }
 }
 
@@ -207,6 +228,15 @@ pub fn after_failure(e: &Error, refused_here: u32) -> Next {
 }
 
 impl Upstream {
+    /// Which kind of upstream this is.
+    pub fn via(&self) -> Via {
+        match self {
+            Upstream::Local(_) => Via::Local,
+            Upstream::Sibling(k) => Via::Sibling(*k),
+            Upstream::Peer { proxy, .. } => Via::Peer(proxy.clone()),
+        }
+    }
+
     /// Opens the dial `first` (an encoded `DialRequest`) on this upstream.
     /// `last` says no other upstream is left to try: a peer then gets the
     /// whole remaining deadline to answer, since skipping it would only fail
@@ -266,19 +296,23 @@ impl Upstream {
                 };
                 let mut o = Opened::from(e);
                 o.slot = Some(slot);
+                o.via = Via::Peer(proxy.clone());
                 Ok(o)
             }
         }
     }
 }
 
-/// Tries `plan` in order under one deadline, following [`after_failure`].
+/// Tries `plan` in order under one deadline, following [`after_failure`];
+/// `tried` names the upstream of the latest attempt (the audit's path of a
+/// dial that failed).
 pub async fn open(
     shard: &Rc<Shard>,
     plan: &[Upstream],
     agent: &str,
     dial: &Outgoing,
     deadline: Duration,
+    tried: &Cell<Option<Via>>,
 ) -> Result<Opened, Error> {
     let end = Instant::now() + deadline;
     let mut last: Option<Error> = None;
@@ -288,6 +322,7 @@ pub async fn open(
         if left.is_zero() {
             break;
         }
+        tried.set(Some(plan[i].via()));
         match plan[i].open(shard, agent, dial, left, i + 1 == plan.len()).await {
             Ok(o) => return Ok(o),
             Err(e) => {
@@ -311,6 +346,7 @@ pub async fn open(
 /// (or what `resolve` allows: up to the deadline for a moving agent).
 /// `resolve` gives the plan and how long the dial may wait for a tunnel
 /// when there is none (`None`: it may not); `no_route` the error then.
+/// `tried` as in [`open`].
 pub async fn open_replanning(
     shard: &Rc<Shard>,
     agent: &str,
@@ -318,6 +354,7 @@ pub async fn open_replanning(
     deadline: Duration,
     resolve: impl Fn(&Shard) -> (Vec<Upstream>, Option<Duration>),
     no_route: impl Fn() -> Error,
+    tried: &Cell<Option<Via>>,
 ) -> Result<Opened, Error> {
     let end = Instant::now() + deadline;
     let mut last: Option<Error> = None;
@@ -326,7 +363,7 @@ pub async fn open_replanning(
         let (plan, moving) = resolve(shard);
         if !plan.is_empty() {
             let left = end.saturating_duration_since(Instant::now());
-            match open(shard, &plan, agent, &dial, left).await {
+            match open(shard, &plan, agent, &dial, left, tried).await {
                 Ok(o) => return Ok(o),
                 Err(e) if !e.is_route_failure() => return Err(e),
                 Err(e) => last = Some(e),

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use futures_lite::future::or;
 
-use super::{Opened, UpRecv, UpSend};
+use super::{Opened, UpRecv, UpSend, Via};
 use crate::proxy::shard::{CrossDial, Shard, ShardMailbox, ShardMsg};
 use crate::relay::call::{self, Outgoing};
-use crate::relay::{relay, Item, Leg, Sink};
+use crate::relay::{relay, Item, Leg, Sink, Tally};
 use crate::runtime::mailbox::Refused;
 use crate::runtime::pipe::pipe;
 use crate::runtime::stats::Counter;
@@ -71,6 +71,7 @@ pub async fn open(shard: &Rc<Shard>, owner: u32, agent: &str, dial: Outgoing, le
             held: vec![b],
             slot: None,
             tunnel_slot: None,
+            via: Via::Sibling(owner),
         }),
         Ok(Some(Item::Fail(e))) => Err(e),
         Ok(_) => Err(stopped()),
@@ -117,10 +118,10 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
     }
     // The entry shard counts the payload; counting it here too would count
     // a cross-shard dial twice.
-    let uncounted = Counter::default();
+    let (uncounted, untallied) = (Counter::default(), Tally::default());
     let r = relay(
-        Leg { src: &mut up, sink: &mut agent_tx, bytes: &uncounted },
-        Leg { src: &mut agent_rx, sink: &mut down, bytes: &uncounted },
+        Leg { src: &mut up, sink: &mut agent_tx, bytes: &uncounted, tally: &untallied },
+        Leg { src: &mut agent_rx, sink: &mut down, bytes: &uncounted, tally: &untallied },
     )
     .await;
     if let Err(e) = r {
