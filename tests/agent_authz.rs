@@ -215,6 +215,22 @@ fn the_agent_s_own_allow_list_refuses_a_granted_at_proxy_client_directly_and_acr
     }
     assert_eq!(fx.echo.accepted(), 2, "echo served alice's two dials only");
     assert_eq!(fx.open.accepted(), 2, "open served bob's two dials");
+    // The entry proxies' audit: bob's refusal by the agent, with its path.
+    for (entry, path) in [("proxy-b", None), ("proxy-a", Some("peer"))] {
+        let l = common::audit_line(&fx.certs.path.join(format!("{entry}-audit.log")), |l| {
+            l["client"] == "spiffe://demo/client/bob" && l["service"] == "echo"
+        });
+        assert_eq!(l["code"], "PERMISSION_DENIED", "{l}");
+        assert_eq!(l["label"], "permission_denied", "{l}");
+        assert_eq!(l["agent"], "agent-1", "{l}");
+        assert_eq!(l["via"], "proxy-b", "{l}");
+        assert!(l["message"].as_str().unwrap().contains("refuses client \"bob\""), "{l}");
+        assert!(l["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{l}");
+        assert_eq!((l["bytes_up"].as_u64(), l["bytes_down"].as_u64()), (Some(0), Some(0)), "{l}");
+        if let Some(p) = path {
+            assert_eq!(l["path"], p, "{l}");
+        }
+    }
 }
 
 #[test]

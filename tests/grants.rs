@@ -163,6 +163,30 @@ fn grants_decide_at_the_entry_and_again_at_the_serving_proxy_and_apply_within_a_
     assert_eq!(dial(t.a, &dir, "bob", "agent-1/echo", b"x").0, Code::PermissionDenied);
     let accepts = t.echo.accepts.load(Ordering::SeqCst);
     assert_eq!(accepts, 3, "target accepts: the timed dial and the two round trips");
+    // The entry proxies' audit has each of these dials, with its fields.
+    let audit = |proxy: &str, want: &dyn Fn(&serde_json::Value) -> bool| {
+        common::audit_line(&dir.join(format!("{proxy}-audit.log")), want)
+    };
+    let alice = |l: &serde_json::Value| l["client"] == "spiffe://demo/client/alice";
+    let denied = audit("proxy-a", &|l| alice(l) && l["agent"] == "agent-1" && l["code"] == "PERMISSION_DENIED");
+    assert_eq!(
+        (&denied["service"], &denied["path"], &denied["via"], &denied["label"]),
+        (&"echo".into(), &"none".into(), &"".into(), &"permission_denied".into()),
+        "{denied}"
+    );
+    assert_eq!((denied["bytes_up"].as_u64(), denied["bytes_down"].as_u64()), (Some(0), Some(0)), "{denied}");
+    assert!(denied["source"].as_str().unwrap().starts_with("127.0.0.1:") && denied["proxy"] == "proxy-a", "{denied}");
+    audit("proxy-a", &|l| alice(l) && l["agent"] == "ghost" && l["code"] == "PERMISSION_DENIED");
+    let at_b = audit("proxy-c", &|l| alice(l) && l["code"] == "PERMISSION_DENIED");
+    assert_eq!((&at_b["path"], &at_b["via"]), (&"peer".into(), &"proxy-b".into()), "{at_b}");
+    assert!(at_b["message"].as_str().unwrap().contains("at proxy proxy-b"), "{at_b}");
+    // "through A": 9 bytes in one Frame{Data} (4 bytes of protobuf tags and
+    // lengths) with its 5-byte gRPC prefix: 18 bytes up.
+    let ok = audit("proxy-a", &|l| alice(l) && l["code"] == "OK" && l["bytes_up"] == 18);
+    assert_eq!((&ok["path"], &ok["via"], &ok["service"]), (&"peer".into(), &"proxy-b".into(), &"echo".into()), "{ok}");
+    assert!(ok["bytes_down"].as_u64().unwrap() >= 18, "{ok}");
+    let (setup, total) = (ok["setup_ms"].as_f64().unwrap(), ok["duration_ms"].as_f64().unwrap());
+    assert!(setup > 0.0 && total >= setup, "{ok}");
     // B's snapshot lists the grant on its admin endpoint.
     let routes = procs::routes_json(t.b_admin);
     assert!(routes["grants"]["grants"].to_string().contains("alice-echo"), "{routes}");

@@ -207,8 +207,14 @@ impl Error {
     pub fn from_trailers(side: Side, t: HeaderMap) -> Option<Error> {
         let s = Status::from_headers(&t)?;
         let mut e = Error::from_status(side, s);
-        if t.get(LABEL_HEADER).is_some_and(|v| v.as_bytes() == Label::NoRoute.name().as_bytes()) {
-            e.label = Label::NoRoute;
+        // Labels that change what this hop does or reports keep the far
+        // end's: no_route (failover and replanning) and permission_denied
+        // (audit and metrics name the refusal, wherever it was decided).
+        // Others stay `upstream_status`, counted as the far end's answer.
+        for l in [Label::NoRoute, Label::PermissionDenied] {
+            if t.get(LABEL_HEADER).is_some_and(|v| v.as_bytes() == l.name().as_bytes()) {
+                e.label = l;
+            }
         }
         e.trailers = Some(Box::new(t));
         Some(e)

@@ -199,3 +199,19 @@ pub fn split_shards(client_shard: usize) -> ringpeer::Listeners {
     tunnel[1 - client_shard] = one("tunnel");
     ringpeer::Listeners { client, tunnel, peer: vec![], admin: None }
 }
+
+/// The audit lines a proxy wrote to `path` (`[audit] path`), parsed; waits
+/// up to 5 s for one matching `want` (the writer thread batches lines).
+pub fn audit_line(path: &Path, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))).collect();
+        if let Some(l) = lines.iter().find(|l| want(l)) {
+            return l.clone();
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no such audit line in {}:\n{text}", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -33,7 +33,8 @@ pub fn proxy(dir: &Path, redis: &Redis, id: &str, ttl_ms: u64, count: u32) -> (P
         "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
          admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
          [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n\
-         [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = {count}\n",
+         [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = {count}\n\
+         [audit]\npath = \"{d}/{id}-audit.log\"\n",
         redis.url()
     );
     let path = dir.join(format!("{id}.toml"));
@@ -176,7 +177,8 @@ pub fn proxy_config_file(
         "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
          admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\nupgrade_socket = \"{d}/{id}.sock\"\n{extra}\n\
          [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
-         [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n[strategy]\n{strategy}\n",
+         [backend]\nkind = \"redis\"\nurl = \"{}\"\nproxy_ttl_ms = {ttl_ms}\n[strategy]\n{strategy}\n\
+         [audit]\npath = \"{d}/{id}-audit.log\"\n",
         redis.url()
     );
     let path = dir.join(format!("{id}.toml"));

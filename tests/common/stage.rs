@@ -56,7 +56,7 @@ pub fn stage_with(kind: Kind, echo_addr: Option<SocketAddr>) -> Stage {
     let cfg = format!(
         "cluster = \"demo\"\nid = \"proxy-a\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
          peer_addr = \"127.0.0.1:0\"\nadmin_addr = \"{admin}\"\npin_cpus = false\ndial_timeout_ms = {DIAL_TIMEOUT_MS}\n\
-         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n[[grants]]\nname = \"all\"\nclients = [\"*\"]\nagents = [\"*\"]\nservices = [\"*\"]\n"
+         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/proxy-a.pem\"\nkey = \"{d}/proxy-a-key.pem\"\n[[grants]]\nname = \"all\"\nclients = [\"*\"]\nagents = [\"*\"]\nservices = [\"*\"]\n[audit]\npath = \"{d}/proxy-a-audit.log\"\n"
     );
     let path = certs.path.join("proxy-a.toml");
     std::fs::write(&path, cfg).unwrap();
