@@ -97,10 +97,12 @@ fn relay_hop(l: TcpListener, far: std::net::SocketAddr) {
         for b in e.held {
             down.send(b).await.unwrap();
         }
-        let (mut send, mut recv, c) = (e.send, e.recv, Counter::default());
-        let _ =
-            relay(Leg { src: &mut rx, sink: &mut send, bytes: &c }, Leg { src: &mut recv, sink: &mut down, bytes: &c })
-                .await;
+        let (mut send, mut recv, c, t) = (e.send, e.recv, Counter::default(), super::Tally::default());
+        let _ = relay(
+            Leg { src: &mut rx, sink: &mut send, bytes: &c, tally: &t },
+            Leg { src: &mut recv, sink: &mut down, bytes: &c, tally: &t },
+        )
+        .await;
     });
 }
 
