@@ -13,6 +13,7 @@ pub mod io;
 pub mod keepalive;
 pub mod tls;
 pub mod tuning;
+pub mod verify;
 pub mod window;
 
 use std::net::SocketAddr;
