@@ -224,8 +224,11 @@ impl TlsMaterial {
         // them), and not be revoked, or every peer will refuse us. This
         // also proves the CRL's signature when its CA signed us.
         let algs = provider().signature_verification_algorithms;
-        verify_chain(&roots, &crls, &algs, leaf, &chain[1..], UnixTime::now()).map_err(|e| {
-            file_err("certificate refused by the CA bundle and CRL", &files.cert, super::verify::reason(&e))
+        verify_chain(&roots, &crls, &algs, leaf, &chain[1..], UnixTime::now()).map_err(|e| match e {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+            ) => file_err("certificate is not signed by the CA in", &files.ca, super::verify::reason(&e)),
+            e => file_err("certificate refused by the CA bundle and CRL", &files.cert, super::verify::reason(&e)),
         })?;
         let mut certs: Vec<CertInfo> = CertInfo::of("own", leaf).into_iter().collect();
         certs.extend(cas);

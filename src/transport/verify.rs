@@ -92,6 +92,7 @@ pub fn reason(e: &rustls::Error) -> String {
                 format!("certificate not valid before {}", rfc3339(not_before.as_secs() as i64))
             }
             CertificateError::UnknownIssuer => "certificate not signed by a CA of the bundle".into(),
+            CertificateError::BadSignature => "bad signature (not signed by a CA of the bundle)".into(),
             other => format!("certificate refused ({other:?})"),
         },
         other => other.to_string(),
