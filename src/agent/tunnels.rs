@@ -110,7 +110,8 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
     let mut last_error: Option<String> = None;
     while !ctx.shutdown.is_triggered() && !slot.stop.is_triggered() {
         let started = Instant::now();
-        match connect_tls(&ctx.tls, &addr, ctx.h2.handshake_timeout()).await {
+        let tls = ctx.tls.current().built.clone();
+        match connect_tls(&tls, &addr, ctx.h2.handshake_timeout()).await {
             Ok((tls, proxy)) => {
                 last_error = None;
                 *slot.proxy.borrow_mut() = Some(proxy.name.clone());

@@ -10,6 +10,7 @@ pub mod h2conf;
 pub mod h2limits;
 pub mod identity;
 pub mod io;
+pub mod reload;
 pub mod keepalive;
 pub mod tls;
 pub mod tuning;

@@ -108,7 +108,10 @@ pub fn rfc3339(secs: i64) -> String {
 }
 
 /// How the far side's refusal of our own certificate reads, when `e` (a
-/// handshake or first-read error) carries the alert it sent.
+/// handshake or first-read error: io, h2 or rustls, any nesting) carries
+/// the alert it sent. In TLS 1.3 the client's handshake completes before
+/// the server has judged the client's certificate, so the alert shows up
+/// at the first read (usually the HTTP/2 handshake), not at connect.
 pub fn explain_refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -121,6 +124,10 @@ pub fn explain_refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static
                 AlertDescription::AccessDenied => "certificate refused (wrong role or cluster)",
                 _ => return None,
             });
+        }
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            cur = h.get_io().map(|e| e as &(dyn std::error::Error + 'static));
+            continue;
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             cur = io.get_ref().map(|e| e as &(dyn std::error::Error + 'static));
