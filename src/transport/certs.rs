@@ -136,10 +136,15 @@ pub fn init_with(dir: &Path, cluster: &str, ca_days: u32, days: u32) -> anyhow::
     }
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, format!("ringpeer {cluster} CA"));
+    // Each CA has its own name (a tag of its serial): during a CA rotation
+    // the bundle holds two CAs of one cluster, and chain building and CRL
+    // matching go by issuer name.
+    let serial = random_serial();
+    let tag: String = serial.as_ref().iter().take(4).map(|b| format!("{b:02x}")).collect();
+    params.distinguished_name.push(DnType::CommonName, format!("ringpeer {cluster} CA {tag}"));
     params.subject_alt_names = vec![SanType::URI(format!("spiffe://{cluster}").try_into()?)];
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(serial);
     let v = Validity::days(ca_days);
     (params.not_before, params.not_after) = (v.not_before, v.not_after);
     let key = KeyPair::generate()?;

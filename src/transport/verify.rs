@@ -6,8 +6,8 @@
 //! Invariants: a refused certificate fails the handshake with the TLS alert
 //! rustls derives from the error (`certificate_revoked`,
 //! `certificate_expired`, `bad_certificate` ...), so the peer learns why;
-//! the accepting side logs a revoked or expired peer at most once a second
-//! per listener at info, the rest at debug (a peer retrying in a loop must
+//! the accepting side logs a revoked or expired peer at info, at most ten
+//! lines a second per listener, the rest at debug (a peer retrying in a loop must
 //! not flood the log; the refusals are counted by the accept loops). The
 //! CRL only speaks for certificates its issuer signed: a certificate of
 //! another CA of the bundle (during a CA rotation) has no status and is
@@ -107,33 +107,43 @@ pub fn rfc3339(secs: i64) -> String {
         .unwrap_or_else(|| format!("@{secs}"))
 }
 
+/// The alerts a verifier sends for a refused certificate, in words.
+const REFUSALS: [(AlertDescription, &str); 5] = [
+    (AlertDescription::CertificateRevoked, "certificate revoked"),
+    (AlertDescription::CertificateExpired, "certificate expired or not yet valid"),
+    (AlertDescription::UnknownCA, "certificate not signed by a CA it trusts"),
+    (AlertDescription::BadCertificate, "certificate refused (bad certificate)"),
+    (AlertDescription::AccessDenied, "certificate refused (access denied)"),
+];
+
 /// How the far side's refusal of our own certificate reads, when `e` (a
 /// handshake or first-read error: io, h2 or rustls, any nesting) carries
 /// the alert it sent. In TLS 1.3 the client's handshake completes before
 /// the server has judged the client's certificate, so the alert shows up
-/// at the first read (usually the HTTP/2 handshake), not at connect.
+/// at the first read (usually the HTTP/2 handshake), not at connect. h2
+/// keeps only the text of an io error (it clones errors to every stream),
+/// so the alert is recognised by rustls's own wording of it. Rejected:
+/// waiting after the handshake for the server's first bytes (a second
+/// round trip on every connect, and the bytes then belong to HTTP/2).
 pub fn explain_refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(rustls::Error::AlertReceived(a)) = err.downcast_ref::<rustls::Error>() {
-            return Some(match a {
-                AlertDescription::CertificateRevoked => "certificate revoked",
-                AlertDescription::CertificateExpired => "certificate expired or not yet valid",
-                AlertDescription::UnknownCA => "certificate not signed by a CA it trusts",
-                AlertDescription::BadCertificate => "certificate refused (bad certificate)",
-                AlertDescription::AccessDenied => "certificate refused (wrong role or cluster)",
-                _ => return None,
-            });
+            return REFUSALS.iter().find(|(x, _)| x == a).map(|(_, w)| *w);
         }
-        if let Some(h) = err.downcast_ref::<h2::Error>() {
-            cur = h.get_io().map(|e| e as &(dyn std::error::Error + 'static));
-            continue;
+        let text = err.to_string();
+        if let Some((_, w)) =
+            REFUSALS.iter().find(|(a, _)| text.contains(&rustls::Error::AlertReceived(*a).to_string()))
+        {
+            return Some(w);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            cur = io.get_ref().map(|e| e as &(dyn std::error::Error + 'static));
-            continue;
-        }
-        cur = err.source();
+        cur = if let Some(h) = err.downcast_ref::<h2::Error>() {
+            h.get_io().map(|e| e as &(dyn std::error::Error + 'static))
+        } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io.get_ref().map(|e| e as &(dyn std::error::Error + 'static))
+        } else {
+            err.source()
+        };
     }
     None
 }
@@ -158,9 +168,12 @@ pub(crate) fn check_peer(
     Ok(id)
 }
 
+/// Info lines about refused certificates per second and verifier; the
+/// rest go to debug.
+const LOG_PER_SECOND: u64 = 10;
+
 /// Logs a refused peer certificate: revoked and expired ones at info, at
-/// most once a second per verifier (`last` holds the second of the last
-/// such line), everything else at debug.
+/// most [`LOG_PER_SECOND`] a second per verifier, everything else at debug.
 fn log_refusal(last: &AtomicU64, side: &str, ee: &CertificateDer<'_>, e: &rustls::Error) {
     let who = SpiffeId::from_cert(ee).map(|id| id.uri()).unwrap_or_else(|_| "<no spiffe id>".into());
     let notable = matches!(
@@ -169,8 +182,18 @@ fn log_refusal(last: &AtomicU64, side: &str, ee: &CertificateDer<'_>, e: &rustls
             CertificateError::Revoked | CertificateError::Expired | CertificateError::ExpiredContext { .. }
         )
     );
+    // `last` holds the second of the latest info line (high bits) and
+    // how many were logged in it (low 8 bits).
     let now = UnixTime::now().as_secs();
-    if notable && last.swap(now, Ordering::Relaxed) != now {
+    let admitted = notable
+        && last
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| match (v >> 8 == now, v & 0xff) {
+                (false, _) => Some(now << 8 | 1),
+                (true, n) if n < LOG_PER_SECOND => Some(v + 1),
+                _ => None,
+            })
+            .is_ok();
+    if admitted {
         tracing::info!("refused {side} {who}: {}", reason(e));
     } else {
         tracing::debug!("refused {side} {who}: {}", reason(e));
