@@ -234,3 +234,187 @@ fn a_revoked_client_is_refused_after_sighup_and_an_expired_one_with_its_expiry()
     let at = ringpeer::transport::verify::rfc3339(old.info.not_after);
     a.p.wait_for(&format!("refused client spiffe://demo/client/client-old: certificate expired at {at}"), 1, Duration::from_secs(5));
 }
+
+/// What the stream holders saw.
+#[derive(Debug, Default)]
+struct HoldReport {
+    opened: usize,
+    echoes: u64,
+    /// Streams that ended abnormally, with why.
+    failures: Vec<String>,
+}
+
+/// Opens `n` dials to agent-1/echo through `proxy` over 4 client
+/// connections (certificate `name` of `dir`) and keeps each for `secs`
+/// from the start, echoing 32 bytes every second; then ends each one
+/// cleanly. `opened` counts dials established.
+fn hold(
+    proxy: SocketAddr,
+    dir: &Path,
+    name: &str,
+    n: usize,
+    secs: u64,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<HoldReport> {
+    use ringpeer::client::{client_tls, Client};
+    use ringpeer::tools::load::open;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::sync::atomic::Ordering;
+    let tls = client_tls(dir, name).unwrap();
+    std::thread::spawn(move || {
+        ringpeer::runtime::block_on("holder", move || async move {
+            let end = Instant::now() + Duration::from_secs(secs);
+            let report = Rc::new(RefCell::new(HoldReport::default()));
+            let target = ringpeer::wire::DialTarget::parse("agent-1/echo").unwrap();
+            let h2 = ringpeer::transport::h2conf::H2Tuning::default();
+            let mut clients = Vec::new();
+            for _ in 0..4 {
+                clients.push(Client::connect(&proxy.to_string(), &tls, &h2).await.expect("client connects"));
+            }
+            let mut tasks = Vec::new();
+            for i in 0..n {
+                let mut d = match open(&clients[i % 4], &target).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        report.borrow_mut().failures.push(format!("open {i}: {e}"));
+                        continue;
+                    }
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                report.borrow_mut().opened += 1;
+                let report = report.clone();
+                tasks.push(glommio::spawn_local(async move {
+                    let msg: Vec<u8> = (0..32u8).map(|b| b ^ (i as u8)).collect();
+                    let r: Result<(), String> = async {
+                        // Spread the echoes over the second.
+                        glommio::timer::sleep(Duration::from_millis((i % 1000) as u64)).await;
+                        while Instant::now() < end {
+                            d.write(&msg).await.map_err(|e| format!("write: {e}"))?;
+                            let mut got = Vec::new();
+                            d.read_exact(&mut got, msg.len()).await.map_err(|e| format!("read: {e}"))?;
+                            if got != msg {
+                                return Err("echo mismatch".into());
+                            }
+                            report.borrow_mut().echoes += 1;
+                            glommio::timer::sleep(Duration::from_secs(1)).await;
+                        }
+                        d.close_write().map_err(|e| format!("close: {e}"))?;
+                        while d.read().await.map_err(|e| format!("drain: {e}"))?.is_some() {}
+                        let st = d.status().await;
+                        if !st.is_ok() {
+                            return Err(format!("status {st}"));
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        report.borrow_mut().failures.push(format!("stream {i}: {e}"));
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            Rc::try_unwrap(report).ok().unwrap().into_inner()
+        })
+        .unwrap()
+    })
+}
+
+/// The serial of the certificate the server at `addr` presents now (a new
+/// handshake, as `dir`'s `client`).
+fn server_serial(addr: SocketAddr, dir: &Path) -> String {
+    let cfg = common::client_config_as(dir, "client", Role::Client, None);
+    ringpeer::runtime::block_on("serial", move || async move {
+        let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+        let io = ringpeer::transport::io::GlommioIo::new(tcp);
+        let name = ringpeer::transport::tls::server_name("127.0.0.1");
+        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, io).await.unwrap();
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        CertInfo::of("own", &leaf).unwrap().serial
+    })
+    .unwrap()
+}
+
+/// The `ringpeer_cert_expiry_seconds` lines of the proxy at `admin`.
+fn expiry_lines(admin: SocketAddr) -> Vec<String> {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    body.lines().filter(|l| l.starts_with("ringpeer_cert_expiry_seconds{")).map(str::to_string).collect()
+}
+
+/// Waits until `opened` reaches `n`.
+fn wait_opened(opened: &std::sync::atomic::AtomicUsize, n: usize) {
+    let t0 = Instant::now();
+    while opened.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(t0.elapsed() < Duration::from_secs(30), "only {opened:?} of {n} streams opened in 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Replaces `name`'s certificate and key in `live` with those of `from`
+/// (key first, as `certs issue` writes them).
+fn install(from: &Path, live: &Path, name: &str) {
+    for f in [format!("{name}-key.pem"), format!("{name}.pem")] {
+        let tmp = live.join(format!(".{f}.new"));
+        std::fs::copy(from.join(&f), &tmp).unwrap();
+        std::fs::rename(&tmp, live.join(&f)).unwrap();
+    }
+}
+
+#[test]
+fn certificates_rotate_under_1000_streams_through_two_proxies_without_dropping_one() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    ringpeer::runtime::raise_memlock();
+    let redis = common::redis_server::Redis::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    certs::init(dir, "demo").unwrap();
+    let echo = ringpeer::tools::target::spawn(ringpeer::tools::target::Kind::Echo).unwrap();
+    let a = start_proxy(dir, "proxy-a", Some(&redis.url()), false);
+    let b = start_proxy(dir, "proxy-b", Some(&redis.url()), false);
+    // agent-1 tunnels to B only: every dial entering at A crosses A's peer link to B.
+    let _agent = start_agent(dir, &[b.tunnel], echo.addr);
+    wait_dialable(dir, a.client, "client");
+    let (a0, b0) = (server_serial(a.client, dir), server_serial(b.client, dir));
+
+    const STREAMS: usize = 1000;
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let holder = hold(a.client, dir, "client", STREAMS, 60, opened.clone());
+    wait_opened(&opened, STREAMS);
+    eprintln!("{STREAMS} streams open after {:?}", t0.elapsed());
+
+    // New certificates for both proxies: A picks its files up by itself
+    // (the poller), B is told with SIGHUP.
+    let new_a = certs::issue(dir, Role::Proxy, "proxy-a").map(|(c, _)| info(&c)).unwrap();
+    let new_b = certs::issue(dir, Role::Proxy, "proxy-b").map(|(c, _)| info(&c)).unwrap();
+    b.p.sighup();
+    let t_rot = Instant::now();
+    a.p.wait_for(&format!("certificate (serial {a0} -> {})", new_a.serial), 1, Duration::from_secs(10));
+    b.p.wait_for(&format!("certificate (serial {b0} -> {})", new_b.serial), 1, Duration::from_secs(10));
+    eprintln!("both proxies reloaded {:?} after the rotation", t_rot.elapsed());
+    // New handshakes see the new certificates, and so does the metric.
+    assert_eq!(server_serial(a.client, dir), new_a.serial);
+    assert_eq!(server_serial(b.client, dir), new_b.serial);
+    let lines = expiry_lines(a.admin);
+    assert!(
+        lines.iter().any(|l| l.contains("cert=\"own\"") && l.contains(&new_a.serial)),
+        "metric lines: {lines:#?}"
+    );
+    let left: i64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((89 * 86_400..=90 * 86_400).contains(&left), "own certificate has {left} s left: {lines:#?}");
+    // A new client connection (a new handshake at A) dials through.
+    let (ok, out, err) = dial(dir, a.client, "client", b"after rotation");
+    assert!(ok && out == b"after rotation", "{err}");
+
+    let report = holder.join().unwrap();
+    eprintln!("hold report: opened {} echoes {} failures {}", report.opened, report.echoes, report.failures.len());
+    assert_eq!(report.opened, STREAMS, "{:#?}", report.failures);
+    assert!(report.failures.is_empty(), "streams ended abnormally: {:#?}", report.failures);
+    // About one echo a second per stream for the minute (bound with room for a slow machine).
+    assert!(report.echoes >= (STREAMS as u64) * 30, "only {} echoes", report.echoes);
+}
