@@ -418,3 +418,81 @@ fn certificates_rotate_under_1000_streams_through_two_proxies_without_dropping_o
     // About one echo a second per stream for the minute (bound with room for a slow machine).
     assert!(report.echoes >= (STREAMS as u64) * 30, "only {} echoes", report.echoes);
 }
+
+#[test]
+fn a_ca_rotates_under_load_and_then_refuses_certificates_of_the_old_ca() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    ringpeer::runtime::raise_memlock();
+    let redis = common::redis_server::Redis::start();
+    let (old_tmp, new_tmp, stale_tmp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // `live` is the old CA's directory, where the processes' files are;
+    // `new` holds the new CA and certificates it issued.
+    let (live, new) = (old_tmp.path(), new_tmp.path());
+    certs::init(live, "demo").unwrap();
+    certs::init(new, "demo").unwrap();
+    let old_ca = std::fs::read(live.join("ca.pem")).unwrap();
+    let new_ca = std::fs::read(new.join("ca.pem")).unwrap();
+    let echo = ringpeer::tools::target::spawn(ringpeer::tools::target::Kind::Echo).unwrap();
+    let a = start_proxy(live, "proxy-a", Some(&redis.url()), false);
+    let b = start_proxy(live, "proxy-b", Some(&redis.url()), false);
+    let agent = start_agent(live, &[b.tunnel], echo.addr);
+    wait_dialable(live, a.client, "client");
+    // A client that will keep its old-CA certificate (and trusts both CAs).
+    let stale = stale_tmp.path();
+    for f in ["client.pem", "client-key.pem"] {
+        std::fs::copy(live.join(f), stale.join(f)).unwrap();
+    }
+    std::fs::write(stale.join("ca.pem"), [old_ca.clone(), new_ca.clone()].concat()).unwrap();
+    let old_agent = stale.join("agent-1.pem");
+    std::fs::copy(live.join("agent-1.pem"), &old_agent).unwrap();
+    std::fs::copy(live.join("agent-1-key.pem"), stale.join("agent-1-key.pem")).unwrap();
+
+    const STREAMS: usize = 300;
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let holder = hold(a.client, live, "client", STREAMS, 25, opened.clone());
+    wait_opened(&opened, STREAMS);
+    let everyone = [&a.p, &b.p, &agent];
+    let reload_all = |what: &str| {
+        let before: Vec<usize> = everyone.iter().map(|p| p.count(what)).collect();
+        for p in everyone {
+            p.sighup();
+        }
+        for (p, n) in everyone.iter().zip(before) {
+            p.wait_for(what, n + 1, Duration::from_secs(10));
+        }
+    };
+
+    // 1. Every process trusts both CAs.
+    std::fs::write(live.join("ca.pem"), [old_ca.clone(), new_ca.clone()].concat()).unwrap();
+    reload_all("CA bundle (1 -> 2 CAs)");
+    assert_eq!(expiry_lines(a.admin).iter().filter(|l| l.contains("cert=\"ca\"")).count(), 2);
+    // 2. Proxies and the agent get certificates of the new CA.
+    for name in ["proxy-a", "proxy-b", "agent-1"] {
+        install(new, live, name);
+    }
+    reload_all("TLS reloaded: certificate (serial");
+    // 3. Only the new CA is trusted.
+    std::fs::write(live.join("ca.pem"), &new_ca).unwrap();
+    reload_all("CA bundle (2 -> 1 CAs)");
+
+    // New handshakes work with new-CA certificates: a client from the new
+    // CA dials through A; B's tunnel port accepts the agent's new
+    // certificate and refuses its old one.
+    let (ok, out, err) = dial(new, a.client, "client", b"new ca");
+    assert!(ok && out == b"new ca", "a new-CA client was refused: {err}");
+    let verdict = common::tls_verdict(b.tunnel, common::client_config_as(new, "agent-1", Role::Agent, None));
+    assert!(matches!(verdict, common::TlsVerdict::Accepted), "{verdict:?}");
+    let verdict = common::tls_verdict(b.tunnel, presenting(&old_agent, &stale.join("agent-1-key.pem")));
+    assert!(matches!(verdict, common::TlsVerdict::Refused(rustls::AlertDescription::UnknownCA)), "{verdict:?}");
+    // A client still holding an old-CA certificate is refused, and told why.
+    let (ok, _, err) = dial(stale, a.client, "client", b"old ca");
+    assert!(!ok && err.contains("the proxy refused our certificate: certificate not signed by a CA it trusts"), "{err}");
+
+    // The streams opened before the rotation, with old-CA certificates
+    // at both ends of every hop, ran to their end.
+    let report = holder.join().unwrap();
+    eprintln!("hold report: opened {} echoes {} failures {}", report.opened, report.echoes, report.failures.len());
+    assert_eq!(report.opened, STREAMS, "{:#?}", report.failures);
+    assert!(report.failures.is_empty(), "streams ended abnormally: {:#?}", report.failures);
+    assert!(report.echoes >= (STREAMS as u64) * 12, "only {} echoes", report.echoes);
+}
