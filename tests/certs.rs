@@ -66,7 +66,11 @@ impl Logged {
     fn wait_for(&self, what: &str, n: usize, bound: Duration) {
         let t0 = Instant::now();
         while self.count(what) < n {
-            assert!(t0.elapsed() < bound, "no {n} line(s) with {what:?} within {bound:?}: {:#?}", self.log.lock().unwrap());
+            assert!(
+                t0.elapsed() < bound,
+                "no {n} line(s) with {what:?} within {bound:?}: {:#?}",
+                self.log.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -214,7 +218,7 @@ fn a_revoked_client_is_refused_after_sighup_and_an_expired_one_with_its_expiry()
     let (ok, out, err) = dial(dir, a.client, "client-r", b"hello");
     assert!(!ok && out.is_empty(), "a revoked client got through: {err}");
     assert!(err.contains("the proxy refused our certificate: certificate revoked"), "client's error: {err}");
-    a.p.wait_for(&format!("refused client spiffe://demo/client/client-r: certificate revoked"), 1, Duration::from_secs(5));
+    a.p.wait_for("refused client spiffe://demo/client/client-r: certificate revoked", 1, Duration::from_secs(5));
     let (ok, out, err) = dial(dir, a.client, "client", b"still here");
     assert!(ok && out == b"still here", "a client not on the CRL was refused: {err}");
 
@@ -222,7 +226,8 @@ fn a_revoked_client_is_refused_after_sighup_and_an_expired_one_with_its_expiry()
     // (naming its expiry), and a client that presents it anyway gets the
     // proxy's certificate_expired alert; the proxy logs the expiry.
     let now = time::OffsetDateTime::now_utc();
-    let past = Validity { not_before: now - Duration::from_secs(10 * 86_400), not_after: now - Duration::from_secs(86_400) };
+    let past =
+        Validity { not_before: now - Duration::from_secs(10 * 86_400), not_after: now - Duration::from_secs(86_400) };
     let old = certs::issue_with(dir, Role::Client, "client-old", past).unwrap();
     let (ok, _, err) = dial(dir, a.client, "client-old", b"x");
     assert!(!ok && err.contains("certificate expired at"), "client's error: {err}");
@@ -232,7 +237,11 @@ fn a_revoked_client_is_refused_after_sighup_and_an_expired_one_with_its_expiry()
         "{verdict:?}"
     );
     let at = ringpeer::transport::verify::rfc3339(old.info.not_after);
-    a.p.wait_for(&format!("refused client spiffe://demo/client/client-old: certificate expired at {at}"), 1, Duration::from_secs(5));
+    a.p.wait_for(
+        &format!("refused client spiffe://demo/client/client-old: certificate expired at {at}"),
+        1,
+        Duration::from_secs(5),
+    );
 }
 
 /// What the stream holders saw.
@@ -401,10 +410,7 @@ fn certificates_rotate_under_1000_streams_through_two_proxies_without_dropping_o
     assert_eq!(server_serial(a.client, dir), new_a.serial);
     assert_eq!(server_serial(b.client, dir), new_b.serial);
     let lines = expiry_lines(a.admin);
-    assert!(
-        lines.iter().any(|l| l.contains("cert=\"own\"") && l.contains(&new_a.serial)),
-        "metric lines: {lines:#?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("cert=\"own\"") && l.contains(&new_a.serial)), "metric lines: {lines:#?}");
     let left: i64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
     assert!((89 * 86_400..=90 * 86_400).contains(&left), "own certificate has {left} s left: {lines:#?}");
     // A new client connection (a new handshake at A) dials through.
@@ -424,7 +430,8 @@ fn a_ca_rotates_under_load_and_then_refuses_certificates_of_the_old_ca() {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     ringpeer::runtime::raise_memlock();
     let redis = common::redis_server::Redis::start();
-    let (old_tmp, new_tmp, stale_tmp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (old_tmp, new_tmp, stale_tmp) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // `live` is the old CA's directory, where the processes' files are;
     // `new` holds the new CA and certificates it issued.
     let (live, new) = (old_tmp.path(), new_tmp.path());
@@ -486,7 +493,10 @@ fn a_ca_rotates_under_load_and_then_refuses_certificates_of_the_old_ca() {
     assert!(matches!(verdict, common::TlsVerdict::Refused(rustls::AlertDescription::UnknownCA)), "{verdict:?}");
     // A client still holding an old-CA certificate is refused, and told why.
     let (ok, _, err) = dial(stale, a.client, "client", b"old ca");
-    assert!(!ok && err.contains("the proxy refused our certificate: certificate not signed by a CA it trusts"), "{err}");
+    assert!(
+        !ok && err.contains("the proxy refused our certificate: certificate not signed by a CA it trusts"),
+        "{err}"
+    );
 
     // The streams opened before the rotation, with old-CA certificates
     // at both ends of every hop, ran to their end.

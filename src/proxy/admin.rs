@@ -29,12 +29,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::drain::{Drain, Phase};
-use super::stats::Metrics;
 use super::shard::Acceptors;
 use super::stats::cert_expiry;
-use crate::transport::reload::Live;
+use super::stats::Metrics;
 use crate::proxy::control::{HealthCell, SnapshotCell};
 use crate::runtime::Shutdown;
+use crate::transport::reload::Live;
 
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 8;

@@ -171,8 +171,11 @@ pub struct Source<T> {
     /// Loads and checks the material (identity as at start-up).
     pub load: Box<dyn Fn() -> Result<TlsMaterial, TlsError> + Send>,
     /// Builds the role's configs.
-    pub build: Box<dyn Fn(&TlsMaterial) -> Result<T, TlsError> + Send>,
+    pub build: Build<T>,
 }
+
+/// How a role builds its configs from a material.
+pub type Build<T> = Box<dyn Fn(&TlsMaterial) -> Result<T, TlsError> + Send>;
 
 /// A hash of the watched files' contents (a missing file counts as such).
 fn fingerprint(f: &TlsFiles) -> u64 {

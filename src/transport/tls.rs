@@ -322,8 +322,7 @@ fn load_crl(path: &Path) -> Result<LoadedCrls, TlsError> {
     let mut entries = 0;
     for d in &ders {
         let crl = webpki::OwnedCertRevocationList::from_der(d).map_err(|e| bad(&format!("{e:?}")))?;
-        let (_, x) = x509_parser::revocation_list::CertificateRevocationList::from_der(d)
-            .map_err(|e| bad(&e))?;
+        let (_, x) = x509_parser::revocation_list::CertificateRevocationList::from_der(d).map_err(|e| bad(&e))?;
         entries += x.iter_revoked_certificates().count();
         parsed.push(crl.into());
     }

@@ -43,20 +43,12 @@ pub fn verify_chain(
 ) -> Result<(), rustls::Error> {
     let cert = webpki::EndEntityCert::try_from(ee).map_err(pki_error)?;
     let refs: Vec<&CertRevocationList<'static>> = crls.iter().collect();
-    let revocation = RevocationOptionsBuilder::new(&refs).ok().map(|b| {
-        b.with_depth(RevocationCheckDepth::EndEntity).with_status_policy(UnknownStatusPolicy::Allow).build()
-    });
-    cert.verify_for_usage(
-        algs.all,
-        &roots.roots,
-        intermediates,
-        now,
-        webpki::KeyUsage::server_auth(),
-        revocation,
-        None,
-    )
-    .map(|_| ())
-    .map_err(pki_error)
+    let revocation = RevocationOptionsBuilder::new(&refs)
+        .ok()
+        .map(|b| b.with_depth(RevocationCheckDepth::EndEntity).with_status_policy(UnknownStatusPolicy::Allow).build());
+    cert.verify_for_usage(algs.all, &roots.roots, intermediates, now, webpki::KeyUsage::server_auth(), revocation, None)
+        .map(|_| ())
+        .map_err(pki_error)
 }
 
 /// The rustls error (and so the alert) for a webpki verdict; the same
