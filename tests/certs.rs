@@ -121,14 +121,19 @@ fn start_proxy(dir: &Path, id: &str, redis: Option<&str>, crl: bool) -> ProxyPro
 
 /// Starts agent-1 (service `echo`) dialling `proxies`.
 fn start_agent(dir: &Path, proxies: &[SocketAddr], echo: SocketAddr) -> Logged {
+    start_agent_as(dir, "agent-1", proxies, echo)
+}
+
+/// Starts agent `id` (service `echo`) dialling `proxies`.
+fn start_agent_as(dir: &Path, id: &str, proxies: &[SocketAddr], echo: SocketAddr) -> Logged {
     let d = dir.display();
     let list: Vec<String> = proxies.iter().map(|p| format!("\"{p}\"")).collect();
     let cfg = format!(
-        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [{}]\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\n\
-         key = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\n",
+        "cluster = \"demo\"\nid = \"{id}\"\nproxies = [{}]\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
+         key = \"{d}/{id}-key.pem\"\n[services]\necho = \"{echo}\"\n",
         list.join(", ")
     );
-    let path = dir.join("agent-1.toml");
+    let path = dir.join(format!("{id}.toml"));
     std::fs::write(&path, cfg).unwrap();
     let (p, lines) = Logged::spawn(&["agent", "--config", path.to_str().unwrap()], "agent");
     p.keep(lines, "agent");
@@ -138,8 +143,13 @@ fn start_agent(dir: &Path, proxies: &[SocketAddr], echo: SocketAddr) -> Logged {
 /// `ringpeer dial agent-1/echo` with certificate `name` from `dir`, sending
 /// `input`: (success, stdout, stderr).
 fn dial(dir: &Path, proxy: SocketAddr, name: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
+    dial_to("agent-1/echo", dir, proxy, name, input)
+}
+
+/// [`dial`] to `target`.
+fn dial_to(target: &str, dir: &Path, proxy: SocketAddr, name: &str, input: &[u8]) -> (bool, Vec<u8>, String) {
     let mut child = Command::new(BIN)
-        .args(["dial", "agent-1/echo", "--proxy", &proxy.to_string(), "--certs", dir.to_str().unwrap()])
+        .args(["dial", target, "--proxy", &proxy.to_string(), "--certs", dir.to_str().unwrap()])
         .args(["--name", name, "--timeout-ms", "5000"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -203,8 +213,14 @@ fn a_revoked_client_is_refused_after_sighup_and_an_expired_one_with_its_expiry()
     let dir = dir.path();
     certs::init(dir, "demo").unwrap();
     write_crl(dir, &[]);
+    // proxy-a's certificate has three days left: a warning at start.
+    let short = certs::issue_with(dir, Role::Proxy, "proxy-a", Validity::days(3)).unwrap();
     let echo = ringpeer::tools::target::spawn(ringpeer::tools::target::Kind::Echo).unwrap();
     let a = start_proxy(dir, "proxy-a", None, true);
+    let warning = format!("own certificate spiffe://demo/proxy/proxy-a (serial {}) expires at", short.info.serial);
+    a.p.wait_for(&warning, 1, Duration::from_secs(5));
+    let left: i64 = expiry_lines(a.admin)[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((3 * 86_400 - 600..=3 * 86_400).contains(&left), "own certificate has {left} s left");
     let _agent = start_agent(dir, &[a.tunnel], echo.addr);
     // Two clients: one will be revoked, the other goes on.
     let doomed = certs::issue_with(dir, Role::Client, "client-r", Validity::days(30)).unwrap();
@@ -491,6 +507,20 @@ fn a_ca_rotates_under_load_and_then_refuses_certificates_of_the_old_ca() {
     assert!(matches!(verdict, common::TlsVerdict::Accepted), "{verdict:?}");
     let verdict = common::tls_verdict(b.tunnel, presenting(&old_agent, &stale.join("agent-1-key.pem")));
     assert!(matches!(verdict, common::TlsVerdict::Refused(rustls::AlertDescription::UnknownCA)), "{verdict:?}");
+    // A peer link made after the rotation (to a new proxy C of the new CA,
+    // where agent-2 is) carries A's new certificate and trusts only the
+    // new CA: A's peer link configs were rebuilt by the reload.
+    let c = start_proxy(new, "proxy-c", Some(&redis.url()), false);
+    let _agent2 = start_agent_as(new, "agent-2", &[c.tunnel], echo.addr);
+    let t0 = Instant::now();
+    loop {
+        let (ok, out, err) = dial_to("agent-2/echo", new, a.client, "client", b"via a new link");
+        if ok && out == b"via a new link" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "A cannot reach agent-2 behind the new proxy C: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A client still holding an old-CA certificate is refused, and told why.
     let (ok, _, err) = dial(stale, a.client, "client", b"old ca");
     assert!(
