@@ -222,6 +222,10 @@ pub fn spawn<T: Send + Sync + 'static>(
     stop: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("tls-reload".into()).spawn(move || {
+        // The whole trigger, not just its receiver (a closure captures only
+        // the fields it uses): its sender keeps the channel open when no
+        // one else holds one.
+        let trigger = trigger;
         let mut seen = fingerprint(&src.files);
         let mut pending = None;
         let mut checked = Instant::now();
@@ -250,4 +254,85 @@ pub fn spawn<T: Send + Sync + 'static>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::certs;
+    use crate::transport::identity::Role;
+
+    fn wait_gen<T>(live: &Live<T>, g: u64) {
+        let t0 = Instant::now();
+        while live.current().generation < g {
+            assert!(t0.elapsed() < Duration::from_secs(10), "generation {} after 10 s", live.current().generation);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_changed_file_is_loaded_a_bad_one_refused_and_a_request_reloads_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(dir.path(), "c1").unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "proxy-a");
+        let load = {
+            let f = files.clone();
+            move || TlsMaterial::load_as(&f, "c1", Role::Proxy, "proxy-a")
+        };
+        let m = load().unwrap();
+        let live = Live::new(m.clone(), m.own().serial.clone());
+        let src = Source {
+            who: "test".into(),
+            files: files.clone(),
+            load: Box::new(load),
+            build: Box::new(|m: &TlsMaterial| Ok(m.own().serial.clone())),
+        };
+        let (trigger, stop) = (Trigger::default(), Shutdown::new());
+        let t = spawn(src, live.clone(), trigger.clone(), stop.clone()).unwrap();
+        // A new certificate: loaded by the poller within a few polls.
+        let (c, _) = certs::issue(dir.path(), Role::Proxy, "proxy-a").unwrap();
+        let new = crate::transport::tls::CertInfo::of(
+            "own",
+            &rustls::pki_types::pem::PemObject::from_pem_file(&c)
+                .map(|d: rustls::pki_types::CertificateDer| d)
+                .unwrap(),
+        )
+        .unwrap();
+        wait_gen(&live, 1);
+        assert_eq!(live.current().built, new.serial);
+        // A key that does not match: refused, the loaded one stays.
+        std::fs::copy(dir.path().join("client-key.pem"), &files.key).unwrap();
+        std::thread::sleep(POLL * 3);
+        assert_eq!(live.current().generation, 1);
+        assert!(!t.is_finished());
+        // A request reloads at once, even with nothing changed.
+        certs::issue(dir.path(), Role::Proxy, "proxy-a").unwrap();
+        trigger.request();
+        wait_gen(&live, 2);
+        stop.trigger();
+        let t0 = Instant::now();
+        t.join().unwrap();
+        assert!(t0.elapsed() <= POLL * 2, "the thread took {:?} to stop", t0.elapsed());
+    }
+
+    #[test]
+    fn a_reloader_nobody_can_ask_still_polls() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(dir.path(), "c1").unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "proxy-a");
+        let f = files.clone();
+        let m = TlsMaterial::load(&f, "c1", Role::Proxy).unwrap();
+        let src = Source {
+            who: "test".into(),
+            files,
+            load: Box::new(move || TlsMaterial::load(&f, "c1", Role::Proxy)),
+            build: Box::new(|_: &TlsMaterial| Ok(())),
+        };
+        let stop = Shutdown::new();
+        let t = spawn(src, Live::new(m, ()), Trigger::default(), stop.clone()).unwrap();
+        std::thread::sleep(POLL * 2 + POLL / 2);
+        assert!(!t.is_finished(), "the poller ended on its own");
+        stop.trigger();
+        t.join().unwrap();
+    }
 }

@@ -207,6 +207,14 @@ impl TlsMaterial {
         };
         let key_pem = read("cannot read private key", &files.key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| file_err("bad private key", &files.key, e))?;
+        // rustls cannot tell for every key type whether a key belongs to a
+        // certificate (ECDSA keys under ring), so we compare the public keys.
+        if let Ok(kp) = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key_pem)) {
+            let spki = X509Certificate::from_der(leaf).map(|(_, c)| c.public_key().raw.to_vec()).unwrap_or_default();
+            if kp.public_key_der() != spki {
+                return Err(file_err("private key does not match the certificate", &files.key, files.cert.display()));
+            }
+        }
         let id = SpiffeId::from_cert(leaf).map_err(|e| file_err("bad certificate", &files.cert, e))?;
         if id.role != role || cluster.is_some_and(|c| c != id.cluster) {
             return Err(TlsError::WrongIdentity {
