@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use ringpeer::config::{AgentConfig, ProxyConfig};
 use ringpeer::runtime::Shutdown;
 use ringpeer::transport::identity::Role;
+use ringpeer::transport::reload::Trigger;
 use ringpeer::wire::DialTarget;
 
 #[global_allocator]
@@ -257,8 +258,15 @@ enum CertsCmd {
         /// Cluster name (SPIFFE trust domain).
         #[arg(long)]
         cluster: String,
+        /// Validity of the CA, days.
+        #[arg(long, default_value_t = ringpeer::transport::certs::DEFAULT_CA_DAYS)]
+        ca_days: u32,
+        /// Validity of the other certificates, days.
+        #[arg(long, default_value_t = ringpeer::transport::certs::DEFAULT_LEAF_DAYS)]
+        days: u32,
     },
-    /// Issue one more certificate from the CA in DIR.
+    /// Issue one more certificate from the CA in DIR (or a new one for a
+    /// name, to rotate it: running processes reload it on their own).
     Issue {
         /// Directory holding ca.pem and ca-key.pem.
         #[arg(long)]
@@ -269,7 +277,46 @@ enum CertsCmd {
         /// Name (proxy id, agent id or client name).
         #[arg(long)]
         name: String,
+        /// Validity, days.
+        #[arg(long, default_value_t = ringpeer::transport::certs::DEFAULT_LEAF_DAYS)]
+        days: u32,
     },
+    /// Write a CRL, signed by the CA in DIR, revoking certificates by serial
+    /// (as `init`/`issue` print them); point `[tls] crl` at it.
+    Revoke {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial numbers (hex), repeatable; every serial to revoke, since
+        /// the file is written anew.
+        #[arg(long = "serial")]
+        serials: Vec<String>,
+        /// CRL file to write (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of the CRL (next update), days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+}
+
+/// SIGINT and SIGTERM stop (a second exits at once); SIGHUP reloads the
+/// certificates.
+fn agent_signals(reload: Trigger) -> anyhow::Result<Shutdown> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let sd = Shutdown::new();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let s = sd.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            match sig {
+                SIGHUP => reload.request(),
+                _ if s.is_triggered() => std::process::exit(130),
+                _ => s.trigger(),
+            }
+        }
+    })?;
+    Ok(sd)
 }
 
 fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
@@ -289,14 +336,21 @@ fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
 }
 
 /// SIGTERM drains (the drain protocol), SIGINT stops; a second signal of
-/// either kind cuts a drain short, a third exits at once.
-fn proxy_signals(drain: ringpeer::proxy::drain::Drain) -> anyhow::Result<Shutdown> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+/// either kind cuts a drain short, a third exits at once. SIGHUP reloads
+/// the certificates.
+fn proxy_signals(drain: ringpeer::proxy::drain::Drain, reload: Trigger) -> anyhow::Result<Shutdown> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let sd = Shutdown::new();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let s = sd.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for (n, sig) in signals.forever().enumerate() {
+        let stops = signals.forever().filter(|sig| {
+            if *sig == SIGHUP {
+                reload.request();
+            }
+            *sig != SIGHUP
+        });
+        for (n, sig) in stops.enumerate() {
             match (n, sig) {
                 (0, SIGTERM) => {
                     drain.request();
@@ -331,16 +385,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 listeners.tunnel_addr()
             );
             let drain = ringpeer::proxy::drain::Drain::new();
+            let reload = Trigger::default();
             let opts = ringpeer::proxy::RunOpts {
                 drain: Some(drain.clone()),
                 took_over: !from.is_empty(),
+                reload: Some(reload.clone()),
                 ..Default::default()
             };
-            ringpeer::proxy::run_with(cfg, listeners, proxy_signals(drain)?, opts)?;
+            ringpeer::proxy::run_with(cfg, listeners, proxy_signals(drain, reload)?, opts)?;
         }
         Cmd::Agent { config } => {
             let cfg = AgentConfig::load(&config)?;
-            ringpeer::agent::run(cfg, shutdown_on_signals()?)?;
+            let reload = Trigger::default();
+            ringpeer::agent::run_with(cfg, agent_signals(reload.clone())?, Some(reload))?;
         }
         Cmd::Dial { target, client: ClientArgs { proxy, certs, name }, timeout_ms } => {
             let t = DialTarget::parse(&target).map_err(|s| anyhow::anyhow!("{target:?}: {}", s.message))?;
@@ -357,16 +414,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = ringpeer::client::ForwardOpts { listen, target, proxy, tls, deadline: Duration::from_secs(10) };
             ringpeer::client::forward(opts, shutdown_on_signals()?)?;
         }
-        Cmd::Certs { cmd: CertsCmd::Init { dir, cluster } } => {
-            let files = ringpeer::transport::certs::init(&dir, &cluster)?;
-            for f in files {
-                println!("{}", f.display());
+        Cmd::Certs { cmd: CertsCmd::Init { dir, cluster, ca_days, days } } => {
+            for i in ringpeer::transport::certs::init_with(&dir, &cluster, ca_days, days)? {
+                println!("{}", i.summary());
             }
         }
-        Cmd::Certs { cmd: CertsCmd::Issue { dir, role, name } } => {
+        Cmd::Certs { cmd: CertsCmd::Issue { dir, role, name, days } } => {
             let role: Role = role.parse()?;
-            let (c, k) = ringpeer::transport::certs::issue(&dir, role, &name)?;
-            println!("{}\n{}", c.display(), k.display());
+            let v = ringpeer::transport::certs::Validity::days(days);
+            println!("{}", ringpeer::transport::certs::issue_with(&dir, role, &name, v)?.summary());
+        }
+        Cmd::Certs { cmd: CertsCmd::Revoke { dir, serials, out, days } } => {
+            let n = ringpeer::transport::certs::revoke(&dir, &serials, &out, days)?;
+            println!("{}: {n} certificate(s) revoked", out.display());
         }
         Cmd::Demo { serve } => {
             let sd = if serve { shutdown_on_signals()? } else { Shutdown::new() };

@@ -46,7 +46,17 @@ use crate::transport::flood::FloodMeter;
 use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning, SetupGuard, StreamGuard};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
+use crate::transport::reload::{Live, Source, Trigger};
 use crate::transport::tls::TlsMaterial;
+
+/// Fires a [`Shutdown`] when dropped (stops the reload thread however
+/// the agent returns).
+struct EndOnDrop(Shutdown);
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
 use crate::transport::{resolve, ClientTls};
 use crate::wire::codec::{encode_msg, FrameDecoder, MAX_CONTROL_STREAM_MSG};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -62,8 +72,10 @@ struct AgentCtx {
     cluster: String,
     services: Services,
     /// Client configs towards proxies: any proxy at a seed, the named one
-    /// at an address from the pushed proxy set.
+    /// at an address from the pushed proxy set; they follow reloads.
     tls: ProxyTls,
+    /// The last refusal of our certificate a proxy sent (logged once per change).
+    refused: std::cell::Cell<Option<&'static str>>,
     h2: H2Tuning,
     connect_timeout: Duration,
     shutdown: Shutdown,
@@ -78,10 +90,30 @@ struct AgentCtx {
 
 /// Runs an agent until `shutdown` fires.
 pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    run_with(cfg, shutdown, None)
+}
+
+/// [`run`], reloading its certificates on `reload` (SIGHUP in `main`) as
+/// well as when the files change.
+pub fn run_with(cfg: AgentConfig, shutdown: Shutdown, reload: Option<Trigger>) -> anyhow::Result<()> {
     cfg.validate()?;
     let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;
-    let client = ProxyTls::new(tls)?;
     let services = services::from_config(&cfg.services)?;
+    let build = |m: &TlsMaterial| proxy_tls::build(m, None);
+    let live = Live::new(tls.clone(), build(&tls)?);
+    let who = format!("agent {}", cfg.id);
+    crate::transport::reload::log_loaded(&who, &tls, "loaded");
+    let ended = Shutdown::new();
+    let c = cfg.clone();
+    let src = Source {
+        who,
+        files: cfg.tls.clone(),
+        load: Box::new(move || TlsMaterial::load_as(&c.tls, &c.cluster, Role::Agent, &c.id)),
+        build: Box::new(build),
+    };
+    crate::transport::reload::spawn(src, live.clone(), reload.unwrap_or_default(), ended.clone())?;
+    let _stop_reload = EndOnDrop(ended);
+    let client = ProxyTls::new(live);
     let proxies = cfg.proxies.clone();
     let name = format!("agent-{}", cfg.id);
     crate::runtime::block_on(&name, move || async move {
@@ -90,6 +122,7 @@ pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             cluster: cfg.cluster,
             services,
             tls: client,
+            refused: Default::default(),
             h2: H2Tuning { drain_timeout_ms: cfg.drain_timeout_ms, ..cfg.h2 },
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             shutdown,
@@ -110,8 +143,17 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
     let builder = ctx.h2.link_server();
     let conn = match timeout(ctx.h2.handshake_timeout(), builder.handshake::<_, Bytes>(metered)).await {
         Ok(Ok(c)) => c,
-        _ => return "h2_handshake_failed",
+        Ok(Err(e)) => {
+            // The proxy's verdict on our certificate arrives here (TLS 1.3).
+            let Some(why) = crate::transport::verify::explain_refusal(&e) else { return "h2_handshake_failed" };
+            if ctx.refused.replace(Some(why)) != Some(why) {
+                tracing::warn!(agent = ctx.id, "the proxy refused our certificate: {why}");
+            }
+            return "certificate_refused";
+        }
+        Err(_) => return "h2_handshake_failed",
     };
+    ctx.refused.set(None);
     // The strategy reads this tunnel's keepalive verdict: a proxy that
     // stops answering pings is replaced without waiting for the timeout.
     *slot.health.borrow_mut() = active.health().clone();

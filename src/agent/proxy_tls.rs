@@ -16,21 +16,22 @@
 //!   ([`Expect::check`]).
 //! - Configs are built per id once and cached; the cache keeps only ids in
 //!   the current set. [`build`] is the one place a config is made from
-//!   [`TlsMaterial`], so reloaded certificates replace the material and
-//!   drop the cache ([`ProxyTls::reload`]).
+//!   [`TlsMaterial`]; a reload swaps the material in the shared cell and
+//!   the cache is dropped when its generation moves.
 //!
 //! Rejected: checking the name after the handshake for every entry (the
 //! agent would authenticate itself to, and hold a session with, whoever
 //! listens at a forged address); keying tunnels by (id, address) (the
 //! strategy spreads over addresses, and one process is one address).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
 
 use crate::transport::identity::Role;
+use crate::transport::reload::Live;
 use crate::transport::tls::{TlsError, TlsMaterial};
 use crate::transport::TransportError;
 
@@ -70,34 +71,23 @@ impl Expect {
     }
 }
 
-/// The agent's TLS client configs towards proxies.
+/// The agent's TLS client configs towards proxies, following reloads: the
+/// reloader swaps the material and the "any proxy" config in `live`; the
+/// per-id configs are rebuilt when its generation moves.
 pub struct ProxyTls {
-    material: RefCell<TlsMaterial>,
-    any: RefCell<Arc<ClientConfig>>,
+    live: Live<Arc<ClientConfig>>,
+    generation: Cell<u64>,
     by_id: RefCell<HashMap<String, Arc<ClientConfig>>>,
     /// (id, address) pairs whose refusal was logged, so each is logged once.
     warned: RefCell<HashSet<(String, String)>>,
 }
 
 impl ProxyTls {
-    /// Configs from `material`.
-    pub fn new(material: TlsMaterial) -> Result<ProxyTls, TlsError> {
-        let any = build(&material, None)?;
-        Ok(ProxyTls {
-            material: RefCell::new(material),
-            any: RefCell::new(any),
-            by_id: RefCell::default(),
-            warned: RefCell::default(),
-        })
-    }
-
-    /// Swaps in reloaded certificates; configs are rebuilt on next use.
-    #[allow(dead_code)] // the hook for certificate reload
-    pub fn reload(&self, material: TlsMaterial) -> Result<(), TlsError> {
-        *self.any.borrow_mut() = build(&material, None)?;
-        *self.material.borrow_mut() = material;
-        self.by_id.borrow_mut().clear();
-        Ok(())
+    /// Configs from the material in `live` (its `built` is the "any proxy"
+    /// config, made by [`build`] with `None`).
+    pub fn new(live: Live<Arc<ClientConfig>>) -> ProxyTls {
+        let generation = Cell::new(live.current().generation);
+        ProxyTls { live, generation, by_id: RefCell::default(), warned: RefCell::default() }
     }
 
     /// What to expect at `addr`, given the proxy set (id → address).
@@ -112,11 +102,15 @@ impl ProxyTls {
 
     /// The config that enforces `e`.
     pub fn config(&self, e: &Expect) -> Result<Arc<ClientConfig>, TlsError> {
-        let Expect::One(id) = e else { return Ok(self.any.borrow().clone()) };
+        let cur = self.live.current();
+        if cur.generation != self.generation.replace(cur.generation) {
+            self.by_id.borrow_mut().clear();
+        }
+        let Expect::One(id) = e else { return Ok(cur.built.clone()) };
         if let Some(c) = self.by_id.borrow().get(id) {
             return Ok(c.clone());
         }
-        let c = build(&self.material.borrow(), Some(id))?;
+        let c = build(&cur.material, Some(id))?;
         self.by_id.borrow_mut().insert(id.clone(), c.clone());
         Ok(c)
     }

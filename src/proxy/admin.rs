@@ -29,9 +29,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::drain::{Drain, Phase};
+use super::shard::Acceptors;
+use super::stats::cert_expiry;
 use super::stats::Metrics;
 use crate::proxy::control::{HealthCell, SnapshotCell};
 use crate::runtime::Shutdown;
+use crate::transport::reload::Live;
 
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 8;
@@ -57,6 +60,8 @@ pub struct AdminState {
     pub health: HealthCell,
     /// Its drain state.
     pub drain: Drain,
+    /// Its TLS material (the certificate expiry metric).
+    pub tls: Live<Acceptors>,
 }
 
 /// Serves the admin endpoint on `l` until `shutdown`, or until a successor
@@ -183,6 +188,8 @@ fn route(path: &str, st: &AdminState) -> (&'static str, &'static str, String) {
                  # TYPE ringpeer_draining gauge\nringpeer_draining{{proxy=\"{}\"}} {draining}\n",
                 st.proxy
             ));
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            m.push_str(&cert_expiry(&st.proxy, &st.tls.current().material.certs, now));
             ("200 OK", "text/plain; version=0.0.4", m)
         }
         "/routes" => {

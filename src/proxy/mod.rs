@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::BackendKind;
 use crate::config::ProxyConfig;
@@ -36,9 +35,10 @@ use crate::runtime::listeners::{bind_group, parse_addr, BindError};
 use crate::runtime::mailbox::mailbox;
 use crate::runtime::{build_version, spawn_executor, Shutdown};
 use crate::transport::identity::Role;
+use crate::transport::reload::{self, Live};
 use crate::transport::tls::TlsMaterial;
 use drain::{Drain, Phase};
-use shard::{ProxyShared, Shard};
+use shard::{Acceptors, ProxyShared, Shard};
 use stats::Metrics;
 
 /// The listening sockets of a proxy, one per shard and role. A `None` leaves
@@ -143,6 +143,9 @@ pub struct RunOpts {
     /// The listeners were taken over from a predecessor that served the
     /// upgrade socket: serve it in its place.
     pub took_over: bool,
+    /// Reload requests (SIGHUP in `main`); the certificate files are
+    /// watched for changes either way.
+    pub reload: Option<reload::Trigger>,
 }
 
 /// Runs a proxy until `shutdown` fires; returns once every shard stopped.
@@ -173,6 +176,9 @@ impl Drop for EndOnDrop {
 pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts: RunOpts) -> anyhow::Result<()> {
     let metrics = opts.metrics;
     let tls = preflight(&cfg)?;
+    let tls_live = Live::new(tls.clone(), Acceptors::build(&tls)?);
+    let who = format!("proxy {}", cfg.id);
+    reload::log_loaded(&who, &tls, "loaded");
     let n = listeners.client.len().max(listeners.tunnel.len());
     if n == 0 {
         bail!("no listeners");
@@ -206,12 +212,9 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         limits: cfg.limits.clone(),
         authorization: cfg.authorization,
         cluster: cfg.cluster.clone(),
-        client_tls: TlsAcceptor::from(tls.server_config(&[Role::Client])?),
-        tunnel_tls: TlsAcceptor::from(tls.server_config(&[Role::Agent])?),
-        tunnel_addr,
-        peer_tls: TlsAcceptor::from(tls.server_config(&[Role::Proxy])?),
-        tls: tls.clone(),
         audit,
+        tunnel_addr,
+        tls: tls_live.clone(),
     });
     let (boxes, inboxes): (Vec<_>, Vec<_>) = (0..n).map(|_| mailbox(shard::MAILBOX_DIALS)).unzip();
     let store = match opts.store {
@@ -270,12 +273,24 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                 snapshot: control.snapshot.clone(),
                 health: control.health.clone(),
                 drain: drain.clone(),
+                tls: tls_live.clone(),
             };
             Some(admin::spawn(l, state, ended.clone())?)
         }
         None => None,
     };
     let mut side = Vec::new();
+    {
+        let (files, c) = (cfg.tls.clone(), cfg.clone());
+        let src = reload::Source {
+            who,
+            files,
+            load: Box::new(move || TlsMaterial::load_as(&c.tls, &c.cluster, Role::Proxy, &c.id)),
+            build: Box::new(Acceptors::build),
+        };
+        // Not joined: it ends within a poll of `ended`.
+        reload::spawn(src, tls_live.clone(), opts.reload.clone().unwrap_or_default(), ended.clone())?;
+    }
     if let (Some(path), Some(spare)) = (upgrade_path, spare) {
         let (d, c, e) = (drain.clone(), control.commands.clone(), ended.clone());
         side.push(upgrade::serve(path, spare, d, c, e, opts.took_over)?);

@@ -27,6 +27,10 @@ use crossbeam::channel::{Sender, TrySendError};
 use h2::client::SendRequest;
 use tokio_rustls::TlsAcceptor;
 
+use crate::transport::identity::Role;
+use crate::transport::reload::Live;
+use crate::transport::tls::{TlsError, TlsMaterial};
+
 use super::drain::Phase;
 use super::outbound::peer::{PeerLinkConfig, PeerLinks};
 use super::stats::ShardStats;
@@ -118,19 +122,36 @@ pub struct ProxyShared {
     pub authorization: crate::route::grants::Authorization,
     /// The cluster (SPIFFE trust domain) of this proxy.
     pub cluster: String,
-    /// TLS acceptor for the client edge (clients only).
-    pub client_tls: TlsAcceptor,
-    /// TLS acceptor for agent tunnels (agents only).
-    pub tunnel_tls: TlsAcceptor,
-    /// Tunnel address announced to agents.
-    pub tunnel_addr: String,
-    /// TLS acceptor for peer links (proxies only).
-    pub peer_tls: TlsAcceptor,
-    /// This proxy's TLS identity, for dialling peers (each dial checks the
-    /// peer's name against the route's proxy id).
-    pub tls: crate::transport::tls::TlsMaterial,
     /// The audit queue (`[audit]`); `None` when the audit is off.
     pub audit: Option<super::audit::Audit>,
+    /// Tunnel address announced to agents.
+    pub tunnel_addr: String,
+    /// This proxy's TLS material and acceptors, replaced by a reload; each
+    /// accepted connection reads it once. Peer dials build their client
+    /// configs from its material (each checks the peer's name against the
+    /// route's proxy id).
+    pub tls: Live<Acceptors>,
+}
+
+/// The TLS acceptors of a proxy's three listeners, built from one material.
+pub struct Acceptors {
+    /// Client edge (clients only).
+    pub client: TlsAcceptor,
+    /// Agent tunnels (agents only).
+    pub tunnel: TlsAcceptor,
+    /// Peer links (proxies only).
+    pub peer: TlsAcceptor,
+}
+
+impl Acceptors {
+    /// Builds the acceptors from `m`.
+    pub fn build(m: &TlsMaterial) -> Result<Acceptors, TlsError> {
+        Ok(Acceptors {
+            client: TlsAcceptor::from(m.server_config(&[Role::Client])?),
+            tunnel: TlsAcceptor::from(m.server_config(&[Role::Agent])?),
+            peer: TlsAcceptor::from(m.server_config(&[Role::Proxy])?),
+        })
+    }
 }
 
 /// One shard.

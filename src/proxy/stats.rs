@@ -187,3 +187,25 @@ impl Metrics {
         out
     }
 }
+
+/// The `ringpeer_cert_expiry_seconds` gauge: validity left of this
+/// proxy's certificate (`cert="own"`) and of each CA of its bundle
+/// (`cert="ca"`), at `now` (negative once expired).
+pub fn cert_expiry(proxy: &str, certs: &[crate::transport::tls::CertInfo], now: i64) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");
+    let mut m = String::from(
+        "# HELP ringpeer_cert_expiry_seconds Seconds until a loaded certificate expires (own, and each CA).\n\
+         # TYPE ringpeer_cert_expiry_seconds gauge\n",
+    );
+    for c in certs {
+        m.push_str(&format!(
+            "ringpeer_cert_expiry_seconds{{proxy=\"{}\",cert=\"{}\",subject=\"{}\",serial=\"{}\"}} {}\n",
+            esc(proxy),
+            c.kind,
+            esc(&c.subject),
+            c.serial,
+            c.remaining(now)
+        ));
+    }
+    m
+}

@@ -57,7 +57,13 @@ pub struct Established {
 }
 
 fn closed(far: Side, e: &h2::Error) -> Error {
-    Error::from_h2(far, false, e).with_retry(Retry::Safe)
+    let mut err = Error::from_h2(far, false, e).with_retry(Retry::Safe);
+    // TLS 1.3: the far end's verdict on our certificate arrives as the
+    // first read of the connection, so a refusal shows up here.
+    if let Some(why) = crate::transport::verify::explain_refusal(e) {
+        err.message = format!("the {} refused our certificate: {why}", far.name()).into();
+    }
+    err
 }
 
 /// Opens a dial stream at `uri` on `send`, sends `first` (an encoded

@@ -11,8 +11,10 @@ pub mod h2limits;
 pub mod identity;
 pub mod io;
 pub mod keepalive;
+pub mod reload;
 pub mod tls;
 pub mod tuning;
+pub mod verify;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -93,10 +95,14 @@ pub async fn accept_tls(
     deadline: Duration,
 ) -> Result<(ServerTls, SpiffeId), TransportError> {
     let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let tls = timeout(deadline, acceptor.accept(GlommioIo::new(tcp)))
-        .await
-        .map_err(|_| TransportError::Timeout { addr: addr.clone() })?
-        .map_err(|source| TransportError::Handshake { addr: addr.clone(), source })?;
+    let tls = match timeout(deadline, acceptor.accept(GlommioIo::new(tcp)).into_fallible()).await {
+        Err(_) => return Err(TransportError::Timeout { addr }),
+        Ok(Err((source, io))) => {
+            linger(io).await;
+            return Err(TransportError::Handshake { addr, source });
+        }
+        Ok(Ok(tls)) => tls,
+    };
     let conn = tls.get_ref().1;
     if !tls::negotiated_h2(conn) {
         return Err(TransportError::NoAlpn { addr });
@@ -106,6 +112,36 @@ pub async fn accept_tls(
         source: std::io::Error::other("no peer identity"),
     })?;
     Ok((tls, id))
+}
+
+/// How long a refused handshake's socket is read (and discarded) after the
+/// alert, at most.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// How many bytes a refused handshake's socket is read at most.
+const LINGER_BYTES: usize = 64 << 10;
+
+/// Closes a refused handshake's connection so the peer can read our
+/// alert: a TLS 1.3 client has already sent its first data when we refuse
+/// its certificate; closing with that data unread would answer with a
+/// TCP reset, and the client's next write would fail with a broken pipe
+/// before it reads why. So: FIN after the alert, then read and discard
+/// until the peer closes, [`LINGER_BYTES`] or [`LINGER`]. Rejected:
+/// SO_LINGER (it governs unsent data, not unread data).
+async fn linger(mut io: GlommioIo) {
+    use tokio::io::{AsyncRead, ReadBuf};
+    let _ = io.get_ref().shutdown(std::net::Shutdown::Write).await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            let mut rb = ReadBuf::new(&mut buf);
+            match std::future::poll_fn(|cx| std::pin::Pin::new(&mut io).poll_read(cx, &mut rb)).await {
+                Ok(()) if !rb.filled().is_empty() => total += rb.filled().len(),
+                _ => return,
+            }
+        }
+    };
+    let _ = timeout(LINGER, drain).await;
 }
 
 /// Resolves `host:port` without blocking the shard (DNS goes to a blocking

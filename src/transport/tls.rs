@@ -5,22 +5,27 @@
 //! Invariants: rustls verifies the chain; the role, cluster and name checks
 //! are ours and run in the verifier, so a wrong peer fails the handshake with
 //! a certificate alert instead of reaching HTTP/2. A connection that did not
-//! negotiate `h2` is refused after the handshake.
+//! negotiate `h2` is refused after the handshake. The CA file may hold
+//! several CAs (a CA rotation); an optional CRL revokes certificates of
+//! the CA that signed it ([`super::verify`]). Material is immutable once
+//! loaded: a reload builds a new one ([`super::reload`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use std::sync::atomic::AtomicU64;
+
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
 use serde::Deserialize;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::identity::{Role, SpiffeId};
+use super::verify::{verify_chain, Crls, SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The `[tls]` section of a config file.
 #[derive(Clone, Debug, Deserialize)]
@@ -32,6 +37,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key (PEM).
     pub key: PathBuf,
+    /// Certificate revocation list (PEM or DER X.509 CRL), optional.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
@@ -41,6 +49,7 @@ impl TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}-key.pem")),
+            crl: None,
         }
     }
 }
@@ -91,14 +100,63 @@ fn file_err(what: &'static str, path: &Path, reason: impl fmt::Display) -> TlsEr
     TlsError::File { what, path: path.display().to_string(), reason: reason.to_string() }
 }
 
+/// One loaded certificate, for logs and the expiry metric.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// `own` (this process's) or `ca` (one of the bundle).
+    pub kind: &'static str,
+    /// The SPIFFE URI (own; CAs made by `certs init` carry
+    /// `spiffe://<cluster>`), else the subject DN.
+    pub subject: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// End of validity, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads `der`'s subject, serial and validity.
+    pub fn of(kind: &'static str, der: &[u8]) -> Option<CertInfo> {
+        let (_, c) = X509Certificate::from_der(der).ok()?;
+        let spiffe = c.subject_alternative_name().ok().flatten().and_then(|san| {
+            san.value.general_names.iter().find_map(|g| match g {
+                x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+                _ => None,
+            })
+        });
+        Some(CertInfo {
+            kind,
+            subject: spiffe.unwrap_or_else(|| c.subject().to_string()),
+            serial: hex(c.raw_serial()),
+            not_after: c.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Seconds of validity left at `now` (negative once expired).
+    pub fn remaining(&self, now: i64) -> i64 {
+        self.not_after - now
+    }
+}
+
+/// Lowercase hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Loaded certificates and key of one process, with its verified identity.
 #[derive(Clone)]
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    crl_ders: Vec<CertificateRevocationListDer<'static>>,
+    crls: Crls,
     /// This process's identity, from its own certificate.
     pub id: SpiffeId,
+    /// Our certificate first, then each CA of the bundle.
+    pub certs: Vec<CertInfo>,
+    /// Certificates the CRL revokes (0 without a CRL).
+    pub crl_entries: usize,
 }
 
 impl TlsMaterial {
@@ -131,8 +189,10 @@ impl TlsMaterial {
         let read = |what, p: &Path| std::fs::read(p).map_err(|e| file_err(what, p, e));
         let ca_pem = read("cannot read CA certificate", &files.ca)?;
         let mut roots = RootCertStore::empty();
+        let mut cas = Vec::new();
         for c in CertificateDer::pem_slice_iter(&ca_pem) {
             let c = c.map_err(|e| file_err("bad CA certificate", &files.ca, e))?;
+            cas.extend(CertInfo::of("ca", &c));
             roots.add(c).map_err(|e| file_err("bad CA certificate", &files.ca, e))?;
         }
         if roots.is_empty() {
@@ -147,6 +207,14 @@ impl TlsMaterial {
         };
         let key_pem = read("cannot read private key", &files.key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| file_err("bad private key", &files.key, e))?;
+        // rustls cannot tell for every key type whether a key belongs to a
+        // certificate (ECDSA keys under ring), so we compare the public keys.
+        if let Ok(kp) = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key_pem)) {
+            let spki = X509Certificate::from_der(leaf).map(|(_, c)| c.public_key().raw.to_vec()).unwrap_or_default();
+            if kp.public_key_der() != spki {
+                return Err(file_err("private key does not match the certificate", &files.key, files.cert.display()));
+            }
+        }
         let id = SpiffeId::from_cert(leaf).map_err(|e| file_err("bad certificate", &files.cert, e))?;
         if id.role != role || cluster.is_some_and(|c| c != id.cluster) {
             return Err(TlsError::WrongIdentity {
@@ -156,26 +224,59 @@ impl TlsMaterial {
                 cluster: cluster.unwrap_or(&id.cluster).to_string(),
             });
         }
-        // Our own chain must verify against the CA, or every peer will refuse us.
-        let parsed = ParsedCertificate::try_from(leaf).map_err(|e| file_err("bad certificate", &files.cert, e))?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            &chain[1..],
-            UnixTime::now(),
-            provider().signature_verification_algorithms.all,
-        )
-        .map_err(|e| file_err("certificate is not signed by the CA in", &files.ca, e))?;
-        Ok(TlsMaterial { roots: Arc::new(roots), chain, key: Arc::new(key), id })
+        let (crl_ders, crls, crl_entries) = match &files.crl {
+            Some(p) => load_crl(p)?,
+            None => (Vec::new(), Vec::new(), 0),
+        };
+        // Our own chain must verify against a CA of the bundle (any of
+        // them), and not be revoked, or every peer will refuse us. This
+        // also proves the CRL's signature when its CA signed us.
+        let algs = provider().signature_verification_algorithms;
+        verify_chain(&roots, &crls, &algs, leaf, &chain[1..], UnixTime::now()).map_err(|e| match e {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+            ) => file_err("certificate is not signed by the CA in", &files.ca, super::verify::reason(&e)),
+            e => file_err("certificate refused by the CA bundle and CRL", &files.cert, super::verify::reason(&e)),
+        })?;
+        let mut certs: Vec<CertInfo> = CertInfo::of("own", leaf).into_iter().collect();
+        certs.extend(cas);
+        Ok(TlsMaterial {
+            roots: Arc::new(roots),
+            chain,
+            key: Arc::new(key),
+            crl_ders,
+            crls: Arc::new(crls),
+            id,
+            certs,
+            crl_entries,
+        })
+    }
+
+    /// This process's certificate.
+    pub fn own(&self) -> &CertInfo {
+        &self.certs[0]
+    }
+
+    /// The CAs of the bundle.
+    pub fn cas(&self) -> &[CertInfo] {
+        &self.certs[1..]
     }
 
     /// Server config accepting peers of `roles` from our cluster.
     pub fn server_config(&self, roles: &'static [Role]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let prov = provider();
         let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), prov.clone())
+            .with_crls(self.crl_ders.iter().cloned())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
             .build()
             .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
-        let verifier = Arc::new(SpiffeClientVerifier { inner, cluster: self.id.cluster.clone(), roles });
+        let verifier = Arc::new(SpiffeClientVerifier {
+            inner,
+            cluster: self.id.cluster.clone(),
+            roles,
+            last_log: AtomicU64::new(0),
+        });
         let mut cfg = rustls::ServerConfig::builder_with_provider(prov)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -194,10 +295,12 @@ impl TlsMaterial {
         let prov = provider();
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: self.roots.clone(),
+            crls: self.crls.clone(),
             algs: prov.signature_verification_algorithms,
             cluster: self.id.cluster.clone(),
             role,
             name: name.map(str::to_string),
+            last_log: AtomicU64::new(0),
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(prov)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -207,6 +310,31 @@ impl TlsMaterial {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
+}
+
+type LoadedCrls = (Vec<CertificateRevocationListDer<'static>>, Vec<webpki::CertRevocationList<'static>>, usize);
+
+/// Reads a CRL file, PEM (one or more `X509 CRL` blocks) or DER.
+fn load_crl(path: &Path) -> Result<LoadedCrls, TlsError> {
+    let bad = |e: &dyn fmt::Display| file_err("bad CRL", path, e);
+    let data = std::fs::read(path).map_err(|e| file_err("cannot read CRL", path, e))?;
+    let ders: Vec<CertificateRevocationListDer<'static>> = if data.starts_with(b"-----BEGIN") {
+        CertificateRevocationListDer::pem_slice_iter(&data).collect::<Result<_, _>>().map_err(|e| bad(&e))?
+    } else {
+        vec![CertificateRevocationListDer::from(data)]
+    };
+    if ders.is_empty() {
+        return Err(bad(&"no PEM X509 CRL in file"));
+    }
+    let mut parsed = Vec::new();
+    let mut entries = 0;
+    for d in &ders {
+        let crl = webpki::OwnedCertRevocationList::from_der(d).map_err(|e| bad(&format!("{e:?}")))?;
+        let (_, x) = x509_parser::revocation_list::CertificateRevocationList::from_der(d).map_err(|e| bad(&e))?;
+        entries += x.iter_revoked_certificates().count();
+        parsed.push(crl.into());
+    }
+    Ok((ders, parsed, entries))
 }
 
 /// The crypto provider (ring).
@@ -220,125 +348,6 @@ pub fn server_name(host: &str) -> ServerName<'static> {
         Ok(ip) => ServerName::IpAddress(ip.into()),
         Err(_) => ServerName::try_from(host.to_string())
             .unwrap_or(ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into())),
-    }
-}
-
-fn check_peer(
-    cluster: &str,
-    roles: &[Role],
-    name: Option<&str>,
-    cert: &CertificateDer<'_>,
-) -> Result<SpiffeId, rustls::Error> {
-    let id = SpiffeId::from_cert(cert).map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
-    if id.cluster != cluster || !roles.contains(&id.role) {
-        tracing::debug!(peer = %id, "refused peer with wrong role or cluster");
-        return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-    }
-    if let Some(n) = name {
-        if id.name != n {
-            tracing::debug!(peer = %id, expected = n, "refused peer with wrong name");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName));
-        }
-    }
-    Ok(id)
-}
-
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    algs: WebPkiSupportedAlgorithms,
-    cluster: String,
-    role: Role,
-    name: Option<String>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        check_peer(&self.cluster, &[self.role], self.name.as_deref(), end_entity)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-#[derive(Debug)]
-struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    cluster: String,
-    roles: &'static [Role],
-}
-
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        check_peer(&self.cluster, self.roles, None, end_entity)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(m, c, d)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(m, c, d)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 

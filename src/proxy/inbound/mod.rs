@@ -109,10 +109,10 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let h2cfg = &shard.shared.h2;
     let addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let acceptor = match edge {
-        Edge::Client => &shard.shared.client_tls,
-        Edge::Peer => &shard.shared.peer_tls,
+        Edge::Client => shard.shared.tls.current().built.client.clone(),
+        Edge::Peer => shard.shared.tls.current().built.peer.clone(),
     };
-    let (tls, peer) = match accept_tls(acceptor, tcp, h2cfg.handshake_timeout()).await {
+    let (tls, peer) = match accept_tls(&acceptor, tcp, h2cfg.handshake_timeout()).await {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(?edge, error = %e, "connection refused");

@@ -43,7 +43,8 @@ pub async fn accept_loop(shard: Rc<Shard>, l: TcpListener) {
 
 async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let h2cfg = shard.shared.h2.clone();
-    let (tls, peer) = match accept_tls(&shard.shared.tunnel_tls, tcp, h2cfg.handshake_timeout()).await {
+    let acceptor = shard.shared.tls.current().built.tunnel.clone();
+    let (tls, peer) = match accept_tls(&acceptor, tcp, h2cfg.handshake_timeout()).await {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(error = %e, "agent tunnel refused");

@@ -29,8 +29,10 @@
 //!   most until its own deadline, so one black-holed peer cannot eat the
 //!   time failover needs. A failed attempt puts the address in a capped,
 //!   jittered backoff during which callers fail at once (retry-safe).
-//! - One rustls `ClientConfig` per expected peer name, kept for the life of
-//!   the shard, so TLS sessions resume; tickets never cross identities
+//! - One rustls `ClientConfig` per expected peer name, kept until the TLS
+//!   material is reloaded (then rebuilt from the new one, so new links
+//!   present the new certificate and trust the new bundle; open links
+//!   stay), so TLS sessions resume; tickets never cross identities
 //!   because each config has its own session cache.
 //! - Every failure is a [`crate::wire::error::Error`]; everything that fails
 //!   before a request reaches the peer is `Retry::Safe`.
@@ -66,7 +68,7 @@ use crate::runtime::signal::Signal;
 use crate::runtime::timeout;
 use crate::transport::h2conf::H2Tuning;
 use crate::transport::identity::Role;
-use crate::transport::tls::TlsMaterial;
+use crate::transport::reload::MaterialSource;
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::status::Code;
 pub use link::PeerStream;
@@ -109,12 +111,14 @@ struct Dest {
 }
 
 struct Inner {
-    tls: TlsMaterial,
+    tls: Box<dyn MaterialSource>,
     h2: H2Tuning,
     cfg: PeerLinkConfig,
     closing: Signal,
     /// Client configs by expected peer name (kept: session resumption).
     configs: RefCell<HashMap<Rc<str>, Arc<ClientConfig>>>,
+    /// The material generation `configs` were built from.
+    configs_gen: Cell<u64>,
     dests: RefCell<HashMap<String, Dest>>,
     open: Cell<usize>,
     resumed: Cell<u64>,
@@ -141,9 +145,10 @@ enum Step {
 impl PeerLinks {
     /// Links built from `tls` and `h2`; `closing` fires when the shard stops,
     /// which ends every connect and connection task.
-    pub fn new(tls: TlsMaterial, h2: H2Tuning, cfg: PeerLinkConfig, closing: Signal) -> Self {
+    pub fn new(tls: impl MaterialSource + 'static, h2: H2Tuning, cfg: PeerLinkConfig, closing: Signal) -> Self {
         let inner = Inner {
-            tls,
+            configs_gen: Cell::new(tls.generation()),
+            tls: Box::new(tls),
             h2,
             cfg,
             closing,
@@ -324,11 +329,16 @@ impl Inner {
     }
 
     fn client_config(&self, proxy: &str) -> Result<Arc<ClientConfig>, Error> {
+        let generation = self.tls.generation();
+        if generation != self.configs_gen.replace(generation) {
+            self.configs.borrow_mut().clear();
+        }
         if let Some(c) = self.configs.borrow().get(proxy) {
             return Ok(c.clone());
         }
         let c = self
             .tls
+            .material()
             .client_config(Role::Proxy, Some(proxy))
             .map_err(|e| Error::internal(format!("TLS client config for peer {proxy}: {e}")))?;
         self.configs.borrow_mut().insert(Rc::from(proxy), c.clone());

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use super::*;
 use crate::runtime::signal::Signal;
 use crate::transport::h2conf::{serve, ActiveStreams};
-use crate::transport::tls::TlsFiles;
+use crate::transport::tls::{TlsFiles, TlsMaterial};
 
 /// Runs one test on a fresh executor, with a fresh certificate directory.
 fn run<F, Fut>(f: F)
