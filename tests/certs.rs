@@ -99,13 +99,16 @@ fn start_proxy(dir: &Path, id: &str, redis: Option<&str>, crl: bool) -> ProxyPro
             "[backend]\nkind = \"redis\"\nurl = \"{url}\"\nproxy_ttl_ms = 3000\n\
              [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = 1\n"
         ),
-        None => String::new(),
+        // The embedded store: the grant is in the config (with Redis, the
+        // test server holds it).
+        None => "[[grants]]\nname = \"all\"\nclients = [\"*\"]\nagents = [\"*\"]\nservices = [\"*\"]\n".to_string(),
     };
     let crl = if crl { format!("crl = \"{d}/crl.pem\"\n") } else { String::new() };
     let cfg = format!(
         "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
          admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n\
-         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n{crl}{backend}"
+         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n{crl}\
+         [audit]\npath = \"{d}/{id}-audit.log\"\n{backend}"
     );
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(&path, cfg).unwrap();

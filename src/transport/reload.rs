@@ -221,12 +221,14 @@ pub fn spawn<T: Send + Sync + 'static>(
     trigger: Trigger,
     stop: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
+    // The files as they are now, taken before the thread starts: a change
+    // made right after `spawn` returns is then always seen as one.
+    let mut seen = fingerprint(&src.files);
     std::thread::Builder::new().name("tls-reload".into()).spawn(move || {
         // The whole trigger, not just its receiver (a closure captures only
         // the fields it uses): its sender keeps the channel open when no
         // one else holds one.
         let trigger = trigger;
-        let mut seen = fingerprint(&src.files);
         let mut pending = None;
         let mut checked = Instant::now();
         loop {
