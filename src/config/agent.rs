@@ -1,0 +1,152 @@
+//! The agent's configuration file: proxies to start from, services (with
+//! their optional allow lists), limits and HTTP/2 tuning.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::budget::AgentLimits;
+use crate::transport::h2conf::H2Tuning;
+use crate::transport::identity::valid_name;
+use crate::transport::tls::TlsFiles;
+
+use super::*;
+
+/// An agent's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Cluster name.
+    pub cluster: String,
+    /// Agent id; must match the name in its certificate.
+    pub id: String,
+    /// Proxy tunnel addresses (`host:port`).
+    pub proxies: Vec<String>,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// Services: `name = "host:port"`, or a `[services.name]` table with
+    /// `addr` and `allow` ([`ServiceSpec`]).
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// Target connect deadline, ms.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Tunnels this agent keeps under `proxy_peering`, overriding the
+    /// cluster's `agent_connection_count` (e.g. 2 for an agent that must
+    /// survive a proxy loss).
+    #[serde(default)]
+    pub agent_connection_count: Option<u32>,
+    /// HTTP/2 tuning.
+    #[serde(default)]
+    pub h2: H2Tuning,
+    /// Budgets per tunnel and for the relay's buffers (README, "Limits").
+    #[serde(default)]
+    pub limits: AgentLimits,
+    /// How long a tunnel the agent drains (its proxy drains, or the
+    /// strategy no longer wants it) keeps its open streams, ms.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_ms: u64,
+}
+
+/// One `[services]` entry: `name = "host:port"`, or a table
+/// `[services.name]` with `addr` and an optional `allow` list of client
+/// names or globs. Without `allow`, every client the proxies' grants let
+/// through is served; with it, the agent itself refuses the others.
+///
+/// Deserialized by hand rather than as a serde untagged enum: an untagged
+/// enum answers a typo in the table (`alow = [..]`) with "data did not match
+/// any variant", where this names the unknown key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    /// Target address, `host:port`.
+    pub addr: String,
+    /// Client names or globs allowed to reach this service, if restricted.
+    pub allow: Option<Vec<String>>,
+}
+
+impl ServiceSpec {
+    /// A service at `addr` open to every client the proxies let through.
+    pub fn open(addr: impl Into<String>) -> ServiceSpec {
+        ServiceSpec { addr: addr.into(), allow: None }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceTable {
+    addr: String,
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for ServiceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ServiceSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"host:port\" or a table with addr and allow")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServiceSpec, E> {
+                Ok(ServiceSpec::open(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<ServiceSpec, A::Error> {
+                let t = ServiceTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(ServiceSpec { addr: t.addr, allow: t.allow })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+impl AgentConfig {
+    /// Loads and validates an agent config.
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let c: AgentConfig = parse(path, &read(path)?)?;
+        c.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Validates values.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_name(Path::new(""), "cluster", &self.cluster)?;
+        check_name(Path::new(""), "id", &self.id)?;
+        if self.proxies.is_empty() {
+            bail!("proxies must list at least one proxy tunnel address");
+        }
+        if self.services.is_empty() {
+            bail!("[services] must define at least one service");
+        }
+        if self.connect_timeout_ms == 0 {
+            bail!("connect_timeout_ms must be > 0");
+        }
+        if self.agent_connection_count == Some(0) {
+            bail!("agent_connection_count must be at least 1");
+        }
+        for (name, spec) in &self.services {
+            let addr = &spec.addr;
+            if !valid_name(name) {
+                bail!("service name {name:?} is not a valid name");
+            }
+            if !addr.contains(':') {
+                bail!("service {name} = {addr:?} is not host:port");
+            }
+            if let Some(allow) = &spec.allow {
+                if allow.is_empty() {
+                    bail!("service {name:?}: allow = [] would refuse every client; omit allow to serve every client the proxies' grants let through");
+                }
+                for p in allow {
+                    crate::route::grants::Pattern::new(p)
+                        .map_err(|e| anyhow::anyhow!("service {name:?}: allow: {e}"))?;
+                }
+            }
+        }
+        self.limits.validate().map_err(anyhow::Error::msg)?;
+        self.h2.validate().map_err(anyhow::Error::msg)
+    }
+}
