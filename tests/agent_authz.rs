@@ -112,6 +112,10 @@ fn ports_connected_to(remote: SocketAddr) -> Vec<u16> {
             (f.len() > 3 && f[2] == want && f[3] == "01")
                 .then(|| u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap())
         })
+        .collect::<std::collections::BTreeSet<u16>>()
+        // The kernel may list a socket twice while the table changes under
+        // a read (seen: [41466, 41466]); a set counts it once.
+        .into_iter()
         .collect()
 }
 
