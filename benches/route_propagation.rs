@@ -115,30 +115,15 @@ fn main() {
         g_down.record(t0.elapsed().as_micros() as u64).ok();
     }
     let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "grant written -> on A and B:     p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        ms(&g_up, 0.5),
-        ms(&g_up, 0.99),
-        g_up.max() as f64 / 1000.0
-    );
-    println!(
-        "grant revoked -> gone on A and B: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        ms(&g_down, 0.5),
-        ms(&g_down, 0.99),
-        g_down.max() as f64 / 1000.0
-    );
-    println!(
-        "route up on B -> visible on A:   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        ms(&up, 0.5),
-        ms(&up, 0.99),
-        up.max() as f64 / 1000.0
-    );
-    println!(
-        "route down on B -> gone on A:    p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        ms(&down, 0.5),
-        ms(&down, 0.99),
-        down.max() as f64 / 1000.0
-    );
+    let report = |what: &str, h: &hdrhistogram::Histogram<u64>| {
+        let max = h.max() as f64 / 1000.0;
+        let label = format!("{what}:");
+        println!("{label:<34} p50 {:.2} ms  p99 {:.2} ms  max {max:.2} ms", ms(h, 0.5), ms(h, 0.99));
+    };
+    report("grant written -> on A and B", &g_up);
+    report("grant revoked -> gone on A and B", &g_down);
+    report("route up on B -> visible on A", &up);
+    report("route down on B -> gone on A", &down);
     if let Some(p) = json_out {
         let j = serde_json::json!({
             "samples": 300,

@@ -91,40 +91,16 @@ enum Cmd {
     },
     /// Read or write the route backend.
     Routes {
-        /// Backend URL, e.g. redis://127.0.0.1:6379 (with --cluster).
-        #[arg(long, global = true)]
-        backend: Option<String>,
-        /// Cluster name (with --backend).
-        #[arg(long, global = true)]
-        cluster: Option<String>,
-        /// Take backend and cluster from a proxy config instead.
-        #[arg(long, global = true)]
-        config: Option<PathBuf>,
-        /// Print JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(flatten)]
-        redis: RedisArgs,
+        store: StoreArgs,
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
     /// List, add, check or revoke grants (who may reach which agents and
     /// services) in the route backend.
     Grants {
-        /// Backend URL, e.g. redis://127.0.0.1:6379 (with --cluster).
-        #[arg(long, global = true)]
-        backend: Option<String>,
-        /// Cluster name (with --backend).
-        #[arg(long, global = true)]
-        cluster: Option<String>,
-        /// Take backend and cluster from a proxy config instead.
-        #[arg(long, global = true)]
-        config: Option<PathBuf>,
-        /// Print JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(flatten)]
-        redis: RedisArgs,
+        store: StoreArgs,
         #[command(subcommand)]
         cmd: GrantsCmd,
     },
@@ -158,10 +134,37 @@ struct ClientArgs {
     name: String,
 }
 
+/// The backend `routes` and `grants` read and write, and how to print.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Backend URL, e.g. redis://127.0.0.1:6379 (with --cluster).
+    #[arg(long, global = true)]
+    backend: Option<String>,
+    /// Cluster name (with --backend).
+    #[arg(long, global = true)]
+    cluster: Option<String>,
+    /// Take backend and cluster from a proxy config instead.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+impl StoreArgs {
+    /// The backend these flags name (`routes` and `grants` alike).
+    fn open(&self) -> anyhow::Result<Box<dyn ringpeer::route::store::RouteStore>> {
+        let (b, c, f) = (self.backend.as_deref(), self.cluster.as_deref(), self.config.as_deref());
+        ringpeer::tools::routes::open(b, c, f, &self.redis.clone().sources())
+    }
+}
+
 /// Redis credentials and TLS for commands that name a backend. No flag
 /// takes the password itself (argv is visible in `ps`): a file, or
 /// RINGPEER_REDIS_PASSWORD.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct RedisArgs {
     /// File holding the Redis password (else RINGPEER_REDIS_PASSWORD).
     #[arg(long, global = true)]
@@ -450,9 +453,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("ringpeer: {kind:?} target on {}", t.addr);
             shutdown_on_signals()?.wait_blocking();
         }
-        Cmd::Routes { backend, cluster, config, json, redis, cmd } => {
+        Cmd::Routes { store: args, cmd } => {
             use ringpeer::tools::routes as cli;
-            let mut store = cli::open(backend.as_deref(), cluster.as_deref(), config.as_deref(), &redis.sources())?;
+            let (mut store, json) = (args.open()?, args.json);
             let out = match cmd {
                 RoutesCmd::List => cli::list(store.as_mut(), json)?,
                 RoutesCmd::Get { agent } => cli::get(store.as_mut(), &agent, json)?,
@@ -465,11 +468,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             print!("{out}");
         }
-        Cmd::Grants { backend, cluster, config, json, redis, cmd } => {
+        Cmd::Grants { store: args, cmd } => {
             use ringpeer::tools::grants as cli;
-            let sources = redis.sources();
-            let mut store =
-                ringpeer::tools::routes::open(backend.as_deref(), cluster.as_deref(), config.as_deref(), &sources)?;
+            let (mut store, json) = (args.open()?, args.json);
             let out = match cmd {
                 GrantsCmd::List => cli::list(store.as_mut(), json)?,
                 GrantsCmd::Add { name, clients, agents, services } => {
