@@ -319,3 +319,39 @@ fn a_peer_must_name_a_client_of_the_cluster_and_cannot_widen_its_grants() {
     assert!(good_ok, "a peer dial for a client of the cluster, allowed by the grant, is served");
     eventually("the allowed dial reached the target", || echo.accepts.load(Ordering::SeqCst) == 1);
 }
+
+#[test]
+fn a_proxy_that_has_not_loaded_its_grants_says_unavailable_not_permission_denied() {
+    // The control plane granted everyone everything, then the backend went
+    // away; a proxy starts now, before it can load a single grant.
+    let mut redis = Redis::start();
+    redis.kill();
+    let certs = CertDir::temp().unwrap();
+    ringpeer::transport::certs::issue(&certs.path, Role::Client, "alice").unwrap();
+    let (path, _) = procs::proxy_config_file(
+        &certs.path,
+        &redis,
+        "proxy-a",
+        3_000,
+        "type = \"proxy_peering\"\nagent_connection_count = 1",
+        "",
+    );
+    let (_pa, a, tunnel) = procs::start_proxy(&path, None);
+    let echo = counting_echo();
+    let _agent = procs::agent(&certs.path, "agent-1", tunnel, echo.addr);
+    // A granted client is told to come back (retry-safe), not that it may
+    // never reach the agent, and within the first-load bound.
+    let t0 = Instant::now();
+    let (code, msg) = dial(a, &certs.path, "alice", "agent-1/echo", b"hello");
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(msg.contains("has not loaded its grants"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(8), "answered after {:?}", t0.elapsed());
+    let l = common::audit_line(&certs.path.join("proxy-a-audit.log"), |l| l["code"] == "UNAVAILABLE");
+    assert_eq!(l["label"], "not_loaded", "{l}");
+    // The backend comes back with the grant: the same dial is served.
+    redis.restart();
+    eventually("alice is served once the grants loaded", || {
+        dial(a, &certs.path, "alice", "agent-1/echo", b"hello").0 == Code::Ok
+    });
+    assert!(echo.accepts.load(Ordering::SeqCst) >= 1);
+}

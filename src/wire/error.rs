@@ -95,6 +95,7 @@ pub const LABEL_HEADER: &str = "ringpeer-label";
 
 labels! {
     NoRoute => "no_route",
+    NotLoaded => "not_loaded",
     NotHeldHere => "not_held_here",
     NoService => "no_service",
     BadRequest => "bad_request",
@@ -208,10 +209,11 @@ impl Error {
         let s = Status::from_headers(&t)?;
         let mut e = Error::from_status(side, s);
         // Labels that change what this hop does or reports keep the far
-        // end's: no_route (failover and replanning) and permission_denied
-        // (audit and metrics name the refusal, wherever it was decided).
-        // Others stay `upstream_status`, counted as the far end's answer.
-        for l in [Label::NoRoute, Label::PermissionDenied] {
+        // end's: no_route and not_loaded (failover and replanning) and
+        // permission_denied (audit and metrics name the refusal, wherever it
+        // was decided). Others stay `upstream_status`, counted as the far
+        // end's answer.
+        for l in [Label::NoRoute, Label::NotLoaded, Label::PermissionDenied] {
             if t.get(LABEL_HEADER).is_some_and(|v| v.as_bytes() == l.name().as_bytes()) {
                 e.label = l;
             }
@@ -229,6 +231,7 @@ impl Error {
         matches!(
             self.label,
             NoRoute
+                | NotLoaded
                 | NotHeldHere
                 | Refused
                 | GoAway

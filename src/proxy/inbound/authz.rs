@@ -11,12 +11,18 @@
 //! - A refusal names client, agent and service and nothing else: it comes
 //!   before any route is looked at, so an unauthorized client learns
 //!   neither whether the agent exists nor where it is.
+//! - A proxy that has not loaded its grants yet (just started, backend not
+//!   reached) refuses nobody for want of a grant: the dial waits for the
+//!   first load, bounded, and is then answered UNAVAILABLE (retry-safe),
+//!   never a PERMISSION_DENIED that the grants would not have given.
 //! - Open dials are registered on their shard only (a `RefCell`, no lock);
 //!   a sweep runs when a snapshot brings a newer kill count, and ends each
 //!   stream no remaining grant allows with PERMISSION_DENIED.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
@@ -30,6 +36,11 @@ use crate::transport::identity::{Role, SpiffeId};
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::status::Code;
 use crate::wire::DialTarget;
+
+/// How long a dial waits for a proxy that just started to load its grants
+/// before it is answered UNAVAILABLE: the same bound as a dial waiting for
+/// the first routes (`outbound::REPLAN_WAIT`).
+pub const FIRST_LOAD_WAIT: Duration = crate::proxy::outbound::REPLAN_WAIT;
 
 /// The client a dial acts for.
 pub struct Client {
@@ -115,6 +126,41 @@ pub fn authorize(
             client.name, target.agent
         ),
     ))
+}
+
+/// [`default_service`] and [`authorize`] against the newest snapshot that
+/// has the grants: one loaded from the backend, waited for up to
+/// [`FIRST_LOAD_WAIT`] (and the dial deadline) by a proxy that has none
+/// yet. Alternative rejected: refusing on the empty table of a proxy that
+/// just started, which tells a granted client PERMISSION_DENIED (never to
+/// retry) for the proxy's own start-up. Returns the snapshot it decided on.
+pub async fn authorize_loaded(
+    shard: &Shard,
+    client: &SpiffeId,
+    target: &mut DialTarget,
+    edge: Edge,
+) -> Result<Arc<RouteTable>, Error> {
+    let mut routes = shard.routes();
+    let end = Instant::now() + FIRST_LOAD_WAIT.min(shard.shared.dial_timeout);
+    loop {
+        default_service(&routes, target);
+        match authorize(shard, &routes, client, target, edge) {
+            Ok(()) => return Ok(routes),
+            Err(e) if routes.loaded => return Err(e),
+            Err(_) => {}
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        match crate::runtime::timeout(left, shard.next_routes(routes.version)).await {
+            Ok(r) => routes = r,
+            Err(_) => {
+                let m = format!(
+                    "proxy {} has not loaded its grants from the route backend yet; try again or another proxy",
+                    shard.shared.id
+                );
+                return Err(Error::new(Code::Unavailable, Side::Proxy, Retry::Safe, Label::NotLoaded, m));
+            }
+        }
+    }
 }
 
 struct OpenDial {

@@ -42,7 +42,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderValue, Request};
 
-use super::authz::{self, authorize, client_of, default_service, Client};
+use super::authz::{self, authorize_loaded, client_of, Client};
 use super::{Caller, Edge};
 use crate::proxy::audit::{self, Trail};
 use crate::proxy::outbound::{self, Opened, UpRecv, Via};
@@ -138,12 +138,11 @@ pub async fn handle(
         // The source is the entry proxy's to say, never the client's.
         target.source.clone_from(&caller.addr);
     }
-    let routes = shard.routes();
-    default_service(&routes, &mut target);
+    let authorized = authorize_loaded(&shard, &client.id, &mut target, edge).await;
     if let Some(t) = &mut trail {
         t.target(&target.agent, &target.service);
     }
-    if let Err(e) = authorize(&shard, &routes, &client.id, &target, edge) {
+    if let Err(e) = authorized {
         return refuse(&shard, respond, &e, &mut trail);
     }
     let (mut plan, mut moving) = resolve(&shard, &target.agent, edge);
