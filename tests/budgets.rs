@@ -243,7 +243,14 @@ fn reset_amplification_reaches_few_targets_and_leaves_nothing() {
                     break;
                 }
                 let t0 = Instant::now();
-                let back = ringpeer::tools::load::echo_roundtrip(&c, &t, b"canary").await;
+                // Bounded: a canary reply lost on the way is a failure that
+                // says so, not a test that never ends.
+                let back = ringpeer::runtime::timeout(
+                    Duration::from_secs(20),
+                    ringpeer::tools::load::echo_roundtrip(&c, &t, b"canary"),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("a canary round trip got no answer within 20 s (phase {now})"));
                 let took = t0.elapsed();
                 assert_eq!(back.expect("the canary is served"), b"canary");
                 match now {

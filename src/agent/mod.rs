@@ -363,7 +363,8 @@ async fn handle_dial(
     rx.meter(&ctx.buf);
     drop(setup);
     tracing::debug!(agent = ctx.id, service, addr, "dial established");
-    if let Err(e) = splice(inp, out, tx, rx, End::Agent).await {
-        tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error");
+    match splice(inp, out, tx, rx, End::Agent).await {
+        Ok(s) => tracing::debug!(agent = ctx.id, service, status = ?s.code, "dial ended"),
+        Err(e) => tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error"),
     }
 }

@@ -215,3 +215,9 @@ pub fn audit_line(path: &Path, want: impl Fn(&serde_json::Value) -> bool) -> ser
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The log filter of the processes tests start: `warn`, or what
+/// `RINGPEER_TEST_LOG` says (e.g. `warn,ringpeer=debug` to see a hang).
+pub fn child_log() -> String {
+    std::env::var("RINGPEER_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}

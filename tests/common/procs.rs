@@ -70,7 +70,7 @@ pub fn try_start_proxy_line(
 ) -> Result<(Proc, SocketAddr, SocketAddr, String), String> {
     let mut child = Command::new(bin)
         .args(["proxy", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", super::child_log())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -101,7 +101,13 @@ pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc 
     );
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(&path, cfg).unwrap();
-    Proc(Command::new(BIN).args(["agent", "--config", path.to_str().unwrap()]).env("RUST_LOG", "warn").spawn().unwrap())
+    Proc(
+        Command::new(BIN)
+            .args(["agent", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", super::child_log())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 pub fn routes_json(admin: SocketAddr) -> serde_json::Value {

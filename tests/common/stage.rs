@@ -70,7 +70,11 @@ pub fn stage_with(kind: Kind, echo_addr: Option<SocketAddr>) -> Stage {
     let path = certs.path.join("agent-1.toml");
     std::fs::write(&path, cfg).unwrap();
     let agent = Proc(
-        Command::new(BIN).args(["agent", "--config", path.to_str().unwrap()]).env("RUST_LOG", "warn").spawn().unwrap(),
+        Command::new(BIN)
+            .args(["agent", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", super::child_log())
+            .spawn()
+            .unwrap(),
     );
     super::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels").unwrap_or(0) >= 1);
     Stage { certs, target, proxy, agent, client_addr, admin }

@@ -343,6 +343,7 @@ async fn relay_to_caller(
             Err(e)
         }
     };
+    tracing::debug!(shard = shard.index, up = up.bytes.get(), down = back.bytes.get(), result = ?r.as_ref().err(), "dial relayed");
     if let Some(t) = trail {
         t.relayed(&r, &up, &back);
     }
