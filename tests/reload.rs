@@ -168,11 +168,7 @@ fn sighup_applies_log_level_limits_and_grants_and_refuses_a_bad_file() {
     // through once the grant reached the shard; debug lines appear.
     let out = dials(&p, dir, "client", 3);
     assert_eq!(out[..2], [Ok(()), Ok(())]);
-    assert_eq!(
-        out[2],
-        Err((Code::ResourceExhausted, "budget streams_per_identity (2) reached".into())),
-        "{out:?}"
-    );
+    assert_eq!(out[2], Err((Code::ResourceExhausted, "budget streams_per_identity (2) reached".into())), "{out:?}");
     common::eventually("ops allowed", || dials(&p, dir, "ops", 1)[0].is_ok());
     assert!(p.debug_lines() > 0, "no debug line after the reload");
 
@@ -241,4 +237,56 @@ fn a_storm_of_refused_handshakes_logs_a_handful_of_lines_and_the_count() {
     assert!(lines <= 8, "{lines} lines for {N} refusals");
     let summary = p.wait_for("repeated");
     assert!(summary.contains("more times in the last"), "{summary}");
+}
+
+#[test]
+fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
+    let certs = CertDir::temp().unwrap();
+    let d = certs.path.display();
+    let agent = |level: &str, echo: &str| {
+        format!(
+            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\nlog_level = \"{level}\"\n[tls]\nca = \"{d}/ca.pem\"\n\
+             cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\n",
+            common::dead_addr()
+        )
+    };
+    let path = certs.path.join("agent-1.toml");
+    std::fs::write(&path, agent("warn", "127.0.0.1:7")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "agent", "--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = BufReader::new(child.stderr.take().unwrap());
+    let pid = child.id() as i32;
+    let _p = Proc(child);
+    std::fs::write(&path, agent("info", "127.0.0.1:8")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in r.lines().map_while(Result::ok) {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line: {line:?}: {e}"));
+            let _ = tx.send(message(&v));
+        }
+    });
+    // Its first warning (no proxy answers) says it runs, signals handled.
+    let first = rx.recv_timeout(Duration::from_secs(15)).expect("the agent logs at warn");
+    let (mut applied, mut refused) = (None, None);
+    let t0 = Instant::now();
+    while applied.is_none() || refused.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "no reload lines: {applied:?} {refused:?}");
+        // SAFETY: a plain signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        while let Ok(m) = rx.recv_timeout(Duration::from_millis(300)) {
+            if m.contains("config reloaded: log_level") {
+                applied = Some(m);
+            } else if m.contains("NOT applied") {
+                refused = Some(m);
+            }
+        }
+    }
+    let (applied, refused) = (applied.unwrap(), refused.unwrap());
+    assert!(applied.contains("log_level \"warn\" -> \"info\""), "{first}: {applied}");
+    assert!(refused.contains("services {\"echo\""), "{refused}");
 }

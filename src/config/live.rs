@@ -70,7 +70,8 @@ pub fn cmp<T: Debug + PartialEq>(out: &mut Vec<String>, key: &str, old: &T, new:
 
 /// Compares two `[limits]`-like sections key by key (via their TOML form).
 fn cmp_table<T: serde::Serialize>(out: &mut Vec<String>, section: &str, old: &T, new: &T) {
-    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) = (toml::Value::try_from(old), toml::Value::try_from(new))
+    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
+        (toml::Value::try_from(old), toml::Value::try_from(new))
     else {
         return;
     };

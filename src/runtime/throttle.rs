@@ -163,10 +163,7 @@ mod tests {
         let logged = (0..10_000).filter(|i| T.hit_at(100 + i / 100) != Verdict::Drop).count();
         assert_eq!(logged as u64, BURST, "{logged} logged in one window");
         // The first event of the next window carries the count of the last.
-        assert_eq!(
-            T.hit_at(100 + w),
-            Verdict::Log { dropped: 10_000 - BURST, over: Duration::from_millis(w) }
-        );
+        assert_eq!(T.hit_at(100 + w), Verdict::Log { dropped: 10_000 - BURST, over: Duration::from_millis(w) });
         // The flusher reports a window that ended with no event after it.
         for _ in 0..50 {
             T.hit_at(200 + w);
