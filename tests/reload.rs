@@ -261,7 +261,6 @@ fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
     let r = BufReader::new(child.stderr.take().unwrap());
     let pid = child.id() as i32;
     let _p = Proc(child);
-    std::fs::write(&path, agent("info", "127.0.0.1:8")).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in r.lines().map_while(Result::ok) {
@@ -272,6 +271,7 @@ fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
     });
     // Its first warning (no proxy answers) says it runs, signals handled.
     let first = rx.recv_timeout(Duration::from_secs(15)).expect("the agent logs at warn");
+    std::fs::write(&path, agent("info", "127.0.0.1:8")).unwrap();
     let (mut applied, mut refused) = (None, None);
     let t0 = Instant::now();
     while applied.is_none() || refused.is_none() {
