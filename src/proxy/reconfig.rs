@@ -6,8 +6,10 @@
 //! changed and what was not applied (needs a restart).
 //!
 //! Invariants: a file that does not parse or validate is refused whole,
-//! with one error line, and the running config stays; nothing is half
-//! applied. The thread ends within [`POLL`] of `stop`. The certificates
+//! with one error line, and the running config stays. The store is
+//! written before anything else is applied, so a store error (none is
+//! expected from the embedded store) leaves limits and log level as they
+//! were. The thread ends within [`POLL`] of `stop`. The certificates
 //! reload on the same signal through their own thread
 //! (`transport::reload`).
 
