@@ -13,6 +13,33 @@ use ringpeer::transport::identity::Role;
 use ringpeer::transport::reload::Trigger;
 use ringpeer::wire::DialTarget;
 
+/// One line for a person on stderr, outside `tracing` (start-up, `--check`,
+/// fatal errors): `ringpeer: …`, or with `--log-format json` a JSON line
+/// shaped like the tracing ones.
+macro_rules! say {
+    ($($arg:tt)+) => { say(&format!($($arg)+)) };
+}
+
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+fn say(msg: &str) {
+    match FORMAT.get() {
+        Some(LogFormat::Json) => {
+            let ts = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let line = serde_json::json!({
+                "timestamp": ts,
+                "level": "INFO",
+                "fields": { "message": msg },
+                "target": "ringpeer",
+            });
+            eprintln!("{line}");
+        }
+        _ => eprintln!("ringpeer: {msg}"),
+    }
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -23,11 +50,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Proxy-peering data plane: agents behind reverse tunnels, reachable through any proxy"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    log: String,
+    /// Log filter (tracing EnvFilter syntax; default: the config's
+    /// log_level, else info); RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    /// Log line format on stderr: text, or json (one JSON object a line:
+    /// timestamp, level, target, fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +86,11 @@ enum Cmd {
         /// Proxy config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Check the config (values, addresses, certificates, keys, CRL,
+        /// Redis URL) without binding or connecting anything: exit 0 when
+        /// good, 2 with one line per problem.
+        #[arg(long)]
+        check: bool,
         #[command(subcommand)]
         action: Option<ProxyAction>,
     },
@@ -56,6 +99,9 @@ enum Cmd {
         /// Agent config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Check the config without connecting anything (as `proxy --check`).
+        #[arg(long)]
+        check: bool,
     },
     /// Pipe stdin/stdout through the fleet to AGENT[/SERVICE], like nc.
     Dial {
@@ -304,8 +350,8 @@ enum CertsCmd {
 }
 
 /// SIGINT and SIGTERM stop (a second exits at once); SIGHUP reloads the
-/// certificates.
-fn agent_signals(reload: Trigger) -> anyhow::Result<Shutdown> {
+/// certificates and the config.
+fn agent_signals(reload: Reloads) -> anyhow::Result<Shutdown> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let sd = Shutdown::new();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
@@ -320,6 +366,21 @@ fn agent_signals(reload: Trigger) -> anyhow::Result<Shutdown> {
         }
     })?;
     Ok(sd)
+}
+
+/// What one SIGHUP asks for: the certificates (their own thread) and the
+/// config file.
+#[derive(Clone, Default)]
+struct Reloads {
+    tls: Trigger,
+    config: Trigger,
+}
+
+impl Reloads {
+    fn request(&self) {
+        self.config.request();
+        self.tls.request();
+    }
 }
 
 fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
@@ -340,8 +401,8 @@ fn shutdown_on_signals() -> anyhow::Result<Shutdown> {
 
 /// SIGTERM drains (the drain protocol), SIGINT stops; a second signal of
 /// either kind cuts a drain short, a third exits at once. SIGHUP reloads
-/// the certificates.
-fn proxy_signals(drain: ringpeer::proxy::drain::Drain, reload: Trigger) -> anyhow::Result<Shutdown> {
+/// the certificates and the config.
+fn proxy_signals(drain: ringpeer::proxy::drain::Drain, reload: Reloads) -> anyhow::Result<Shutdown> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let sd = Shutdown::new();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
@@ -366,48 +427,71 @@ fn proxy_signals(drain: ringpeer::proxy::drain::Drain, reload: Trigger) -> anyho
     Ok(sd)
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Prints a `--check` report: problems and warnings one a line on stderr.
+fn report(path: &std::path::Path, r: ringpeer::config::check::Report) -> ExitCode {
+    for w in &r.warnings {
+        say!("{}: warning: {w}", path.display());
+    }
+    for p in &r.problems {
+        say!("{}: {p}", path.display());
+    }
+    if r.ok() {
+        say!("{}: OK: {}", path.display(), r.summary);
+        ExitCode::SUCCESS
+    } else {
+        say!("{}: {} problem(s)", path.display(), r.problems.len());
+        ExitCode::from(2)
+    }
+}
+
+fn real_main(cli: Cli, logs: Logs) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Proxy { config, action: Some(ProxyAction::Drain) } => {
+        Cmd::Proxy { config, check: true, .. } => return Ok(report(&config, ringpeer::config::check::proxy(&config))),
+        Cmd::Agent { config, check: true } => return Ok(report(&config, ringpeer::config::check::agent(&config))),
+        Cmd::Proxy { config, action: Some(ProxyAction::Drain), .. } => {
             let cfg = ProxyConfig::load(&config)?;
             let Some(path) = cfg.upgrade_socket_path() else {
                 anyhow::bail!("config {}: set upgrade_socket to reach the running proxy", config.display());
             };
             let answer = ringpeer::proxy::upgrade::request_leave(&path)?;
-            eprintln!("ringpeer: proxy {}: {answer}", cfg.id);
+            say!("proxy {}: {answer}", cfg.id);
         }
-        Cmd::Proxy { config, action: None } => {
+        Cmd::Proxy { config, action: None, .. } => {
             let cfg = ProxyConfig::load(&config)?;
+            logs.start_with(cfg.log_level.as_deref());
             ringpeer::proxy::preflight(&cfg)?;
             let (listeners, from) = ringpeer::proxy::upgrade::acquire(&cfg)?;
             let from = from.map(|b| format!(" (took over from build {b})")).unwrap_or_default();
-            eprintln!(
-                "ringpeer: proxy {} listening: client {} tunnel {}{from}",
+            say!(
+                "proxy {} listening: client {} tunnel {}{from}",
                 cfg.id,
                 listeners.client_addr(),
                 listeners.tunnel_addr()
             );
             let drain = ringpeer::proxy::drain::Drain::new();
-            let reload = Trigger::default();
+            let reload = Reloads::default();
             let opts = ringpeer::proxy::RunOpts {
                 drain: Some(drain.clone()),
                 took_over: !from.is_empty(),
-                reload: Some(reload.clone()),
+                reload: Some(reload.tls.clone()),
+                reconfig: Some(logs.reconfig(config, reload.config.clone())),
                 ..Default::default()
             };
             ringpeer::proxy::run_with(cfg, listeners, proxy_signals(drain, reload)?, opts)?;
         }
-        Cmd::Agent { config } => {
+        Cmd::Agent { config, check: false } => {
             let cfg = AgentConfig::load(&config)?;
-            let reload = Trigger::default();
-            ringpeer::agent::run_with(cfg, agent_signals(reload.clone())?, Some(reload))?;
+            logs.start_with(cfg.log_level.as_deref());
+            let reload = Reloads::default();
+            let rc = logs.reconfig(config, reload.config.clone());
+            ringpeer::agent::run_with(cfg, agent_signals(reload.clone())?, Some(reload.tls), Some(rc))?;
         }
         Cmd::Dial { target, client: ClientArgs { proxy, certs, name }, timeout_ms } => {
             let t = DialTarget::parse(&target).map_err(|s| anyhow::anyhow!("{target:?}: {}", s.message))?;
             let tls = ringpeer::client::client_tls(&certs, &name)?;
             let status = ringpeer::client::stdio::dial_stdio(proxy, t, tls, Duration::from_millis(timeout_ms))?;
             if !status.is_ok() {
-                eprintln!("ringpeer: dial {target}: {status}");
+                say!("dial {target}: {status}");
                 return Ok(ExitCode::from(1));
             }
         }
@@ -450,7 +534,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let addr = ringpeer::runtime::listeners::parse_addr(&listen, "--listen")?;
             let t = spawn_at(kind, addr)?;
-            eprintln!("ringpeer: {kind:?} target on {}", t.addr);
+            say!("{kind:?} target on {}", t.addr);
             shutdown_on_signals()?.wait_blocking();
         }
         Cmd::Routes { store: args, cmd } => {
@@ -485,17 +569,64 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The log filter, replaceable while running (a config reload).
+///
+/// Precedence at start: `RUST_LOG`, then `--log`, then the config's
+/// `log_level`, then `info`. A reload applies a changed `log_level`
+/// (removed: back to the start-up filter).
+#[derive(Clone)]
+struct Logs {
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+    /// The filter from RUST_LOG or --log, when one was given.
+    forced: Option<String>,
+}
+
+impl Logs {
+    fn init(cli: &Cli) -> Logs {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let forced = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()).or_else(|| cli.log.clone());
+        let filter = tracing_subscriber::EnvFilter::try_new(forced.as_deref().unwrap_or("info"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+        let reg = tracing_subscriber::registry().with(filter);
+        let stderr = std::io::stderr;
+        let _ = FORMAT.set(cli.log_format);
+        match cli.log_format {
+            LogFormat::Text => reg.with(tracing_subscriber::fmt::layer().with_writer(stderr).with_target(false)).init(),
+            LogFormat::Json => reg.with(tracing_subscriber::fmt::layer().json().with_writer(stderr)).init(),
+        }
+        Logs { handle, forced }
+    }
+
+    fn set(&self, level: Option<&str>) -> Result<(), String> {
+        let f = level.or(self.forced.as_deref()).unwrap_or("info");
+        let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| format!("log filter {f:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+
+    /// The config's `log_level` at start, unless RUST_LOG or --log was given.
+    fn start_with(&self, level: Option<&str>) {
+        if self.forced.is_none() && level.is_some() {
+            let _ = self.set(level);
+        }
+    }
+
+    fn reconfig(&self, path: PathBuf, trigger: Trigger) -> ringpeer::config::live::Reconfig {
+        let me = self.clone();
+        let logs: ringpeer::config::live::LogControl = std::sync::Arc::new(move |l| me.set(l));
+        ringpeer::config::live::Reconfig { path, trigger, logs: Some(logs) }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let logs = Logs::init(&cli);
     ringpeer::runtime::raise_memlock();
-    match real_main(cli) {
+    match real_main(cli, logs) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ringpeer: {e:#}");
+            say!("{e:#}");
             ExitCode::from(2)
         }
     }

@@ -31,6 +31,7 @@ use http::Request;
 
 use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
 mod proxy_tls;
+mod reconfig;
 pub mod services;
 pub mod strategy;
 mod tunnels;
@@ -90,12 +91,18 @@ struct AgentCtx {
 
 /// Runs an agent until `shutdown` fires.
 pub fn run(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    run_with(cfg, shutdown, None)
+    run_with(cfg, shutdown, None, None)
 }
 
 /// [`run`], reloading its certificates on `reload` (SIGHUP in `main`) as
-/// well as when the files change.
-pub fn run_with(cfg: AgentConfig, shutdown: Shutdown, reload: Option<Trigger>) -> anyhow::Result<()> {
+/// well as when the files change, and its config file on `reconfig`
+/// (see [`reconfig`]).
+pub fn run_with(
+    cfg: AgentConfig,
+    shutdown: Shutdown,
+    reload: Option<Trigger>,
+    reconfig: Option<crate::config::live::Reconfig>,
+) -> anyhow::Result<()> {
     cfg.validate()?;
     let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;
     let services = services::from_config(&cfg.services)?;
@@ -112,6 +119,10 @@ pub fn run_with(cfg: AgentConfig, shutdown: Shutdown, reload: Option<Trigger>) -
         build: Box::new(build),
     };
     crate::transport::reload::spawn(src, live.clone(), reload.unwrap_or_default(), ended.clone())?;
+    if let Some(rc) = reconfig {
+        // Not joined: it ends within a poll of `ended`.
+        reconfig::spawn(cfg.clone(), rc, ended.clone())?;
+    }
     let _stop_reload = EndOnDrop(ended);
     let client = ProxyTls::new(live);
     let proxies = cfg.proxies.clone();

@@ -47,6 +47,10 @@ pub struct AgentConfig {
     /// strategy no longer wants it) keeps its open streams, ms.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_ms: u64,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` and `--log`
+    /// override it at start, SIGHUP applies a change.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 /// One `[services]` entry: `name = "host:port"`, or a table
@@ -112,41 +116,59 @@ impl AgentConfig {
         Ok(c)
     }
 
-    /// Validates values.
+    /// Validates values; the error names every bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        check_name(Path::new(""), "cluster", &self.cluster)?;
-        check_name(Path::new(""), "id", &self.id)?;
+        let p = self.problems();
+        if !p.is_empty() {
+            bail!("{}", p.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Every bad value, one line each (`--check` lists them all).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        p.extend(name_problem("cluster", &self.cluster));
+        p.extend(name_problem("id", &self.id));
+        p.extend(log_level_problem(self.log_level.as_deref()));
         if self.proxies.is_empty() {
-            bail!("proxies must list at least one proxy tunnel address");
+            p.push("proxies must list at least one proxy tunnel address".into());
+        }
+        for a in &self.proxies {
+            if a.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                p.push(format!("proxies: {a:?} is not host:port"));
+            }
         }
         if self.services.is_empty() {
-            bail!("[services] must define at least one service");
+            p.push("[services] must define at least one service".into());
         }
         if self.connect_timeout_ms == 0 {
-            bail!("connect_timeout_ms must be > 0");
+            p.push("connect_timeout_ms must be > 0".into());
         }
         if self.agent_connection_count == Some(0) {
-            bail!("agent_connection_count must be at least 1");
+            p.push("agent_connection_count must be at least 1".into());
         }
         for (name, spec) in &self.services {
             let addr = &spec.addr;
             if !valid_name(name) {
-                bail!("service name {name:?} is not a valid name");
+                p.push(format!("service name {name:?} is not a valid name"));
             }
             if !addr.contains(':') {
-                bail!("service {name} = {addr:?} is not host:port");
+                p.push(format!("service {name} = {addr:?} is not host:port"));
             }
             if let Some(allow) = &spec.allow {
                 if allow.is_empty() {
-                    bail!("service {name:?}: allow = [] would refuse every client; omit allow to serve every client the proxies' grants let through");
+                    p.push(format!("service {name:?}: allow = [] would refuse every client; omit allow to serve every client the proxies' grants let through"));
                 }
-                for p in allow {
-                    crate::route::grants::Pattern::new(p)
-                        .map_err(|e| anyhow::anyhow!("service {name:?}: allow: {e}"))?;
+                for pat in allow {
+                    if let Err(e) = crate::route::grants::Pattern::new(pat) {
+                        p.push(format!("service {name:?}: allow: {e}"));
+                    }
                 }
             }
         }
-        self.limits.validate().map_err(anyhow::Error::msg)?;
-        self.h2.validate().map_err(anyhow::Error::msg)
+        p.extend(self.limits.validate().err());
+        p.extend(self.h2.validate().err());
+        p
     }
 }

@@ -10,6 +10,8 @@
 //! `[backend]` section and the loading helpers they share live here.
 
 mod agent;
+pub mod check;
+pub mod live;
 mod proxy;
 
 pub use agent::*;
@@ -17,7 +19,7 @@ pub use proxy::*;
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::transport::identity::valid_name;
@@ -156,11 +158,16 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> anyhow::Res
     })
 }
 
-fn check_name(path: &Path, key: &str, v: &str) -> anyhow::Result<()> {
-    if !valid_name(v) {
-        bail!("config {}: {key} = {v:?} is not a valid name (letters, digits, '-', '_', '.')", path.display());
-    }
-    Ok(())
+fn name_problem(key: &str, v: &str) -> Option<String> {
+    (!valid_name(v)).then(|| format!("{key} = {v:?} is not a valid name (letters, digits, '-', '_', '.')"))
+}
+
+fn log_level_problem(v: Option<&str>) -> Option<String> {
+    let v = v?;
+    tracing_subscriber::EnvFilter::builder()
+        .parse(v)
+        .err()
+        .map(|e| format!("log_level {v:?} is not a log filter (e.g. \"info\", \"warn,ringpeer::proxy=debug\"): {e}"))
 }
 
 #[cfg(test)]

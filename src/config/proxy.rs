@@ -98,6 +98,11 @@ pub struct ProxyConfig {
     /// The audit log (`[audit]`): one JSON line per client-edge dial.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or
+    /// `warn,ringpeer::proxy=debug`); `RUST_LOG` and `--log` override it at
+    /// start, SIGHUP applies a change.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 /// `[audit]`: where the entry proxy writes one JSON line per client dial
@@ -191,27 +196,40 @@ impl ProxyConfig {
         Ok(c)
     }
 
-    /// Validates values; each error names its key.
+    /// Validates values; the error names the key (every bad key, `; `
+    /// between them).
     pub fn validate(&self) -> anyhow::Result<()> {
-        check_name(Path::new(""), "cluster", &self.cluster)?;
-        check_name(Path::new(""), "id", &self.id)?;
+        let p = self.problems();
+        if !p.is_empty() {
+            bail!("{}", p.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Every bad value, one line each naming its key (`--check` lists
+    /// them all; `validate` refuses on any).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        p.extend(name_problem("cluster", &self.cluster));
+        p.extend(name_problem("id", &self.id));
+        p.extend(log_level_problem(self.log_level.as_deref()));
         if self.shards == Some(0) {
-            bail!("shards must be at least 1");
+            p.push("shards must be at least 1".into());
         }
         if self.backend.kind == BackendKind::Redis && self.backend.url.is_none() {
-            bail!("backend.kind = \"redis\" needs backend.url");
+            p.push("backend.kind = \"redis\" needs backend.url".into());
         }
         if self.backend.tls_cert.is_some() != self.backend.tls_key.is_some() {
-            bail!("backend.tls_cert and backend.tls_key go together");
+            p.push("backend.tls_cert and backend.tls_key go together".into());
         }
         if self.backend.proxy_ttl_ms < 300 {
-            bail!("backend.proxy_ttl_ms {} must be >= 300", self.backend.proxy_ttl_ms);
+            p.push(format!("backend.proxy_ttl_ms {} must be >= 300", self.backend.proxy_ttl_ms));
         }
         if self.backend.resync_interval_ms < 100 {
-            bail!("backend.resync_interval_ms {} must be >= 100", self.backend.resync_interval_ms);
+            p.push(format!("backend.resync_interval_ms {} must be >= 100", self.backend.resync_interval_ms));
         }
         if self.backend.events_maxlen == 0 {
-            bail!("backend.events_maxlen must be >= 1");
+            p.push("backend.events_maxlen must be >= 1".into());
         }
         for (k, v) in [
             ("dial_timeout_ms", self.dial_timeout_ms),
@@ -220,37 +238,40 @@ impl ProxyConfig {
             ("drain_timeout_ms", self.drain_timeout_ms),
         ] {
             if v == 0 {
-                bail!("{k} must be > 0");
+                p.push(format!("{k} must be > 0"));
             }
         }
         // Shard i listens on the peer port + i: the last one must exist.
         let port = self.peer_addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
-        let Some(port) = port else { bail!("peer_addr {:?} is not host:port", self.peer_addr) };
-        let last = usize::from(port) + self.shard_count() - 1;
-        if port != 0 && last > 65_535 {
-            bail!(
+        match port {
+            None => p.push(format!("peer_addr {:?} is not host:port", self.peer_addr)),
+            Some(port) if port != 0 && usize::from(port) + self.shard_count() - 1 > 65_535 => p.push(format!(
                 "peer_addr port {port} + {} shards overflows 65535 (shard i listens on port + i); lower peer_addr's port or shards",
                 self.shard_count()
-            );
+            )),
+            Some(_) => {}
         }
         if self.backend.kind == BackendKind::Redis && !self.grants.is_empty() {
-            bail!("[[grants]] is for the embedded store; with backend.kind = \"redis\" grants live in Redis (`ringpeer grants add`)");
+            p.push("[[grants]] is for the embedded store; with backend.kind = \"redis\" grants live in Redis (`ringpeer grants add`)".into());
         }
         let mut names = std::collections::HashSet::new();
         for g in &self.grants {
-            g.grant().map_err(anyhow::Error::msg)?;
+            if let Err(e) = g.grant() {
+                p.push(e);
+            }
             if !names.insert(&g.name) {
-                bail!("grant {:?} is defined twice", g.name);
+                p.push(format!("grant {:?} is defined twice", g.name));
             }
         }
         if self.audit.queue == 0 || self.audit.queue > 1 << 24 {
-            bail!("audit.queue {} must be between 1 and {}", self.audit.queue, 1 << 24);
+            p.push(format!("audit.queue {} must be between 1 and {}", self.audit.queue, 1 << 24));
         }
         if self.audit.path.is_empty() {
-            bail!("audit.path must be a file or \"-\" (stdout)");
+            p.push("audit.path must be a file or \"-\" (stdout)".into());
         }
-        self.limits.validate().map_err(anyhow::Error::msg)?;
-        self.h2.validate().map_err(anyhow::Error::msg)
+        p.extend(self.limits.validate().err());
+        p.extend(self.h2.validate().err());
+        p
     }
 
     /// Shard count: configured, or available cores.

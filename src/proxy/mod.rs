@@ -12,8 +12,10 @@ pub mod control;
 pub mod drain;
 pub mod inbound;
 pub mod outbound;
+pub mod reconfig;
 pub mod shard;
 pub mod stats;
+pub mod tunables;
 pub mod upgrade;
 
 use std::net::{SocketAddr, TcpListener};
@@ -146,6 +148,10 @@ pub struct RunOpts {
     /// Reload requests (SIGHUP in `main`); the certificate files are
     /// watched for changes either way.
     pub reload: Option<reload::Trigger>,
+    /// Config reload requests (SIGHUP in `main`, with `reload`): the
+    /// config file is read again and what can change live is applied
+    /// ([`reconfig`]).
+    pub reconfig: Option<crate::config::live::Reconfig>,
 }
 
 /// Runs a proxy until `shutdown` fires; returns once every shard stopped.
@@ -203,13 +209,13 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     };
     // Should a later step fail, the side threads (the audit writer) stop too.
     let _ended_on_exit = EndOnDrop(ended.clone());
+    let live = tunables::LiveTunables::new(cfg.limits.clone(), Duration::from_millis(cfg.dial_timeout_ms));
     let shared = Arc::new(ProxyShared {
         id: cfg.id.clone(),
         h2,
-        dial_timeout: Duration::from_millis(cfg.dial_timeout_ms),
+        live: live.clone(),
         peer_connect_timeout: Duration::from_millis(cfg.peer_connect_timeout_ms),
         peer_answer_timeout: Duration::from_millis(cfg.peer_answer_timeout_ms),
-        limits: cfg.limits.clone(),
         authorization: cfg.authorization,
         cluster: cfg.cluster.clone(),
         audit,
@@ -264,6 +270,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
             w.put_grant(&g.grant().map_err(anyhow::Error::msg)?)?;
         }
     }
+    let reconfig_store = store.clone();
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
     let admin = match listeners.admin {
         Some(l) => {
@@ -290,6 +297,10 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
         };
         // Not joined: it ends within a poll of `ended`.
         reload::spawn(src, tls_live.clone(), opts.reload.clone().unwrap_or_default(), ended.clone())?;
+    }
+    if let Some(rc) = opts.reconfig.clone() {
+        let t = reconfig::Targets { tunables: live.clone(), store: reconfig_store };
+        side.push(reconfig::spawn(cfg.clone(), rc, t, ended.clone())?);
     }
     if let (Some(path), Some(spare)) = (upgrade_path, spare) {
         let (d, c, e) = (drain.clone(), control.commands.clone(), ended.clone());

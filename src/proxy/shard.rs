@@ -37,7 +37,7 @@ use super::stats::ShardStats;
 use crate::relay::Item;
 use crate::route::feed::TunnelEvent;
 use crate::route::RouteTable;
-use crate::runtime::budget::{BufMeter, Identities, ProxyLimits};
+use crate::runtime::budget::{BufMeter, Identities};
 use crate::runtime::mailbox::{Inbox, Mailbox, Next};
 use crate::runtime::pipe::{PipeRx, PipeTx};
 use crate::runtime::signal::{Inflight, Signal};
@@ -110,14 +110,13 @@ pub struct ProxyShared {
     pub id: String,
     /// HTTP/2 tuning.
     pub h2: H2Tuning,
-    /// Dial establishment deadline.
-    pub dial_timeout: Duration,
+    /// The settings a reload changes (`[limits]`, `dial_timeout_ms`); read
+    /// through [`Shard::tunables`].
+    pub live: super::tunables::LiveTunables,
     /// Peer connect deadline (capped by what is left of the dial's).
     pub peer_connect_timeout: Duration,
     /// How long a peer may take to answer a dial's headers.
     pub peer_answer_timeout: Duration,
-    /// Budgets (`[limits]`).
-    pub limits: ProxyLimits,
     /// Authorization policy (`authorization`): grants, or allow-all.
     pub authorization: crate::route::grants::Authorization,
     /// The cluster (SPIFFE trust domain) of this proxy.
@@ -200,6 +199,8 @@ pub struct Shard {
     /// Bumped whenever a tunnel comes up here or on a sibling shard.
     tunnel_gen: Cell<u64>,
     next_conn: Cell<u64>,
+    /// Generation of the live settings last applied to `buf`.
+    tunables_seen: Cell<u64>,
 }
 
 impl Shard {
@@ -214,7 +215,10 @@ impl Shard {
         let closing = Signal::new();
         let cfg = PeerLinkConfig { connect_timeout: shared.peer_connect_timeout, ..PeerLinkConfig::default() };
         let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
-        let buf = BufMeter::new(shared.limits.shard_buffer_bytes);
+        let tunables = shared.live.load();
+        let buf = BufMeter::new(tunables.limits.shard_buffer_bytes);
+        let tunables_seen = Cell::new(tunables.generation);
+        drop(tunables);
         let gauge = stats.clone();
         peers.pool(&buf);
         peers.on_count(move |n| gauge.peer_links.set(n as i64));
@@ -241,7 +245,24 @@ impl Shard {
             route_waiters: RefCell::default(),
             tunnel_gen: Cell::new(0),
             next_conn: Cell::new(0),
+            tunables_seen,
         }
+    }
+
+    /// The live settings (one atomic load); the first call after a reload
+    /// also applies the new `shard_buffer_bytes` to this shard's meter.
+    pub fn tunables(&self) -> arc_swap::Guard<Arc<super::tunables::Tunables>> {
+        let t = self.shared.live.load();
+        if t.generation != self.tunables_seen.get() {
+            self.tunables_seen.set(t.generation);
+            self.buf.set_budget(t.limits.shard_buffer_bytes);
+        }
+        t
+    }
+
+    /// The dial deadline in force (`dial_timeout_ms`).
+    pub fn dial_timeout(&self) -> Duration {
+        self.tunables().dial_timeout
     }
 
     /// A connection id unique within the proxy (shard index in the top bits).

@@ -194,6 +194,13 @@ impl BufMeter {
         self.0.hard.get() > 0 && self.0.held.get() >= self.0.hard.get()
     }
 
+    /// A new budget (a config reload): buffers stop growing past half of
+    /// it, new dials are refused past it; bytes held stay held.
+    pub fn set_budget(&self, hard: usize) {
+        self.0.hard.set(hard);
+        self.0.soft.set(hard / 2);
+    }
+
     /// The budget, bytes.
     pub fn budget(&self) -> usize {
         self.0.hard.get()

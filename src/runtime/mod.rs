@@ -13,6 +13,7 @@ pub mod mailbox;
 pub mod pipe;
 pub mod signal;
 pub mod stats;
+pub mod throttle;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -52,6 +52,7 @@ pub fn proxy_config(dir: &Path, id: &str, shards: usize) -> ProxyConfig {
         // demo and bench print their reports on stdout; tests that read
         // the audit set a file.
         audit: crate::config::AuditConfig::off(),
+        log_level: None,
     }
 }
 
@@ -78,6 +79,7 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         h2: H2Tuning::default(),
         limits: Default::default(),
         drain_timeout_ms: 300_000,
+        log_level: None,
     }
 }
 

@@ -274,7 +274,11 @@ where
             }
             Ev::Calm => {
                 let why = active.0.calm_why.get();
-                tracing::warn!(why, "peer over an abuse threshold; GOAWAY ENHANCE_YOUR_CALM");
+                crate::warn_throttled!(
+                    "peer over an abuse threshold",
+                    why,
+                    "peer over an abuse threshold; GOAWAY ENHANCE_YOUR_CALM"
+                );
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 // Flush the GOAWAY (h2 reads nothing more meanwhile), then
                 // end the connection.

@@ -127,6 +127,17 @@ impl Trigger {
     pub fn request(&self) {
         let _ = self.tx.try_send(());
     }
+
+    /// Waits up to `t` for a request: `Some(true)` when one came,
+    /// `Some(false)` on timeout (a trigger holds its own sender, so it
+    /// never disconnects).
+    pub fn wait(&self, t: Duration) -> Option<bool> {
+        match self.rx.recv_timeout(t) {
+            Ok(()) => Some(true),
+            Err(RecvTimeoutError::Timeout) => Some(false),
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
 }
 
 /// Logs what a load brought, and warns about certificates expiring soon.

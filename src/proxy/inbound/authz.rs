@@ -141,7 +141,7 @@ pub async fn authorize_loaded(
     edge: Edge,
 ) -> Result<Arc<RouteTable>, Error> {
     let mut routes = shard.routes();
-    let end = Instant::now() + FIRST_LOAD_WAIT.min(shard.shared.dial_timeout);
+    let end = Instant::now() + FIRST_LOAD_WAIT.min(shard.dial_timeout());
     loop {
         default_service(&routes, target);
         match authorize(shard, &routes, client, target, edge) {

@@ -121,6 +121,8 @@ pub async fn handle(
         e.message = format!("{}: at most {max} dials in set-up per connection", e.message).into();
         return refuse(&shard, respond, &e, &mut trail);
     };
+    // Applies a reloaded shard_buffer_bytes before the check.
+    drop(shard.tunables());
     if shard.buf.over_budget() {
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
         return refuse(&shard, respond, &e, &mut trail);
@@ -176,7 +178,7 @@ pub async fn handle(
         &shard,
         agent,
         dial,
-        shard.shared.dial_timeout,
+        shard.dial_timeout(),
         |s| resolve(s, agent, edge),
         || no_route(agent, edge),
         &tried,
@@ -240,7 +242,7 @@ async fn decode(
     let client = client_of(shard, caller, req.headers(), edge)?;
     let far = if edge == Edge::Peer { Side::Peer } else { Side::Client };
     let mut recv = GrpcRecv::new(req.into_body(), FrameDecoder::new(), far);
-    let target = read_dial_request(&mut recv, shard.shared.dial_timeout).await?;
+    let target = read_dial_request(&mut recv, shard.dial_timeout()).await?;
     tracing::debug!(shard = shard.index, %target, client = %client.id, ?edge, "dial");
     Ok((target, client, recv))
 }

@@ -59,7 +59,9 @@ where
             }
             Some(Err(e)) => {
                 // Out of descriptors, usually: back off instead of spinning.
-                tracing::warn!(shard = shard.index, listener = what, error = %e, "accept failed");
+                // Throttled: EMFILE under a connection flood fails every
+                // accept for a while.
+                crate::warn_throttled!("accept failed", shard = shard.index, listener = what, error = %e, "accept failed");
                 glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
@@ -115,13 +117,24 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let (tls, peer) = match accept_tls(&acceptor, tcp, h2cfg.handshake_timeout()).await {
         Ok(v) => v,
         Err(e) => {
-            tracing::debug!(?edge, error = %e, "connection refused");
+            // A refused certificate is worth a warning (a revoked client,
+            // a misissued peer), throttled: a storm of them is one line
+            // per window. Timeouts and bare closes (scanners, health
+            // checks) stay at debug.
+            if matches!(e, crate::transport::TransportError::Handshake { .. }) {
+                crate::warn_throttled!("TLS handshake refused", ?edge, error = %e, "TLS handshake refused");
+            } else {
+                tracing::debug!(?edge, error = %e, "connection refused");
+            }
             shard.stats.error(e.label());
             return;
         }
     };
     shard.stats.client_conns.inc();
-    let limits = &shard.shared.limits;
+    // The per-connection budgets in force when it came in hold for its
+    // life; `streams_per_identity` is read per stream below.
+    let limits = shard.tunables().limits.clone();
+    let limits = &limits;
     let per_conn = match edge {
         Edge::Client => ("streams_per_conn", limits.streams_per_conn),
         Edge::Peer => ("peer_streams_per_conn", limits.peer_streams_per_conn),
@@ -154,7 +167,12 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
     let ident = shard.identities.enter_conn(&who, limits.conns_per_identity).map(Rc::new);
     let drain_now = Signal::new();
     let stop = if ident.is_none() {
-        tracing::warn!(peer = %caller, limit = limits.conns_per_identity, "budget conns_per_identity reached");
+        crate::warn_throttled!(
+            "budget conns_per_identity reached",
+            peer = %caller,
+            limit = limits.conns_per_identity,
+            "budget conns_per_identity reached"
+        );
         shard.stats.error(Label::BudgetConnsPerIdentity);
         let d = drain_now.clone();
         glommio::spawn_local(async move {
@@ -179,10 +197,10 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
             return dial::refuse_stream(&shard, &caller, edge, respond, &e);
         };
         let stream = match edge {
-            Edge::Client => match ident.enter_stream(limits.streams_per_identity) {
+            Edge::Client => match ident.enter_stream(shard.tunables().limits.streams_per_identity) {
                 Some(s) => Some(s),
                 None => {
-                    let (max, label) = (limits.streams_per_identity, Label::BudgetStreamsPerIdentity);
+                    let (max, label) = (shard.tunables().limits.streams_per_identity, Label::BudgetStreamsPerIdentity);
                     let e = exceeded("streams_per_identity", max, label, Side::Client);
                     return dial::refuse_stream(&shard, &caller, edge, respond, &e);
                 }
@@ -208,7 +226,7 @@ async fn serve_edge(shard: Rc<Shard>, tcp: TcpStream, edge: Edge) {
         _ => None,
     };
     if let Some((label, what)) = flood {
-        tracing::warn!(peer = %caller, "connection ended with GOAWAY ENHANCE_YOUR_CALM: {what}");
+        crate::warn_throttled!("GOAWAY ENHANCE_YOUR_CALM", peer = %caller, "connection ended with GOAWAY ENHANCE_YOUR_CALM: {what}");
         shard.stats.error(label);
     }
     tracing::debug!(peer = %caller, why, "connection ended");

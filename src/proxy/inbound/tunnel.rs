@@ -47,7 +47,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
     let (tls, peer) = match accept_tls(&acceptor, tcp, h2cfg.handshake_timeout()).await {
         Ok(v) => v,
         Err(e) => {
-            tracing::info!(error = %e, "agent tunnel refused");
+            crate::warn_throttled!("agent tunnel refused", error = %e, "agent tunnel refused");
             shard.stats.error(e.label());
             return;
         }
@@ -223,7 +223,7 @@ async fn watch_control(mut rx: ControlRecv) {
             Ok(None) => return,
             Err(e) => {
                 if e.label != Label::ConnectionLost {
-                    tracing::warn!(error = %e, "bad control message from agent");
+                    crate::warn_throttled!("bad control message from agent", error = %e, "bad control message from agent");
                 }
                 return;
             }

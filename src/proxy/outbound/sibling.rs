@@ -94,7 +94,7 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
     // The entry shard gives up (its caller reset, its deadline passed) by
     // dropping its pipe ends: the opening is dropped with it, which resets
     // the agent stream, so the agent stops connecting the target.
-    let open = call::open(&mut send, uri, dial.hop(0), dial.first.clone(), Side::Agent, shard.shared.dial_timeout);
+    let open = call::open(&mut send, uri, dial.hop(0), dial.first.clone(), Side::Agent, shard.dial_timeout());
     let e = match or(async { Some(open.await) }, async {
         down.closed().await;
         None

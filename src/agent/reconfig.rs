@@ -1,0 +1,54 @@
+//! The agent's config reload thread: on each request (SIGHUP) it reads
+//! the config file again, applies a changed `log_level`, and logs every
+//! other change as not applied (a restart is needed: the services and
+//! their allow lists are announced to the proxies when a tunnel opens, so
+//! changing them under a live tunnel would leave the proxies' view stale).
+//!
+//! Invariant: a file that does not parse or validate is refused with one
+//! error line, and the running config stays. Ends within [`POLL`] of `stop`.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::live::{self, Reconfig};
+use crate::config::AgentConfig;
+use crate::runtime::Shutdown;
+
+/// How often the thread looks at `stop`.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Starts the reload thread.
+pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("config-reload".into()).spawn(move || {
+        let who = format!("agent {}", cfg.id);
+        let mut cur = cfg;
+        loop {
+            let asked = rc.trigger.wait(POLL);
+            if stop.is_triggered() || asked.is_none() {
+                return;
+            }
+            if asked != Some(true) {
+                continue;
+            }
+            let new = match AgentConfig::load(&rc.path) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!("{who}: config reload refused, the running config stays: {e:#}");
+                    continue;
+                }
+            };
+            let mut d = live::agent(&cur, &new);
+            if cur.log_level != new.log_level {
+                let r = rc.logs.as_ref().map(|set| set(new.log_level.as_deref()));
+                if !matches!(r, Some(Ok(()))) {
+                    d.applied.retain(|c| !c.starts_with("log_level "));
+                    d.restart.push("log_level".into());
+                }
+            }
+            live::log(&who, &d);
+            // What was not applied stays as it runs, so the next reload
+            // reports it again.
+            cur.log_level = new.log_level;
+        }
+    })
+}
