@@ -214,7 +214,7 @@ impl Shard {
         let closing = Signal::new();
         let cfg = PeerLinkConfig { connect_timeout: shared.peer_connect_timeout, ..PeerLinkConfig::default() };
         let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
-        let buf = BufMeter::new(shared.limits.shard_buffer_bytes);
+        let buf = BufMeter::with_gauge(shared.limits.shard_buffer_bytes, stats.buffered.clone());
         let gauge = stats.clone();
         peers.pool(&buf);
         peers.on_count(move |n| gauge.peer_links.set(n as i64));
