@@ -108,7 +108,8 @@ fn metrics_follow_prometheus_conventions_and_count_every_dial_by_path() {
     assert_eq!(dials(dir, b_client, "agent-1/echo", DIRECT), DIRECT);
     assert_eq!(dials(dir, a_client, "agent-missing/echo", 1), 0);
     let (a1, b1) = (scrape(a_admin), scrape(b_admin));
-    let moved = |s0: &Scrape, s1: &Scrape, name: &str, want: &[(&str, &str)]| value(s1, name, want) - value(s0, name, want);
+    let moved =
+        |s0: &Scrape, s1: &Scrape, name: &str, want: &[(&str, &str)]| value(s1, name, want) - value(s0, name, want);
 
     // Counters move by exactly the dials made, on the path each took.
     let a_peer = moved(&a0, &a1, "ringpeer_dial_attempts_total", &[("path", "peer")]);
@@ -162,11 +163,9 @@ fn metrics_follow_prometheus_conventions_and_count_every_dial_by_path() {
     for x in &a1.samples {
         let family = x.metric.trim_end_matches("_sum").trim_end_matches("_count");
         match &x.value {
-            Value::Untyped(_) => assert!(
-                x.metric.ends_with("_sum") || x.metric.ends_with("_count"),
-                "{} has no TYPE",
-                x.metric
-            ),
+            Value::Untyped(_) => {
+                assert!(x.metric.ends_with("_sum") || x.metric.ends_with("_count"), "{} has no TYPE", x.metric)
+            }
             Value::Counter(_) => assert!(x.metric.ends_with("_total"), "{}", x.metric),
             _ => {}
         }
@@ -184,8 +183,12 @@ fn metrics_follow_prometheus_conventions_and_count_every_dial_by_path() {
     assert!(exprs.len() >= 12, "{} queries", exprs.len());
     for e in &exprs {
         for name in metric_names(e) {
-            let family = ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.trim_end_matches(s).to_string());
-            assert!(families.contains(&family) || families.contains(&name), "dashboard query {e:?} names {name}, not exported");
+            let family =
+                ["_bucket", "_sum", "_count"].iter().fold(name.clone(), |n, s| n.trim_end_matches(s).to_string());
+            assert!(
+                families.contains(&family) || families.contains(&name),
+                "dashboard query {e:?} names {name}, not exported"
+            );
         }
     }
 }

@@ -94,7 +94,10 @@ impl Families {
         shards.map(|(i, s)| (self.with(&[("shard", &i.to_string())]), f(s))).collect()
     }
 
-    fn histograms(&self, pick: impl Fn(&ShardStats) -> &[super::stats::Histogram; DialPath::COUNT]) -> Vec<(Labels, HistogramSum)> {
+    fn histograms(
+        &self,
+        pick: impl Fn(&ShardStats) -> &[super::stats::Histogram; DialPath::COUNT],
+    ) -> Vec<(Labels, HistogramSum)> {
         DialPath::ALL
             .iter()
             .map(|p| {
@@ -146,7 +149,12 @@ impl Families {
             failed,
         )?;
         let replanned = one(self.sum(|s| s.dials_replanned.get()));
-        counter(e, "ringpeer_dials_replanned", "Dials that waited for the routes to change and were planned again", replanned)?;
+        counter(
+            e,
+            "ringpeer_dials_replanned",
+            "Dials that waited for the routes to change and were planned again",
+            replanned,
+        )?;
         let errors: Vec<(Labels, u64)> = Label::ALL
             .iter()
             .filter_map(|l| {
@@ -154,7 +162,12 @@ impl Families {
                 (v > 0).then(|| (self.with(&[("error", l.name())]), v))
             })
             .collect();
-        counter(e, "ringpeer_errors", "Failures by error label: failed dials, refused handshakes and streams, relays ended by an error", errors)?;
+        counter(
+            e,
+            "ringpeer_errors",
+            "Failures by error label: failed dials, refused handshakes and streams, relays ended by an error",
+            errors,
+        )?;
         let bytes = vec![
             (self.with(&[("direction", "up")]), self.sum(|s| s.bytes_up.get())),
             (self.with(&[("direction", "down")]), self.sum(|s| s.bytes_down.get())),
@@ -164,7 +177,12 @@ impl Families {
         counter(e, "ringpeer_client_connections", "Client edge connections accepted", conns)?;
         let audit = &self.metrics.audit;
         counter(e, "ringpeer_audit_lines", "Audit lines written to the audit sink", one(audit.lines()))?;
-        counter(e, "ringpeer_audit_dropped", "Audit lines dropped (queue full, or the sink failed)", one(audit.dropped_count()))
+        counter(
+            e,
+            "ringpeer_audit_dropped",
+            "Audit lines dropped (queue full, or the sink failed)",
+            one(audit.dropped_count()),
+        )
     }
 
     fn encode_shards(&self, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -184,7 +202,12 @@ impl Families {
         gauge(e, "ringpeer_peer_links", "Peer links open from this shard", self.per_shard(|s| s.peer_links.get()))?;
         gauge(e, "ringpeer_active_streams", "Open relayed streams", self.per_shard(|s| s.active_streams.get()))?;
         let buffered = self.per_shard(|s| s.buffered.get());
-        gauge(e, "ringpeer_buffered_bytes", "Bytes held by the relay (read buffers, chunks not yet credited)", buffered)?;
+        gauge(
+            e,
+            "ringpeer_buffered_bytes",
+            "Bytes held by the relay (read buffers, chunks not yet credited)",
+            buffered,
+        )?;
         let version = self.per_shard(|s| s.route_version.get());
         gauge(e, "ringpeer_route_version", "Version of the route snapshot the shard routes by", version)
     }
@@ -197,10 +220,26 @@ impl Families {
         gauge(e, "ringpeer_route_proxies", "Live proxies in the route table", one(table.proxies.len() as i64))?;
         let up = health.synced && health.reader_error.is_none() && health.writer_error.is_none();
         let backend = self.with(&[("backend", &health.backend)]);
-        gauge(e, "ringpeer_route_backend_up", "1 while the route backend is followed and takes writes, else 0", vec![(backend, i64::from(up))])?;
-        let age: Vec<(Labels, f64)> = health.last_sync.map(|t| (self.l(), t.elapsed().as_secs_f64())).into_iter().collect();
-        gauge(e, "ringpeer_route_sync_age_seconds", "Seconds since the route backend last delivered a full load or events (absent before the first)", age)?;
-        gauge(e, "ringpeer_draining", "1 while the proxy drains (SIGTERM, drain, handover)", one(i64::from(o.draining())))?;
+        gauge(
+            e,
+            "ringpeer_route_backend_up",
+            "1 while the route backend is followed and takes writes, else 0",
+            vec![(backend, i64::from(up))],
+        )?;
+        let age: Vec<(Labels, f64)> =
+            health.last_sync.map(|t| (self.l(), t.elapsed().as_secs_f64())).into_iter().collect();
+        gauge(
+            e,
+            "ringpeer_route_sync_age_seconds",
+            "Seconds since the route backend last delivered a full load or events (absent before the first)",
+            age,
+        )?;
+        gauge(
+            e,
+            "ringpeer_draining",
+            "1 while the proxy drains (SIGTERM, drain, handover)",
+            one(i64::from(o.draining())),
+        )?;
         gauge(e, "ringpeer_ready", "1 while /readyz answers 200", one(i64::from(o.readiness().is_ok())))?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let certs: Vec<(Labels, i64)> = o
@@ -211,7 +250,12 @@ impl Families {
             .iter()
             .map(|c| (self.with(&[("cert", c.kind), ("subject", &c.subject), ("serial", &c.serial)]), c.remaining(now)))
             .collect();
-        gauge(e, "ringpeer_cert_expiry_seconds", "Seconds until a loaded certificate expires (own, and each CA); negative once expired", certs)
+        gauge(
+            e,
+            "ringpeer_cert_expiry_seconds",
+            "Seconds until a loaded certificate expires (own, and each CA); negative once expired",
+            certs,
+        )
     }
 }
 
@@ -252,7 +296,12 @@ fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(La
     for (l, h) in samples {
         let buckets: Vec<(f64, u64)> = h.bounds().collect();
         let sum = h.sum_ns as f64 / 1e9;
-        m.encode_family(&l)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, h.count(), &buckets, None)?;
+        m.encode_family(&l)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum,
+            h.count(),
+            &buckets,
+            None,
+        )?;
     }
     Ok(())
 }

@@ -205,10 +205,4 @@ impl Metrics {
     pub fn sum(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
         self.shards.iter().map(|s| f(s)).sum()
     }
-
-    /// The Prometheus text exposition of these counters alone (no route,
-    /// drain or certificate state): what `/metrics` shows of them.
-    pub fn render(&self, proxy: &str) -> String {
-        super::scrape::Families::of_metrics(proxy, self.clone()).render()
-    }
 }
