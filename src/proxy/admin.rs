@@ -13,9 +13,9 @@
 //!   connection gets `503` written without waiting and is closed, so
 //!   clients that never send or never read cannot queue up others for
 //!   more than their slots.
-//! - A connection has [`HEADER_TIMEOUT`] to send each request head (at
-//!   most [`MAX_HEAD`] bytes) and [`CONN_TIMEOUT`] in total; then it is
-//!   closed, so a stalled client holds a slot for a bounded time.
+//! - A connection serves one request: it has [`HEADER_TIMEOUT`] to send its
+//!   head (at most [`MAX_HEAD`] bytes) and [`CONN_TIMEOUT`] in total; then
+//!   it is closed, so a stalled client holds a slot for a bounded time.
 //! - Stopping (every shard ended, or a successor took the listener over):
 //!   accepting stops at once, open connections are asked to finish
 //!   (`GracefulShutdown`) and get at most [`SHUTDOWN_GRACE`]; then the
@@ -125,6 +125,9 @@ async fn serve(l: TcpListener, o: Observed, ended: Shutdown) {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
+            // One request per connection: naive clients (scripts reading to
+            // EOF) end at once, and an idle keep-alive holds no slot.
+            .keep_alive(false)
             .max_buf_size(MAX_HEAD)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);

@@ -218,14 +218,13 @@ pub async fn handle(
     if let Some(t) = &mut trail {
         t.established(path_of(&opened.via));
     }
-    let rest = recv.decoder().take_rest();
     // Registered for `grants revoke --kill-streams` sweeps (not under
     // allow_all: no grant can be revoked there).
     let reg =
         (shard.shared.authorization == Authorization::Grants).then(|| shard.open_dials.register(&client.id, &target));
     let revoke = reg.as_ref().map(|r| (&r.cancel, client.id.name.as_str(), &target));
     let first_byte = FirstByte { hist: &shard.stats.first_byte[path as usize], since: arrived };
-    relay_to_caller(&shard, opened, recv, rest, down, revoke, trail.as_mut(), first_byte).await
+    relay_to_caller(&shard, opened, recv, down, revoke, trail.as_mut(), first_byte).await
 }
 
 /// Step 1: the method, the hop count, the client and the `DialRequest`.
@@ -297,13 +296,14 @@ async fn relay_to_caller(
     shard: &Shard,
     o: Opened,
     mut recv: GrpcRecv,
-    rest: Bytes,
     mut down: GrpcSend,
     revoke: Option<(&Signal, &str, &DialTarget)>,
     trail: Option<&mut Trail<'_>>,
     first_byte: FirstByte<'_>,
 ) {
     let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot, via: _ } = o;
+    // The client's bytes that followed its `DialRequest`.
+    let rest = recv.decoder().take_rest();
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
         r.meter(&shard.buf);
