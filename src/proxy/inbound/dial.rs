@@ -135,7 +135,7 @@ pub async fn handle(
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
         return refuse(&shard, respond, &e, &mut trail);
     }
-    let (mut target, client, mut recv) = match decode(&shard, caller, req, edge).await {
+    let (mut target, client, recv) = match decode(&shard, caller, req, edge).await {
         Ok(v) => v,
         Err(e) => {
             if caller_reset(&e) {
