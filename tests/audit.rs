@@ -265,7 +265,7 @@ fn a_flood_past_a_one_line_queue_drops_lines_exactly_and_no_dial_fails() {
     assert!(audit.dropped_count() > 0, "a one-line queue under {DIALS} concurrent dials must drop some");
     assert_eq!(lines(&f.audit).len() as u64, audit.lines(), "the file holds exactly the lines counted");
     assert_eq!(f.proxy.metrics.sum(|s| s.dials.get()), DIALS as u64);
-    let m = f.proxy.metrics.render("proxy-a");
+    let m = ringpeer::proxy::scrape::Families::of_metrics("proxy-a", f.proxy.metrics.clone()).render();
     assert!(m.contains(&format!("ringpeer_audit_dropped_total{{proxy=\"proxy-a\"}} {}", audit.dropped_count())), "{m}");
     assert!(m.contains(&format!("ringpeer_audit_lines_total{{proxy=\"proxy-a\"}} {}", audit.lines())), "{m}");
     eprintln!("{DIALS} dials in {took:?}: {} lines written, {} dropped", audit.lines(), audit.dropped_count());

@@ -65,7 +65,7 @@ pub struct ProxyConfig {
     /// Tunnel strategy seeded into the backend when it has none.
     #[serde(default)]
     pub strategy: crate::route::model::Strategy,
-    /// Admin HTTP endpoint (`/metrics`, `/routes`, `/healthz`); off when absent.
+    /// Admin HTTP endpoint (`/metrics`, `/routes`, `/healthz`, `/readyz`); off when absent.
     #[serde(default)]
     pub admin_addr: Option<String>,
     /// HTTP/2 tuning.

@@ -1,209 +1,183 @@
-//! Admin HTTP endpoint (off the hot path, plain threads): `GET /metrics`
-//! (Prometheus text), `GET /routes` (the current route snapshot as JSON),
-//! `GET /healthz` (200 when routes are loaded and the backend is reachable,
-//! 503 with the reason otherwise, and 503 `draining` while the proxy
-//! drains, so a load balancer stops sending it clients).
+//! Admin HTTP endpoint, off the hot path on its own thread: `GET /metrics`
+//! (Prometheus text, see `proxy::scrape`), `GET /routes` (the current route
+//! snapshot as JSON), `GET /healthz` (liveness: 200 while the process runs
+//! its loops), `GET /readyz` (readiness, see `proxy::readiness`: 200 once
+//! serving, synced and with a valid certificate; 503 naming the reason,
+//! `draining` while the proxy drains).
 //!
 //! Invariants:
-//! - One accept thread that never touches a client socket: it polls the
-//!   shutdown signal every [`ACCEPT_POLL`], so shutdown never waits on a
-//!   client.
-//! - Each client is served on its own short-lived thread, at most
-//!   [`MAX_CLIENTS`] at once; past that a client gets `503` (written without
-//!   waiting) and is closed, so stalled clients cannot starve others of
+//! - HTTP/1.1 by hyper 1 on a current-thread tokio runtime owned by the
+//!   admin thread: the shards never run admin code and admin code never
+//!   touches a shard (it reads what they publish).
+//! - At most [`MAX_CONNS`] connections at once (a semaphore); past it a
+//!   connection gets `503` written without waiting and is closed, so
+//!   clients that never send or never read cannot queue up others for
 //!   more than their slots.
-//! - A client has [`READ_TIMEOUT`] in total to send its request head (at
-//!   most [`MAX_REQUEST`] bytes, else `431`) and [`WRITE_TIMEOUT`] in total
-//!   to take the response: a client that never sends or never reads costs
-//!   one slot for a bounded time. Handlers never touch a shard.
+//! - A connection serves one request: it has [`HEADER_TIMEOUT`] to send its
+//!   head (at most [`MAX_HEAD`] bytes) and [`CONN_TIMEOUT`] in total; then
+//!   it is closed, so a stalled client holds a slot for a bounded time.
+//! - Stopping (every shard ended, or a successor took the listener over):
+//!   accepting stops at once, open connections are asked to finish
+//!   (`GracefulShutdown`) and get at most [`SHUTDOWN_GRACE`]; then the
+//!   runtime is dropped with them. Proxy shutdown waits on this thread for
+//!   at most that long.
 //!
-//! Alternatives rejected: one thread serving clients in turn (a stalled
-//! reader blocked every other client and shutdown); a nonblocking event
-//! loop (more code for an endpoint scraped a few times a minute).
+//! Alternatives rejected: the hand-written server this replaced (a thread
+//! per client, an accept thread polling for shutdown every 25 ms, its own
+//! request parser); axum (routing, extractors and tower layers: more than
+//! four fixed GET endpoints need); a task on a glommio shard (admin work,
+//! even small, would then run on the data path's cores).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::convert::Infallible;
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::drain::{Drain, Phase};
-use super::shard::Acceptors;
-use super::stats::cert_expiry;
-use super::stats::Metrics;
-use crate::proxy::control::{HealthCell, SnapshotCell};
+use bytes::Bytes;
+use futures_lite::future::or;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+
+use super::drain::Phase;
+use super::readiness::Observed;
+use super::scrape::Families;
 use crate::runtime::Shutdown;
-use crate::transport::reload::Live;
 
-/// Clients served at once.
-pub const MAX_CLIENTS: usize = 8;
-/// Total time a client has to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// Total time a client has to take the whole response.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest request head read.
-pub const MAX_REQUEST: usize = 8 * 1024;
-/// How often the accept thread checks for shutdown.
-pub const ACCEPT_POLL: Duration = Duration::from_millis(25);
+/// Connections served at once.
+pub const MAX_CONNS: usize = 8;
+/// Time a connection has to send each request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Total time a connection may stay open (requests and responses).
+pub const CONN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head read (hyper's minimum buffer).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// How long stopping waits for open connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
-/// What the admin endpoint reads.
-#[derive(Clone)]
-pub struct AdminState {
-    /// Proxy id.
-    pub proxy: String,
-    /// Its counters.
-    pub metrics: Metrics,
-    /// Its latest route snapshot.
-    pub snapshot: SnapshotCell,
-    /// Its health verdict.
-    pub health: HealthCell,
-    /// Its drain state.
-    pub drain: Drain,
-    /// Its TLS material (the certificate expiry metric).
-    pub tls: Live<Acceptors>,
-}
-
-/// Serves the admin endpoint on `l` until `shutdown`, or until a successor
-/// took the listener over (the socket is then shared: accepting is a
-/// nonblocking syscall here, so stopping can never take a connection and
-/// drop it). The returned thread ends within [`ACCEPT_POLL`] of either;
-/// client threads end within their timeouts.
-pub fn spawn(l: TcpListener, state: AdminState, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
+/// Serves the admin endpoint on `l` until `ended` fires, or until a
+/// successor took the listener over (the socket is then shared, and this
+/// process stops accepting on it). The returned thread ends within
+/// [`SHUTDOWN_GRACE`] of either.
+pub fn spawn(l: TcpListener, observed: Observed, ended: Shutdown) -> std::io::Result<JoinHandle<()>> {
     l.set_nonblocking(true)?;
-    let busy = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new().name(format!("{}-admin", state.proxy)).spawn(move || {
-        while !shutdown.is_triggered() && state.drain.phase() != Phase::Successor {
-            let s = match l.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(ACCEPT_POLL);
-                    continue;
-                }
-                Err(_) => {
-                    std::thread::sleep(ACCEPT_POLL);
-                    continue;
-                }
-            };
-            if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                busy.fetch_sub(1, Ordering::AcqRel);
-                refuse(s);
-                continue;
-            }
-            let (state, slot) = (state.clone(), Slot(busy.clone()));
-            let spawned = std::thread::Builder::new().name(format!("{}-admin-client", state.proxy)).spawn(move || {
-                let _slot = slot;
-                serve(s, &state);
-            });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "admin: cannot start a client thread");
-            }
-        }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+    std::thread::Builder::new().name(format!("{}-admin", observed.proxy)).spawn(move || {
+        rt.block_on(serve(l, observed, ended));
+        // Drops whatever connection outlived the grace period.
+        rt.shutdown_background();
     })
 }
 
-/// Releases a client slot when its thread ends (or fails to start).
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+/// Fires when the admin endpoint must stop: every shard ended, or a
+/// successor holds the listener (phases only move forward, and `begun`
+/// fires once the phase is Successor or Leaving; a leaving proxy keeps
+/// answering `/readyz` with 503 until its shards end).
+async fn stopped(ended: &Shutdown, o: &Observed) {
+    or(ended.wait(), async {
+        o.drain.begun().wait().await;
+        if o.drain.phase() != Phase::Successor {
+            std::future::pending::<()>().await;
+        }
+    })
+    .await
 }
 
-/// Answers 503 without waiting (the socket is nonblocking) and closes.
-fn refuse(mut s: TcpStream) {
-    let _ = s.set_nonblocking(true);
-    let body = format!("busy: {MAX_CLIENTS} admin clients already connected\n");
-    let _ = s.write(head("503 Service Unavailable", "text/plain", body.len()).as_bytes());
-    let _ = s.write(body.as_bytes());
-}
-
-fn head(status: &str, ctype: &str, len: usize) -> String {
-    format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
-}
-
-/// Reads the request head within [`READ_TIMEOUT`] in total; `Err` carries
-/// the status to answer.
-fn read_head(s: &mut TcpStream) -> Result<Vec<u8>, &'static str> {
-    let end = Instant::now() + READ_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-            return Err("408 Request Timeout");
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return Err(""),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err("408 Request Timeout")
-            }
-            Err(_) => return Err(""),
-        }
-        if buf.len() > MAX_REQUEST {
-            return Err("431 Request Header Fields Too Large");
-        }
-    }
-    Ok(buf)
-}
-
-/// Writes all of `b` within `end`; gives up silently past it.
-fn write_until(s: &mut TcpStream, mut b: &[u8], end: Instant) {
-    while !b.is_empty() {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() || s.set_write_timeout(Some(left)).is_err() {
-            return;
-        }
-        match s.write(b) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => b = &b[n..],
-        }
-    }
-}
-
-fn serve(mut s: TcpStream, st: &AdminState) {
-    let _ = s.set_nonblocking(false);
-    let (status, ctype, body) = match read_head(&mut s) {
-        Ok(req) => {
-            let req = String::from_utf8_lossy(&req);
-            route(req.split_whitespace().nth(1).unwrap_or(""), st)
-        }
-        Err("") => return,
-        Err(status) => (status, "text/plain", format!("{status}\n")),
+async fn serve(l: TcpListener, o: Observed, ended: Shutdown) {
+    let listener = match tokio::net::TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "admin: cannot serve the listener"),
     };
-    let end = Instant::now() + WRITE_TIMEOUT;
-    write_until(&mut s, head(status, ctype, body.len()).as_bytes(), end);
-    write_until(&mut s, body.as_bytes(), end);
+    let registry = Arc::new(Families::of(o.clone()).registry());
+    let slots = Arc::new(Semaphore::new(MAX_CONNS));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = or(async { Some(listener.accept().await) }, async {
+            stopped(&ended, &o).await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok((s, _))) => s,
+            Some(Err(e)) => {
+                // EMFILE and the like: back off a little instead of spinning.
+                tracing::debug!(error = %e, "admin: accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(&stream);
+            continue;
+        };
+        let (o, registry) = (o.clone(), registry.clone());
+        let svc = service_fn(move |req| {
+            let r = answer(&req, &o, &registry);
+            async move { Ok::<_, Infallible>(r) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            // One request per connection: naive clients (scripts reading to
+            // EOF) end at once, and an idle keep-alive holds no slot.
+            .keep_alive(false)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tokio::time::timeout(CONN_TIMEOUT, conn).await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
 }
 
-fn route(path: &str, st: &AdminState) -> (&'static str, &'static str, String) {
-    match path {
+/// Answers 503 without waiting (a nonblocking write) and closes.
+fn refuse(s: &tokio::net::TcpStream) {
+    let body = format!("busy: {MAX_CONNS} admin connections already open\n");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.try_write(format!("{head}{body}").as_bytes());
+}
+
+fn answer(req: &Request<Incoming>, o: &Observed, registry: &Registry) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD\n".into());
+    }
+    match req.uri().path() {
         "/metrics" => {
-            let mut m = st.metrics.render(&st.proxy);
-            let draining = u8::from(st.drain.phase() != Phase::Running);
-            m.push_str(&format!(
-                "# HELP ringpeer_draining 1 while the proxy drains (SIGTERM, drain, handover).\n\
-                 # TYPE ringpeer_draining gauge\nringpeer_draining{{proxy=\"{}\"}} {draining}\n",
-                st.proxy
-            ));
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            m.push_str(&cert_expiry(&st.proxy, &st.tls.current().material.certs, now));
-            ("200 OK", "text/plain; version=0.0.4", m)
+            let mut m = String::new();
+            match prometheus_client::encoding::prometheus_text::encode(&mut m, registry) {
+                Ok(()) => reply(StatusCode::OK, prometheus_client::encoding::prometheus_text::CONTENT_TYPE, m),
+                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "cannot encode the metrics\n".into()),
+            }
         }
         "/routes" => {
-            let table = st.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            ("200 OK", "application/json", serde_json::to_string_pretty(&*table).unwrap_or_default())
+            let table = o.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            reply(StatusCode::OK, "application/json", serde_json::to_string_pretty(&*table).unwrap_or_default())
         }
-        "/healthz" if st.drain.phase() != Phase::Running => {
-            ("503 Service Unavailable", "text/plain", format!("draining ({:?})\n", st.drain.phase()))
-        }
-        "/healthz" => {
-            let (ok, why) = st.health.lock().unwrap_or_else(|p| p.into_inner()).verdict();
-            let status = if ok { "200 OK" } else { "503 Service Unavailable" };
-            (status, "text/plain", format!("{why}\n"))
-        }
-        _ => ("404 Not Found", "text/plain", "try /metrics, /routes or /healthz\n".into()),
+        "/healthz" => reply(StatusCode::OK, "text/plain", format!("{}\n", o.liveness())),
+        "/readyz" => match o.readiness() {
+            Ok(why) => reply(StatusCode::OK, "text/plain", format!("{why}\n")),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /routes, /healthz or /readyz\n".into()),
     }
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    r
 }

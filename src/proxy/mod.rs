@@ -12,7 +12,9 @@ pub mod control;
 pub mod drain;
 pub mod inbound;
 pub mod outbound;
+pub mod readiness;
 pub mod reconfig;
+pub mod scrape;
 pub mod shard;
 pub mod stats;
 pub mod tunables;
@@ -272,17 +274,20 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     }
     let reconfig_store = store.clone();
     let control = Control::spawn(copts, store, publish, opts.snapshot.unwrap_or_default())?;
+    // Shards that serve their listeners (readiness).
+    let serving = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let admin = match listeners.admin {
         Some(l) => {
-            let state = admin::AdminState {
+            let observed = readiness::Observed {
                 proxy: cfg.id.clone(),
                 metrics: metrics.clone(),
                 snapshot: control.snapshot.clone(),
                 health: control.health.clone(),
                 drain: drain.clone(),
                 tls: tls_live.clone(),
+                serving: serving.clone(),
             };
-            Some(admin::spawn(l, state, ended.clone())?)
+            Some(admin::spawn(l, observed, ended.clone())?)
         }
         None => None,
     };
@@ -323,7 +328,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
     for (i, (((inbox, cl), tl), pl)) in inboxes.into_iter().zip(client).zip(tunnel).zip(peer).enumerate() {
         let (shared, stats, boxes, events, sd) =
             (shared.clone(), metrics.shards[i].clone(), boxes.clone(), control.events.clone(), shutdown.clone());
-        let drain = drain.clone();
+        let (drain, serving) = (drain.clone(), serving.clone());
         let cpu = cfg.pin_cpus.then_some(i % cpus);
         let h = spawn_executor(&format!("{}-shard{i}", cfg.id), cpu, move || async move {
             let shard = Rc::new(Shard::new(i as u32, shared, stats, boxes, events));
@@ -336,6 +341,7 @@ pub fn run_with(cfg: ProxyConfig, listeners: Listeners, shutdown: Shutdown, opts
                 tasks.push(glommio::spawn_local(inbound::tunnel::accept_loop(shard.clone(), to_glommio(l))));
             }
             let peers = pl.map(|l| glommio::spawn_local(inbound::peer_accept_loop(shard.clone(), to_glommio(l))));
+            readiness::Observed::shard_serving(&serving);
             // The one wait on the process-wide signals; connections wait on
             // the shard's own.
             let mode = futures_lite::future::or(

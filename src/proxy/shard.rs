@@ -216,7 +216,7 @@ impl Shard {
         let cfg = PeerLinkConfig { connect_timeout: shared.peer_connect_timeout, ..PeerLinkConfig::default() };
         let peers = PeerLinks::new(shared.tls.clone(), shared.h2.clone(), cfg, closing.clone());
         let tunables = shared.live.load();
-        let buf = BufMeter::new(tunables.limits.shard_buffer_bytes);
+        let buf = BufMeter::with_gauge(tunables.limits.shard_buffer_bytes, stats.buffered.clone());
         let tunables_seen = Cell::new(tunables.generation);
         drop(tunables);
         let gauge = stats.clone();

@@ -1,15 +1,17 @@
 //! A proxy's counters: one `ShardStats` per shard, summed at read time.
 //!
 //! Invariants: each `ShardStats` is written by its shard only (single-writer
-//! counters, no contention, no locks); readers (admin, demo, bench, tests)
-//! sum across shards. Errors are counted by [`Label`] (an array index) and
-//! by gRPC code, so counting one never allocates or compares strings.
+//! counters, gauges and histograms: no contention, no locks); readers (the
+//! `/metrics` scrape in `proxy::scrape`, demo, bench, tests) sum across
+//! shards. Errors are counted by [`Label`], [`Side`] and [`DialPath`] (array
+//! indices) and by gRPC code, so counting one never allocates or compares
+//! strings.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use crate::runtime::stats::{Counter, Gauge};
-use crate::wire::error::{Error, Label};
+pub use crate::runtime::stats::{Counter, Gauge, Histogram, HistogramSum};
+use crate::wire::error::{Error, Label, Side};
 use crate::wire::status::Code;
 
 /// Counters of one shard.
@@ -42,8 +44,55 @@ pub struct ShardStats {
     pub client_conns: Counter,
     /// Version of the route snapshot this shard routes by.
     pub route_version: Gauge,
+    /// Bytes held by the relay (the shard's `BufMeter`, mirrored).
+    pub buffered: Arc<Gauge>,
+    /// Dial set-up time (arrival to established), by [`DialPath`].
+    pub setup: [Histogram; DialPath::COUNT],
+    /// Arrival to the first DATA relayed back to the caller, by [`DialPath`].
+    pub first_byte: [Histogram; DialPath::COUNT],
     errors: [Counter; Label::COUNT],
     codes: [Counter; 17],
+    /// Failed dials by (label, side, path-or-none), flattened.
+    failures: Box<[Counter]>,
+}
+
+/// The way a dial went (or, for a failed one, was last tried): a tunnel on
+/// the same shard, a tunnel on another shard, or another proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DialPath {
+    /// A tunnel held by this shard.
+    Local = 0,
+    /// A tunnel held by another shard of this proxy.
+    Shard = 1,
+    /// Another proxy, over a peer link.
+    Peer = 2,
+}
+
+impl DialPath {
+    /// Number of paths.
+    pub const COUNT: usize = 3;
+    /// Every path, in index order.
+    pub const ALL: [DialPath; 3] = [DialPath::Local, DialPath::Shard, DialPath::Peer];
+
+    /// The `path` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            DialPath::Local => "local",
+            DialPath::Shard => "shard",
+            DialPath::Peer => "peer",
+        }
+    }
+}
+
+/// Every side, in `Side as usize` order (the `side` label).
+pub const SIDES: [Side; 5] = [Side::Client, Side::Proxy, Side::Peer, Side::Agent, Side::Target];
+/// Paths of a failed dial: the three [`DialPath`]s, then none (it failed
+/// before any upstream was tried).
+const FAIL_PATHS: usize = DialPath::COUNT + 1;
+
+fn failure_index(label: Label, side: Side, path: Option<DialPath>) -> usize {
+    let p = path.map_or(DialPath::COUNT, |p| p as usize);
+    (label.index() * SIDES.len() + side as usize) * FAIL_PATHS + p
 }
 
 impl Default for ShardStats {
@@ -62,17 +111,29 @@ impl Default for ShardStats {
             peer_links: Gauge::default(),
             client_conns: Counter::default(),
             route_version: Gauge::default(),
+            buffered: Arc::default(),
+            setup: Default::default(),
+            first_byte: Default::default(),
             errors: std::array::from_fn(|_| Counter::default()),
             codes: std::array::from_fn(|_| Counter::default()),
+            failures: (0..Label::COUNT * SIDES.len() * FAIL_PATHS).map(|_| Counter::default()).collect(),
         }
     }
 }
 
 impl ShardStats {
-    /// Counts a failed dial: its label and its gRPC code.
-    pub fn failed(&self, e: &Error) {
+    /// Counts a failed dial: its label, its side, the path tried last
+    /// (none: it failed before any upstream was tried) and its gRPC code.
+    pub fn failed(&self, e: &Error, path: Option<DialPath>) {
+        self.dials_failed.inc();
         self.errors[e.label.index()].inc();
         self.codes[e.code as usize].inc();
+        self.failures[failure_index(e.label, e.side, path)].inc();
+    }
+
+    /// Failed dials with this label, side and path.
+    pub fn failure_count(&self, label: Label, side: Side, path: Option<DialPath>) -> u64 {
+        self.failures[failure_index(label, side, path)].get()
     }
 
     /// Counts a failure that is not a dial (a refused handshake, say).
@@ -90,8 +151,6 @@ impl ShardStats {
         self.codes[code as usize].get()
     }
 }
-
-type Row = (&'static str, fn(&ShardStats) -> i64);
 
 /// The audit log's counters (`proxy::audit`), one pair per proxy: `lines`
 /// has one writer (the audit thread); `dropped` is added to by any shard,
@@ -146,66 +205,4 @@ impl Metrics {
     pub fn sum(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
         self.shards.iter().map(|s| f(s)).sum()
     }
-
-    /// Prometheus text exposition of the counters.
-    pub fn render(&self, proxy: &str) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let rows: [Row; 12] = [
-            ("ringpeer_peer_links", |s| s.peer_links.get()),
-            ("ringpeer_dials_peered_total", |s| s.dials_peered.get() as i64),
-            ("ringpeer_dials_total", |s| s.dials.get() as i64),
-            ("ringpeer_dials_local_total", |s| s.dials_local.get() as i64),
-            ("ringpeer_dials_cross_shard_total", |s| s.dials_cross_shard.get() as i64),
-            ("ringpeer_dials_failed_total", |s| s.dials_failed.get() as i64),
-            ("ringpeer_dials_replanned_total", |s| s.dials_replanned.get() as i64),
-            ("ringpeer_bytes_up_total", |s| s.bytes_up.get() as i64),
-            ("ringpeer_bytes_down_total", |s| s.bytes_down.get() as i64),
-            ("ringpeer_active_streams", |s| s.active_streams.get()),
-            ("ringpeer_tunnels", |s| s.tunnels.get()),
-            ("ringpeer_client_connections_total", |s| s.client_conns.get() as i64),
-        ];
-        for (name, f) in rows {
-            for (i, s) in self.shards.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{proxy=\"{proxy}\",shard=\"{i}\"}} {}", f(s));
-            }
-        }
-        let _ = writeln!(out, "ringpeer_audit_lines_total{{proxy=\"{proxy}\"}} {}", self.audit.lines());
-        let _ = writeln!(out, "ringpeer_audit_dropped_total{{proxy=\"{proxy}\"}} {}", self.audit.dropped_count());
-        for label in Label::ALL {
-            for (i, s) in self.shards.iter().enumerate() {
-                let v = s.errors[label.index()].get();
-                if v > 0 {
-                    let _ = writeln!(
-                        out,
-                        "ringpeer_errors_total{{proxy=\"{proxy}\",shard=\"{i}\",error=\"{}\"}} {v}",
-                        label.name()
-                    );
-                }
-            }
-        }
-        out
-    }
-}
-
-/// The `ringpeer_cert_expiry_seconds` gauge: validity left of this
-/// proxy's certificate (`cert="own"`) and of each CA of its bundle
-/// (`cert="ca"`), at `now` (negative once expired).
-pub fn cert_expiry(proxy: &str, certs: &[crate::transport::tls::CertInfo], now: i64) -> String {
-    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");
-    let mut m = String::from(
-        "# HELP ringpeer_cert_expiry_seconds Seconds until a loaded certificate expires (own, and each CA).\n\
-         # TYPE ringpeer_cert_expiry_seconds gauge\n",
-    );
-    for c in certs {
-        m.push_str(&format!(
-            "ringpeer_cert_expiry_seconds{{proxy=\"{}\",cert=\"{}\",subject=\"{}\",serial=\"{}\"}} {}\n",
-            esc(proxy),
-            c.kind,
-            esc(&c.subject),
-            c.serial,
-            c.remaining(now)
-        ));
-    }
-    m
 }

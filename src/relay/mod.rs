@@ -31,6 +31,7 @@ pub mod splice;
 mod tests;
 
 use std::cell::{Cell, RefCell};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -38,7 +39,7 @@ use http::HeaderMap;
 pub use grpc::{GrpcRecv, GrpcSend};
 
 use crate::runtime::pipe::{PipeRx, PipeTx};
-use crate::runtime::stats::Counter;
+use crate::runtime::stats::{Counter, Histogram};
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::status::Status;
 
@@ -171,12 +172,37 @@ impl Tally {
     }
 }
 
+/// Where the time to first byte of a direction is recorded: the first DATA
+/// forwarded records `since.elapsed()` in `hist`, once.
+pub struct FirstByte<'a> {
+    /// The shard's histogram.
+    pub hist: &'a Histogram,
+    /// When the dial arrived.
+    pub since: Instant,
+}
+
+impl FirstByte<'_> {
+    /// Records the time since the dial arrived.
+    pub fn record(self) {
+        self.hist.record(self.since.elapsed());
+    }
+}
+
 /// Forwards one direction until its end.
-pub async fn pump<S: Source, K: Sink>(src: &mut S, sink: &mut K, bytes: &Counter, tally: &Tally) -> Result<(), Error> {
+pub async fn pump<S: Source, K: Sink>(
+    src: &mut S,
+    sink: &mut K,
+    bytes: &Counter,
+    tally: &Tally,
+    mut first: Option<FirstByte<'_>>,
+) -> Result<(), Error> {
     loop {
         match src.next().await? {
             Chunk::Data(b) if b.is_empty() => {}
             Chunk::Data(b) => {
+                if let Some(f) = first.take() {
+                    f.record();
+                }
                 bytes.add(b.len() as u64);
                 tally.add(b.len() as u64);
                 sink.send(b).await?;
@@ -202,6 +228,8 @@ pub struct Leg<'a, S, K> {
     pub bytes: &'a Counter,
     /// And here (this call's own).
     pub tally: &'a Tally,
+    /// Time to the first DATA forwarded, when measured.
+    pub first: Option<FirstByte<'a>>,
 }
 
 /// Runs both directions of a call: `up` (caller → callee) and `down`
@@ -211,8 +239,8 @@ pub async fn relay<S1: Source, K1: Sink, S2: Source, K2: Sink>(
     up: Leg<'_, S1, K1>,
     down: Leg<'_, S2, K2>,
 ) -> Result<(), Error> {
-    let r = futures_lite::future::or(pump(down.src, down.sink, down.bytes, down.tally), async {
-        match pump(up.src, up.sink, up.bytes, up.tally).await {
+    let r = futures_lite::future::or(pump(down.src, down.sink, down.bytes, down.tally, down.first), async {
+        match pump(up.src, up.sink, up.bytes, up.tally, up.first).await {
             Ok(()) => std::future::pending().await,
             Err(e) => Err(e),
         }

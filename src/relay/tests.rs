@@ -99,8 +99,8 @@ fn relay_hop(l: TcpListener, far: std::net::SocketAddr) {
         }
         let (mut send, mut recv, c, t) = (e.send, e.recv, Counter::default(), super::Tally::default());
         let _ = relay(
-            Leg { src: &mut rx, sink: &mut send, bytes: &c, tally: &t },
-            Leg { src: &mut recv, sink: &mut down, bytes: &c, tally: &t },
+            Leg { src: &mut rx, sink: &mut send, bytes: &c, tally: &t, first: None },
+            Leg { src: &mut recv, sink: &mut down, bytes: &c, tally: &t, first: None },
         )
         .await;
     });

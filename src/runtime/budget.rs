@@ -19,9 +19,11 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::stats::Gauge;
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::status::Code;
 
@@ -144,6 +146,9 @@ struct MeterInner {
     /// Connection window granted beyond the connections' base windows
     /// (see `transport::window`); at most the soft level in all.
     windows: Cell<usize>,
+    /// `held`, mirrored for readers on other threads (the metrics scrape):
+    /// one more relaxed store per change, written by this shard only.
+    public: Option<Arc<Gauge>>,
 }
 
 /// A shard's meter of bytes held by the relay (read buffers, received
@@ -160,10 +165,25 @@ impl BufMeter {
         m
     }
 
+    /// [`BufMeter::new`], whose bytes held are also published in `gauge`.
+    pub fn with_gauge(hard: usize, gauge: Arc<Gauge>) -> BufMeter {
+        let m = BufMeter(Rc::new(MeterInner { public: Some(gauge), ..MeterInner::default() }));
+        m.0.hard.set(hard);
+        m.0.soft.set(hard / 2);
+        m
+    }
+
+    fn held_now(&self, v: usize) {
+        self.0.held.set(v);
+        if let Some(g) = &self.0.public {
+            g.set(v as i64);
+        }
+    }
+
     /// Counts `n` more bytes held.
     pub fn add(&self, n: usize) {
         let v = self.0.held.get() + n;
-        self.0.held.set(v);
+        self.held_now(v);
         if v > self.0.peak.get() {
             self.0.peak.set(v);
         }
@@ -171,7 +191,7 @@ impl BufMeter {
 
     /// Counts `n` bytes given back.
     pub fn sub(&self, n: usize) {
-        self.0.held.set(self.0.held.get().saturating_sub(n));
+        self.held_now(self.0.held.get().saturating_sub(n));
     }
 
     /// Bytes held now.

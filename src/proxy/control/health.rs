@@ -1,5 +1,5 @@
 //! What the control thread says about itself: the health verdict that
-//! `/healthz` answers and the log repeats, and the rate-limited line that
+//! `/readyz` answers and the log repeats, and the rate-limited line that
 //! names bad backend data.
 //!
 //! Invariants: the verdict is a pure function of [`Health`]; the same bad
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether this proxy has its routes from the backend and keeps them
-/// current, and why not: what `/healthz` answers and the log says.
+/// current, and why not: what `/readyz` answers and the log says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Health {
     /// The backend description (`redis redis://…`, `memory`).
@@ -27,6 +27,9 @@ pub struct Health {
     pub skipped: usize,
     /// Version of the latest published snapshot.
     pub version: u64,
+    /// When the reader last heard from the backend (a full load or a batch
+    /// of events): the `ringpeer_route_sync_age_seconds` gauge.
+    pub last_sync: Option<Instant>,
 }
 
 impl Health {

@@ -141,6 +141,8 @@ struct ControlLoop {
     view: ClusterView,
     reader_up: bool,
     version: u64,
+    /// When the reader last delivered a load or events.
+    last_sync: Option<Instant>,
     /// What changed since the last published snapshot.
     pending: Affected,
     /// The last published snapshot.
@@ -182,6 +184,7 @@ impl ControlLoop {
             view: ClusterView::default(),
             reader_up: false,
             version: 0,
+            last_sync: None,
             pending: Affected { all: true, ..Default::default() },
             table: Arc::default(),
             bad_data: BadDataLog::default(),
@@ -227,6 +230,7 @@ impl ControlLoop {
         let now = Instant::now();
         match msg {
             FromReader::Loaded(l) => {
+                self.last_sync = Some(now);
                 self.bad_data.loaded(&l.skipped, now);
                 self.skipped = l.skipped.len();
                 self.reader_error = None;
@@ -254,6 +258,7 @@ impl ControlLoop {
                 self.reader_up = true;
             }
             FromReader::Events(evs) => {
+                self.last_sync = Some(now);
                 for (id, e) in evs {
                     match e {
                         Ok(e) => {
@@ -316,6 +321,7 @@ impl ControlLoop {
             writer_error: self.writer_error.clone(),
             skipped: self.skipped,
             version: self.version,
+            last_sync: self.last_sync,
         };
         let mut cur = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if *cur != h {

@@ -34,7 +34,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future::or;
@@ -47,8 +47,9 @@ use super::{Caller, Edge};
 use crate::proxy::audit::{self, Trail};
 use crate::proxy::outbound::{self, Opened, UpRecv, Via};
 use crate::proxy::shard::Shard;
+use crate::proxy::stats::DialPath;
 use crate::relay::call::{answer_error, answer_ok, read_dial_request, Outgoing, HOPS_HEADER};
-use crate::relay::{relay, GrpcRecv, GrpcSend, Leg, Sink, Tally};
+use crate::relay::{relay, FirstByte, GrpcRecv, GrpcSend, Leg, Sink, Tally};
 use crate::route::grants::Authorization;
 use crate::runtime::budget::exceeded;
 use crate::runtime::signal::Signal;
@@ -61,8 +62,7 @@ use crate::wire::{paths, DialTarget};
 
 /// Counts a failed dial and answers it.
 pub fn fail(shard: &Shard, respond: SendResponse<Bytes>, e: &Error) {
-    shard.stats.dials_failed.inc();
-    shard.stats.failed(e);
+    shard.stats.failed(e, None);
     answer_error(respond, e);
 }
 
@@ -86,6 +86,15 @@ fn trail<'a>(shard: &'a Shard, caller: &Caller, edge: Edge) -> Option<Trail<'a>>
     let audit = shard.shared.audit.as_ref().filter(|_| edge == Edge::Client)?;
     let client = caller.header.clone().or_else(|| HeaderValue::from_str(&caller.id.uri()).ok())?;
     Some(Trail::start(audit, shard.index, client, &caller.addr))
+}
+
+/// The metrics' path of an upstream.
+fn dial_path(via: &Via) -> DialPath {
+    match via {
+        Via::Local => DialPath::Local,
+        Via::Sibling(_) => DialPath::Shard,
+        Via::Peer(_) => DialPath::Peer,
+    }
 }
 
 fn path_of(via: &Via) -> audit::Path {
@@ -114,6 +123,7 @@ pub async fn handle(
         return answer_ping(respond);
     }
     shard.stats.dials.inc();
+    let arrived = Instant::now();
     let mut trail = trail(&shard, caller, edge);
     let Some(setup) = conn.enter_setup() else {
         let max = conn.limits().1;
@@ -127,7 +137,7 @@ pub async fn handle(
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
         return refuse(&shard, respond, &e, &mut trail);
     }
-    let (mut target, client, mut recv) = match decode(&shard, caller, req, edge).await {
+    let (mut target, client, recv) = match decode(&shard, caller, req, edge).await {
         Ok(v) => v,
         Err(e) => {
             if caller_reset(&e) {
@@ -194,27 +204,29 @@ pub async fn handle(
             if caller_reset(&e) {
                 conn.reset_by_peer();
             }
-            shard.stats.dials_failed.inc();
-            shard.stats.failed(&e);
+            // The path of a dial that failed: the upstream tried last.
+            let tried = tried.take();
+            shard.stats.failed(&e, tried.as_ref().map(dial_path));
             if let Some(t) = &mut trail {
-                // The path of a dial that failed: the upstream tried last.
-                t.path(tried.take().as_ref().map_or(audit::Path::None, path_of));
+                t.path(tried.as_ref().map_or(audit::Path::None, path_of));
                 t.failed(&e);
             }
             return Sink::fail(&mut down, &e).await;
         }
     };
     drop(setup);
+    let path = dial_path(&opened.via);
+    shard.stats.setup[path as usize].record(arrived.elapsed());
     if let Some(t) = &mut trail {
         t.established(path_of(&opened.via));
     }
-    let rest = recv.decoder().take_rest();
     // Registered for `grants revoke --kill-streams` sweeps (not under
     // allow_all: no grant can be revoked there).
     let reg =
         (shard.shared.authorization == Authorization::Grants).then(|| shard.open_dials.register(&client.id, &target));
     let revoke = reg.as_ref().map(|r| (&r.cancel, client.id.name.as_str(), &target));
-    relay_to_caller(&shard, opened, recv, rest, down, revoke, trail.as_mut()).await
+    let first_byte = FirstByte { hist: &shard.stats.first_byte[path as usize], since: arrived };
+    relay_to_caller(&shard, opened, recv, down, revoke, trail.as_mut(), first_byte).await
 }
 
 /// Step 1: the method, the hop count, the client and the `DialRequest`.
@@ -286,12 +298,14 @@ async fn relay_to_caller(
     shard: &Shard,
     o: Opened,
     mut recv: GrpcRecv,
-    rest: Bytes,
     mut down: GrpcSend,
     revoke: Option<(&Signal, &str, &DialTarget)>,
     trail: Option<&mut Trail<'_>>,
+    first_byte: FirstByte<'_>,
 ) {
     let Opened { mut send, recv: mut up_recv, held, slot: _slot, tunnel_slot: _tunnel_slot, via: _ } = o;
+    // The client's bytes that followed its `DialRequest`.
+    let rest = recv.decoder().take_rest();
     recv.meter(&shard.buf);
     if let UpRecv::H2(r) = &mut up_recv {
         r.meter(&shard.buf);
@@ -300,8 +314,13 @@ async fn relay_to_caller(
     let _gauge = StreamGauge::new(shard);
     let stats = &shard.stats;
     let (up, back) = (Tally::default(), Tally::default());
+    // Time to first byte: at the first DATA sent down, held or relayed.
+    let mut first_byte = Some(first_byte);
     let start = async {
         for b in held {
+            if let Some(f) = first_byte.take() {
+                f.record();
+            }
             down.send(b).await?;
         }
         if !rest.is_empty() {
@@ -311,11 +330,12 @@ async fn relay_to_caller(
         }
         Ok(())
     };
-    let r = match start.await {
+    let started = start.await;
+    let r = match started {
         Ok(()) => {
             let relaying = relay(
-                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up, tally: &up },
-                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down, tally: &back },
+                Leg { src: &mut recv, sink: &mut send, bytes: &stats.bytes_up, tally: &up, first: None },
+                Leg { src: &mut up_recv, sink: &mut down, bytes: &stats.bytes_down, tally: &back, first: first_byte },
             );
             match revoke {
                 None => relaying.await,

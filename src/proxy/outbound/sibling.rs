@@ -120,8 +120,8 @@ pub async fn serve(shard: Rc<Shard>, d: CrossDial) {
     // a cross-shard dial twice.
     let (uncounted, untallied) = (Counter::default(), Tally::default());
     let r = relay(
-        Leg { src: &mut up, sink: &mut agent_tx, bytes: &uncounted, tally: &untallied },
-        Leg { src: &mut agent_rx, sink: &mut down, bytes: &uncounted, tally: &untallied },
+        Leg { src: &mut up, sink: &mut agent_tx, bytes: &uncounted, tally: &untallied, first: None },
+        Leg { src: &mut agent_rx, sink: &mut down, bytes: &uncounted, tally: &untallied, first: None },
     )
     .await;
     if let Err(e) = r {
