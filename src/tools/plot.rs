@@ -248,8 +248,11 @@ mod tests {
         let svg = std::fs::read_to_string(&files[1]).unwrap();
         let doc = roxmltree::Document::parse(&svg).expect("latency.svg is well-formed XML");
         assert_eq!(doc.root_element().tag_name().name(), "svg");
-        let texts: Vec<String> =
-            doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text().map(String::from)).collect();
+        let texts: Vec<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect();
         for name in ["direct TCP", "local shard", "other shard", "peer link"] {
             assert!(texts.iter().any(|t| t == name), "legend lacks {name:?}: {texts:?}");
         }
@@ -261,8 +264,11 @@ mod tests {
 
         let svg = std::fs::read_to_string(&files[2]).unwrap();
         let doc = roxmltree::Document::parse(&svg).expect("throughput.svg is well-formed XML");
-        let texts: Vec<String> =
-            doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text().map(String::from)).collect();
+        let texts: Vec<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect();
         for want in
             ["direct TCP", "peer link", "no samples", "40.00", "60.00", "8.00", "12.00", "1 stream", "16 streams"]
         {
