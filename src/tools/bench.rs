@@ -3,15 +3,20 @@
 //! and the two-proxy path (client → A → peer link → B → agent → target):
 //! 64-byte ping-pong latency (HDR percentiles), bulk throughput over 1 and
 //! 16 streams, and stream-setup rate, repeated `--runs` times; it prints
-//! medians and each figure's ratio to direct, and writes JSON.
+//! medians and each figure's ratio to direct, and writes JSON. With
+//! `--shards 2` or more it also measures the other-shard path (the client
+//! enters on a shard that does not hold the tunnel); with `--plot DIR` it
+//! writes the report and SVG plots there (`super::plot`).
 //!
 //! Invariant: direct and proxied runs alternate within one process, against
 //! the same targets, so machine noise hits both alike.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::fleet::{agent_config, proxy_config, AgentHandle, CertDir, ProxyHandle};
@@ -19,9 +24,11 @@ use super::load::{
     bulk_direct, bulk_direct_n, bulk_proxy, bulk_proxy_n, gbps, pingpong_direct, pingpong_direct_blocking,
     pingpong_proxy, setup_rate_direct, setup_rate_proxy,
 };
+use super::plot::Series;
 use super::target::Kind;
 use crate::client::Client;
 use crate::transport::h2conf::H2Tuning;
+use crate::wire::error::Error;
 use crate::wire::DialTarget;
 
 /// Options of `ringpeer bench`.
@@ -69,6 +76,10 @@ pub struct BenchOpts {
     /// Write the JSON report here (default: stdout only).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also write `report.json`, `latency.svg` (percentile curves per path)
+    /// and `throughput.svg` (bulk bars beside the baselines) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
     /// Memory at scale instead (`super::scale`): hold this many agent
     /// tunnels (and `--streams` idle streams) from this one process against
     /// a real proxy process, and report RSS per tunnel and per stream.
@@ -108,6 +119,10 @@ pub struct PathReport {
     pub bulk16_gbps: f64,
     /// Streams set up per second (open, 1-byte echo, close; 16 loops).
     pub setup_per_s: f64,
+    /// One-way latency curve, `[quantile, µs]` at
+    /// [`super::plot::CURVE_QUANTILES`], over every run's samples together.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<[f64; 2]>,
 }
 
 /// The whole report.
@@ -132,14 +147,22 @@ pub struct Report {
     pub direct_blocking: Latency,
     /// Direct TCP, same glommio client as the proxied path.
     pub direct: PathReport,
-    /// client → proxy → agent → target.
+    /// client → proxy → agent → target, the client on the shard that
+    /// holds the tunnel.
     pub proxy: PathReport,
+    /// The same, the client on another shard (`--shards` 2 or more): the
+    /// stream crosses shards inside the proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_shard: Option<PathReport>,
     /// client → proxy A → peer link → proxy B → agent → target.
     pub two_proxy: PathReport,
     /// One-proxy path relative to direct.
     pub ratio: Ratios,
     /// Two-proxy path relative to direct.
     pub ratio_two_proxy: Ratios,
+    /// Other-shard path relative to direct.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_other_shard: Option<Ratios>,
 }
 
 /// Ratios of the proxied path to direct.
@@ -187,6 +210,8 @@ pub(crate) struct Samples {
     pub(crate) bulk: Vec<f64>,
     pub(crate) bulk16: Vec<f64>,
     pub(crate) setup: Vec<f64>,
+    /// Every run's round trips together, for the percentile curve.
+    pub(crate) all: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl Samples {
@@ -195,9 +220,20 @@ impl Samples {
             self.p[i].push(h.value_at_quantile(*q) as f64 / 1000.0);
         }
         self.p[3].push(h.max() as f64 / 1000.0);
+        match &mut self.all {
+            // Same bounds (`load::histogram`), so adding cannot fail.
+            Some(all) => all.add(h).expect("histograms share their bounds"),
+            None => self.all = Some(h.clone()),
+        }
     }
 
     pub(crate) fn report(self) -> PathReport {
+        let curve = match &self.all {
+            Some(h) => {
+                super::plot::CURVE_QUANTILES.iter().map(|q| [*q, h.value_at_quantile(*q) as f64 / 2000.0]).collect()
+            }
+            None => Vec::new(),
+        };
         let [p50, p99, p999, max] = self.p.map(median);
         let rt = Latency { p50_us: p50, p99_us: p99, p999_us: p999, max_us: max };
         let ow = Latency { p50_us: p50 / 2.0, p99_us: p99 / 2.0, p999_us: p999 / 2.0, max_us: max / 2.0 };
@@ -207,6 +243,7 @@ impl Samples {
             bulk_gbps: median(self.bulk),
             bulk16_gbps: median(self.bulk16),
             setup_per_s: median(self.setup),
+            curve,
         }
     }
 }
@@ -227,7 +264,13 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     // Two proxies sharing one route store; the agent keeps one tunnel, to B.
     let store: std::sync::Arc<dyn crate::route::store::StoreFactory> =
         std::sync::Arc::new(crate::route::store::MemoryStore::new(10_000));
-    let start = |id: &str| -> anyhow::Result<ProxyHandle> {
+    // With 2+ shards, B's client edge is split: shard 0 and the last shard
+    // each get a listener on a port of their own, so a client picks the
+    // shard it enters on (the tunnel is pinned to the last shard below).
+    // Alternative rejected: one SO_REUSEPORT group, where the kernel's hash
+    // picks the shard and "local" vs "other" would be chance.
+    let mut split: Option<(SocketAddr, SocketAddr)> = None;
+    let start = |id: &str, split: &mut Option<(SocketAddr, SocketAddr)>| -> anyhow::Result<ProxyHandle> {
         let mut pc = proxy_config(&dir, id, o.shards);
         pc.h2 = h2.clone();
         pc.strategy = crate::route::model::Strategy::ProxyPeering { agent_connection_count: 1 };
@@ -239,11 +282,17 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
             for t in l.tunnel.iter_mut().take(o.shards - 1) {
                 *t = None;
             }
+            let own = || crate::runtime::listeners::bind_group(([127, 0, 0, 1], 0).into(), 1, "client_addr");
+            let (other, local) = (own()?.pop().context("bind")?, own()?.pop().context("bind")?);
+            *split = Some((local.local_addr()?, other.local_addr()?));
+            l.client = (0..o.shards).map(|_| None).collect();
+            l.client[0] = Some(other);
+            l.client[o.shards - 1] = Some(local);
         }
         ProxyHandle::start_full(pc, l, Some(store.clone()))
     };
-    let b = start("proxy-b")?;
-    let a = start("proxy-a")?;
+    let b = start("proxy-b", &mut split)?;
+    let a = start("proxy-a", &mut None)?;
     let mut ac = agent_config(&dir, "agent-1", &[b.tunnel_addr], &[("echo", echo.addr), ("sink", sink.addr)]);
     ac.h2 = h2.clone();
     let agent = AgentHandle::start(ac)?;
@@ -254,53 +303,64 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let tls = crate::client::client_tls(&dir, "client")?;
-    let (addr_a, addr_b, echo_addr, sink_addr) =
-        (a.client_addr.to_string(), b.client_addr.to_string(), echo.addr, sink.addr);
+    // Entry addresses: B's local shard, B's other shard (when split), A.
+    let (local, other) = match split {
+        Some((l, x)) => (l, Some(x)),
+        None => (b.client_addr, None),
+    };
+    let entries: Vec<SocketAddr> = [Some(local), other, Some(a.client_addr)].into_iter().flatten().collect();
+    let targets = Targets {
+        echo: echo.addr,
+        sink: sink.addr,
+        echo_t: DialTarget::parse("agent-1/echo").expect("valid"),
+        sink_t: DialTarget::parse("agent-1/sink").expect("valid"),
+    };
     let opts = o.clone();
     let client_h2 = h2.clone();
-    let (direct, one, two) = crate::runtime::block_on("bench-client", move || async move {
+    // Steps: 4 workloads x (direct + each entry) per run.
+    let pb = super::plot::progress((o.runs * 4 * (1 + entries.len())) as u64);
+    let bar = pb.clone();
+    let mut paths = crate::runtime::block_on("bench-client", move || async move {
         let e = |s: crate::wire::error::Error| s.to_string();
-        let cb = Client::connect(&addr_b, &tls, &client_h2).await.map_err(|e| e.to_string())?;
-        let ca = Client::connect(&addr_a, &tls, &client_h2).await.map_err(|e| e.to_string())?;
-        let (echo_t, sink_t) = (DialTarget::parse("agent-1/echo").unwrap(), DialTarget::parse("agent-1/sink").unwrap());
-        let (mut d, mut p1, mut p2) = (Samples::default(), Samples::default(), Samples::default());
-        let bytes = opts.bulk_mib << 20;
-        let each = (bytes / 16).max(1 << 20);
-        // Warm-up: connections, peer link, TLS sessions, allocator.
-        pingpong_proxy(&cb, &echo_t, 500, opts.size).await.map_err(e)?;
-        pingpong_proxy(&ca, &echo_t, 500, opts.size).await.map_err(e)?;
-        pingpong_direct(echo_addr, 500, opts.size).await.map_err(e)?;
-        for run in 0..opts.runs {
-            let hd = pingpong_direct(echo_addr, opts.iters, opts.size).await.map_err(e)?;
-            let h1 = pingpong_proxy(&cb, &echo_t, opts.iters, opts.size).await.map_err(e)?;
-            let h2p = pingpong_proxy(&ca, &echo_t, opts.iters, opts.size).await.map_err(e)?;
-            d.add(&hd);
-            p1.add(&h1);
-            p2.add(&h2p);
-            d.bulk.push(gbps(bytes, bulk_direct(sink_addr, bytes).await.map_err(e)?));
-            p1.bulk.push(gbps(bytes, bulk_proxy(&cb, &sink_t, bytes).await.map_err(e)?));
-            p2.bulk.push(gbps(bytes, bulk_proxy(&ca, &sink_t, bytes).await.map_err(e)?));
-            d.bulk16.push(gbps(each * 16, bulk_direct_n(sink_addr, each, 16).await.map_err(e)?));
-            p1.bulk16.push(gbps(each * 16, bulk_proxy_n(&cb, &sink_t, each, 16).await.map_err(e)?));
-            p2.bulk16.push(gbps(each * 16, bulk_proxy_n(&ca, &sink_t, each, 16).await.map_err(e)?));
-            d.setup.push(setup_rate_direct(echo_addr, 2000, 16).await.map_err(e)?);
-            p1.setup.push(setup_rate_proxy(&cb, &echo_t, 2000, 16).await.map_err(e)?);
-            p2.setup.push(setup_rate_proxy(&ca, &echo_t, 2000, 16).await.map_err(e)?);
-            eprintln!(
-                "run {}: rtt p50 direct {:.1} / 1 proxy {:.1} / 2 proxies {:.1} us; bulk {:.2} / {:.2} / {:.2} Gbit/s",
-                run + 1,
-                hd.value_at_quantile(0.5) as f64 / 1000.0,
-                h1.value_at_quantile(0.5) as f64 / 1000.0,
-                h2p.value_at_quantile(0.5) as f64 / 1000.0,
-                d.bulk[run],
-                p1.bulk[run],
-                p2.bulk[run]
-            );
+        let mut clients = Vec::new();
+        for addr in &entries {
+            clients.push(Client::connect(&addr.to_string(), &tls, &client_h2).await.map_err(|e| e.to_string())?);
         }
-        Ok::<_, String>((d.report(), p1.report(), p2.report()))
+        let via: Vec<Option<&Client>> = std::iter::once(None).chain(clients.iter().map(Some)).collect();
+        let mut samples: Vec<Samples> = via.iter().map(|_| Samples::default()).collect();
+        // Warm-up: connections, peer link, TLS sessions, allocator.
+        for v in &via {
+            ping(*v, &targets, 500, opts.size).await.map_err(e)?;
+        }
+        for run in 0..opts.runs {
+            for (w, name) in WORKLOADS.iter().enumerate() {
+                for (v, s) in via.iter().zip(samples.iter_mut()) {
+                    bar.set_message(format!("run {}/{}: {name}", run + 1, opts.runs));
+                    step(w, *v, &targets, &opts, s).await.map_err(e)?;
+                    bar.inc(1);
+                }
+            }
+            let p50 = |s: &Samples| s.p[0].last().copied().unwrap_or_default();
+            let gb = |s: &Samples| s.bulk.last().copied().unwrap_or_default();
+            bar.suspend(|| {
+                eprintln!(
+                    "run {}: rtt p50 {} us; bulk {} Gbit/s (direct, local shard,{} peer link)",
+                    run + 1,
+                    samples.iter().map(|s| format!("{:.1}", p50(s))).collect::<Vec<_>>().join(" / "),
+                    samples.iter().map(|s| format!("{:.2}", gb(s))).collect::<Vec<_>>().join(" / "),
+                    if samples.len() == 4 { " other shard," } else { "" },
+                )
+            });
+        }
+        Ok::<_, String>(samples.into_iter().map(Samples::report).collect::<Vec<_>>())
     })?
     .map_err(anyhow::Error::msg)
     .context("benchmark failed")?;
+    pb.finish_and_clear();
+    let two = paths.pop().context("peer-link path")?;
+    let other = if paths.len() == 3 { paths.pop() } else { None };
+    let one = paths.pop().context("local path")?;
+    let direct = paths.pop().context("direct path")?;
     eprintln!(
         "proxy-b: {} dials, {} crossed shards (shard-aware peering {})",
         b.metrics.sum(|s| s.dials.get()),
@@ -323,8 +383,10 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
         direct_blocking: blocking.report().one_way,
         ratio: Ratios::of(&one, &direct),
         ratio_two_proxy: Ratios::of(&two, &direct),
+        ratio_other_shard: other.as_ref().map(|x| Ratios::of(x, &direct)),
         direct,
         proxy: one,
+        other_shard: other,
         two_proxy: two,
     };
     print_report(&r);
@@ -334,11 +396,55 @@ pub fn run(o: BenchOpts) -> anyhow::Result<()> {
     } else {
         println!("{json}");
     }
+    if let Some(dir) = &o.plot {
+        let mut series =
+            vec![Series { name: "direct TCP", report: &r.direct }, Series { name: "local shard", report: &r.proxy }];
+        if let Some(x) = &r.other_shard {
+            series.push(Series { name: "other shard", report: x });
+        }
+        series.push(Series { name: "peer link", report: &r.two_proxy });
+        let title = format!("ringpeer bench ({} shards, {} B messages)", r.shards, r.size);
+        for f in super::plot::write(dir, &title, &r, &series)? {
+            eprintln!("wrote {}", f.display());
+        }
+    }
     drop(agent);
     a.stop()?;
     b.stop()
 }
 
+const WORKLOADS: [&str; 4] = ["ping-pong", "bulk, 1 stream", "bulk, 16 streams", "stream setup"];
+
+/// The echo and sink targets, directly and through the fleet.
+struct Targets {
+    echo: SocketAddr,
+    sink: SocketAddr,
+    echo_t: DialTarget,
+    sink_t: DialTarget,
+}
+
+async fn ping(via: Option<&Client>, t: &Targets, iters: usize, size: usize) -> Result<Histogram<u64>, Error> {
+    match via {
+        None => pingpong_direct(t.echo, iters, size).await,
+        Some(c) => pingpong_proxy(c, &t.echo_t, iters, size).await,
+    }
+}
+
+/// Workload `w` ([`WORKLOADS`]) once over one path (`None`: direct TCP).
+async fn step(w: usize, via: Option<&Client>, t: &Targets, o: &BenchOpts, s: &mut Samples) -> Result<(), Error> {
+    let bytes = o.bulk_mib << 20;
+    let each = (bytes / 16).max(1 << 20);
+    match (w, via) {
+        (0, v) => s.add(&ping(v, t, o.iters, o.size).await?),
+        (1, None) => s.bulk.push(gbps(bytes, bulk_direct(t.sink, bytes).await?)),
+        (1, Some(c)) => s.bulk.push(gbps(bytes, bulk_proxy(c, &t.sink_t, bytes).await?)),
+        (2, None) => s.bulk16.push(gbps(each * 16, bulk_direct_n(t.sink, each, 16).await?)),
+        (2, Some(c)) => s.bulk16.push(gbps(each * 16, bulk_proxy_n(c, &t.sink_t, each, 16).await?)),
+        (_, None) => s.setup.push(setup_rate_direct(t.echo, 2000, 16).await?),
+        (_, Some(c)) => s.setup.push(setup_rate_proxy(c, &t.echo_t, 2000, 16).await?),
+    }
+    Ok(())
+}
 fn print_report(r: &Report) {
     println!(
         "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9}",
@@ -349,18 +455,25 @@ fn print_report(r: &Report) {
         "{:<40} {:>8.1} {:>8.1} {:>9.1} {:>9.1}",
         "direct TCP, blocking client+echo", b.p50_us, b.p99_us, b.p999_us, b.max_us
     );
-    for (name, p) in [
-        ("direct TCP, glommio client", &r.direct),
-        ("client→B→agent→target (mTLS)", &r.proxy),
-        ("client→A→peer→B→agent→target (mTLS)", &r.two_proxy),
-    ] {
+    let rows = [
+        ("direct TCP, glommio client", Some(&r.direct)),
+        ("client→B→agent→target (mTLS)", Some(&r.proxy)),
+        ("the same, client on another shard", r.other_shard.as_ref()),
+        ("client→A→peer→B→agent→target (mTLS)", Some(&r.two_proxy)),
+    ];
+    for (name, p) in rows.into_iter().filter_map(|(n, p)| Some((n, p?))) {
         let l = &p.one_way;
         println!(
             "{name:<40} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9.2} {:>10.2} {:>9.0}",
             l.p50_us, l.p99_us, l.p999_us, l.max_us, p.bulk_gbps, p.bulk16_gbps, p.setup_per_s
         );
     }
-    for (name, x) in [("1 proxy", &r.ratio), ("2 proxies", &r.ratio_two_proxy)] {
+    let ratios = [
+        ("1 proxy", Some(&r.ratio)),
+        ("other shard", r.ratio_other_shard.as_ref()),
+        ("2 proxies", Some(&r.ratio_two_proxy)),
+    ];
+    for (name, x) in ratios.into_iter().filter_map(|(n, x)| Some((n, x?))) {
         println!(
             "ratio {name}/direct: latency p50 {:.2}x p99 {:.2}x p99.9 {:.2}x; throughput 1x {:.2}x 16x {:.2}x; setup {:.2}x",
             x.p50, x.p99, x.p999, x.bulk, x.bulk16, x.setup

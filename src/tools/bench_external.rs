@@ -1,7 +1,8 @@
 //! `ringpeer bench --external-echo ... --external-sink ...`: the same
 //! workloads as the fleet bench (ping-pong, 1- and 16-stream bulk, setup
 //! rate), measured through any TCP path (e.g. a haproxy chain) beside
-//! direct TCP to the targets behind it, in one invocation.
+//! direct TCP to the targets behind it, in one invocation; with `--plot
+//! DIR`, the same report as JSON and SVG (`super::plot`).
 //!
 //! Invariant: both sides use the same glommio client code, so the ratio
 //! measures the path.
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use super::bench::{BenchOpts, PathReport, Ratios, Samples};
 use super::load::{bulk_direct, bulk_direct_n, gbps, pingpong_direct, setup_rate_direct};
+use super::plot::Series;
 
 /// Report of an external path measured beside direct TCP.
 #[derive(Serialize, Debug)]
@@ -40,25 +42,34 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
     let (pe, ps) = (parse(&o.external_echo, "--external-echo")?, parse(&o.external_sink, "--external-sink")?);
     let (de, ds) = (parse(&o.direct_echo, "--direct-echo")?, parse(&o.direct_sink, "--direct-sink")?);
     let opts = o.clone();
+    // Steps: 4 workloads x 2 paths per run.
+    let pb = super::plot::progress((o.runs * 8) as u64);
+    let bar = pb.clone();
     let (direct, path) = crate::runtime::block_on("bench-external", move || async move {
         let e = |s: crate::wire::error::Error| s.to_string();
         let (mut d, mut p) = (Samples::default(), Samples::default());
         let bytes = opts.bulk_mib << 20;
         let each = (bytes / 16).max(1 << 20);
         pingpong_direct(pe, 500, opts.size).await.map_err(e)?;
-        for _ in 0..opts.runs {
+        for run in 0..opts.runs {
+            bar.set_message(format!("run {}/{}", run + 1, opts.runs));
             d.add(&pingpong_direct(de, opts.iters, opts.size).await.map_err(e)?);
             p.add(&pingpong_direct(pe, opts.iters, opts.size).await.map_err(e)?);
+            bar.inc(2);
             d.bulk.push(gbps(bytes, bulk_direct(ds, bytes).await.map_err(e)?));
             p.bulk.push(gbps(bytes, bulk_direct(ps, bytes).await.map_err(e)?));
+            bar.inc(2);
             d.bulk16.push(gbps(each * 16, bulk_direct_n(ds, each, 16).await.map_err(e)?));
             p.bulk16.push(gbps(each * 16, bulk_direct_n(ps, each, 16).await.map_err(e)?));
+            bar.inc(2);
             d.setup.push(setup_rate_direct(de, 2000, 16).await.map_err(e)?);
             p.setup.push(setup_rate_direct(pe, 2000, 16).await.map_err(e)?);
+            bar.inc(2);
         }
         Ok::<_, String>((d.report(), p.report()))
     })?
     .map_err(anyhow::Error::msg)?;
+    pb.finish_and_clear();
     let r = ExternalReport { label: o.label.clone(), runs: o.runs, ratio: Ratios::of(&path, &direct), direct, path };
     println!(
         "{:<40} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9}",
@@ -80,6 +91,12 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
     match &o.json {
         Some(p) => std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?,
         None => println!("{json}"),
+    }
+    if let Some(dir) = &o.plot {
+        let series = [Series { name: "direct TCP", report: &r.direct }, Series { name: &r.label, report: &r.path }];
+        for f in super::plot::write(dir, &format!("ringpeer bench: {}", r.label), &r, &series)? {
+            eprintln!("wrote {}", f.display());
+        }
     }
     Ok(())
 }

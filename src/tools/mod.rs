@@ -4,7 +4,7 @@
 //! `target` (echo/sink/source services), `fleet` (in-process proxies and
 //! agents, used by the demo, the bench and the tests), `load` (dial drivers)
 //! `routes` (the backend reader behind `ringpeer routes`), `grants` (behind
-//! `ringpeer grants`), `soak` (a long
+//! `ringpeer grants`), `plot` (`bench --plot`: SVG and JSON), `soak` (a long
 //! mixed load with every byte checked) and `scale` (memory at scale: many
 //! tunnels and idle streams from one process).
 //!
@@ -18,6 +18,7 @@ pub mod demo;
 pub mod fleet;
 pub mod grants;
 pub mod load;
+pub mod plot;
 pub mod routes;
 pub mod scale;
 pub mod scale_sim;
