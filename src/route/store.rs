@@ -91,6 +91,13 @@ pub trait StoreFactory: Send + Sync {
     fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>>;
     /// Human-readable backend name for logs.
     fn describe(&self) -> String;
+    /// Bumped whenever the backend's master changed (Redis Sentinel or
+    /// Cluster failover): connections opened under an older generation
+    /// talk to a node that is no longer the master, so their owners
+    /// reconnect (and the reader resyncs, the writer republishes).
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Default)]

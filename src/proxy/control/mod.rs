@@ -132,6 +132,8 @@ struct ControlLoop {
     ever_synced: bool,
     skipped: usize,
     writer: Option<Box<dyn RouteStore>>,
+    /// The backend generation the writer connected under.
+    writer_generation: u64,
     writer_backoff: Backoff,
     next_connect: Instant,
     writer_error: Option<String>,
@@ -173,6 +175,7 @@ impl ControlLoop {
             ever_synced: false,
             skipped: 0,
             writer: None,
+            writer_generation: 0,
             writer_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_connect: now,
             writer_error: None,
