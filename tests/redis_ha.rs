@@ -149,7 +149,7 @@ fn failover_story(fault: Fault) {
     // No route is lost on the new master, and the moved agent is there.
     let want: Vec<(String, Vec<String>)> =
         vec![("agent-1".into(), vec!["proxy-b".into()]), ("agent-2".into(), vec!["proxy-a".into()])];
-    let mut got = Vec::new();
+    let (mut got, mut last) = (Vec::new(), Vec::new());
     let routes_at = within(Duration::from_secs(10), "the new master holds every route", || {
         let Ok(l) = on_new.load() else { return false };
         got = l
@@ -159,6 +159,10 @@ fn failover_story(fault: Fault) {
             .filter(|(_, r)| !r.is_empty())
             .collect();
         got.sort();
+        if got != want && got != last {
+            eprintln!("{fault:?}: routes on the new master: {got:?}");
+            last = got.clone();
+        }
         got == want
     });
     let routes_at = t0.elapsed().max(promoted + routes_at);
@@ -238,8 +242,9 @@ fn sentinel_urls_parse_and_no_password_is_ever_printed() {
     // A password in the URL is redacted in describe() and every error; a
     // dead sentinel list names every sentinel tried.
     let url = format!("redis+sentinel://:{}@127.0.0.1:1,127.0.0.1:2/{}", set.data_password, set.name);
-    let f = RedisFactory::with_options(RedisOptions::resolve(&url, &RedisSources::default(), |_| None).unwrap(), "demo", 1)
-        .unwrap();
+    let f =
+        RedisFactory::with_options(RedisOptions::resolve(&url, &RedisSources::default(), |_| None).unwrap(), "demo", 1)
+            .unwrap();
     let e = format!("{:#}", f.connect().err().unwrap());
     assert!(clean(&f.describe()) && f.describe().contains(":***@"), "{}", f.describe());
     assert!(e.contains("127.0.0.1:1:") && e.contains("127.0.0.1:2:") && clean(&e), "{e}");

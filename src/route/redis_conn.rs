@@ -254,8 +254,12 @@ pub struct RedisFactory {
     maxlen: usize,
     /// What redis-rs connects with (no credentials under RESP2: ours).
     node_info: ConnectionInfo,
-    /// The sentinel or seed that answered last.
+    /// The cluster seed that answered last.
     pub(super) last_good: AtomicUsize,
+    /// The highest sentinel config epoch followed so far.
+    pub(super) epoch: AtomicU64,
+    /// The highest epoch `watch` reacted to.
+    watched: AtomicU64,
     /// The master last connected to (HA topologies).
     master: Mutex<Option<String>>,
     /// Bumped each time the master found differs from the previous one.
@@ -287,6 +291,8 @@ impl RedisFactory {
             maxlen,
             node_info: info,
             last_good: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            watched: AtomicU64::new(0),
             master: Mutex::new(None),
             generation: AtomicU64::new(0),
         })
@@ -411,6 +417,28 @@ impl StoreFactory for RedisFactory {
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    fn watch(&self) {
+        let Topology::Sentinel { sentinels, master } = &self.opts.topology else { return };
+        let i = self.last_good.fetch_add(1, Ordering::Relaxed) % sentinels.len();
+        let (h, p) = &sentinels[i];
+        let Ok((epoch, mh, mp)) = self.sentinel_master(h, *p, master) else { return };
+        let current = self.master.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let moved = current.as_deref() != Some(format!("{mh}:{mp}").as_str());
+        if moved
+            && epoch > self.epoch.load(Ordering::Acquire)
+            && self.watched.fetch_max(epoch, Ordering::AcqRel) < epoch
+        {
+            tracing::warn!(
+                backend = self.opts.shown,
+                sentinel = format!("{h}:{p}"),
+                epoch,
+                to = format!("{mh}:{mp}"),
+                "a sentinel reports a new redis master; reconnecting"
+            );
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 

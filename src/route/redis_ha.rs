@@ -14,6 +14,10 @@
 //!   that has not yet seen a failover finish, or a stale slot map, makes the
 //!   connect fail (the caller backs off and asks again), never a write to a
 //!   replica.
+//! - Sentinel: every sentinel is asked and the answer with the highest
+//!   config epoch wins, never one older than an epoch already followed, so
+//!   a sentinel that has not yet heard of a failover cannot send a proxy
+//!   back to the old master while that one still believes it is master.
 //! - Every ringpeer key of one cluster shares the hash tag `{<cluster>}`,
 //!   hence one slot, hence one master: MULTI/EXEC, `SCAN`, `XREAD` and the
 //!   repair script run unchanged on a plain connection to that node.
@@ -107,7 +111,8 @@ pub fn split_url(url: &str, shown: &str) -> anyhow::Result<(Topology, String)> {
         (Topology::Cluster { seeds: nodes.clone() }, None)
     };
     if let Some(db) = db {
-        db.parse::<i64>().map_err(|_| anyhow::anyhow!("invalid redis url {shown:?}: database {db:?} is not a number"))?;
+        db.parse::<i64>()
+            .map_err(|_| anyhow::anyhow!("invalid redis url {shown:?}: database {db:?} is not a number"))?;
     }
     let (h, p) = &nodes[0];
     let host = if h.contains(':') { format!("[{h}]") } else { h.clone() };
@@ -156,19 +161,64 @@ impl RedisFactory {
     /// asked and every answer that was not a usable master is named in the
     /// error.
     pub(super) fn discover(&self) -> anyhow::Result<(redis::Connection, String)> {
-        let mut why = Vec::new();
-        let asked: Vec<(String, u16)> = match &self.opts.topology {
+        match &self.opts.topology {
             Topology::Single => unreachable!("a single server needs no discovery"),
-            Topology::Sentinel { sentinels, .. } => sentinels.clone(),
-            Topology::Cluster { seeds } => seeds.clone(),
-        };
-        // Start where the last discovery succeeded: a dead first sentinel
+            Topology::Sentinel { sentinels, master } => self.from_sentinels(sentinels, master),
+            Topology::Cluster { seeds } => self.from_seeds(seeds),
+        }
+    }
+
+    /// Asks every sentinel (`SENTINEL MASTER`) and takes the address with
+    /// the highest config epoch, never one older than an epoch already
+    /// used. Right after a failover only the leader sentinel knows the new
+    /// master, and the old one still answers ROLE master until it is
+    /// demoted: the first answer alone would split the proxies' writes
+    /// between two masters (seen in the failover test).
+    fn from_sentinels(&self, sentinels: &[(String, u16)], name: &str) -> anyhow::Result<(redis::Connection, String)> {
+        let mut why = Vec::new();
+        let mut answers: Vec<(u64, String, u16)> = Vec::new();
+        for (h, p) in sentinels {
+            match self.sentinel_master(h, *p, name) {
+                Ok(a) => answers.push(a),
+                Err(e) => why.push(format!("{h}:{p}: {e:#}")),
+            }
+        }
+        answers.sort_by(|a, b| b.0.cmp(&a.0));
+        let used = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+        for (epoch, mh, mp) in answers {
+            if epoch < used {
+                why.push(format!("{mh}:{mp}: config epoch {epoch} is older than {used}, already followed"));
+                continue;
+            }
+            match self.verify_master(&mh, mp) {
+                Ok(con) => {
+                    self.epoch.fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
+                    return Ok((con, format!("{mh}:{mp}")));
+                }
+                Err(e) => why.push(format!("{mh}:{mp} (epoch {epoch}): {e:#}")),
+            }
+        }
+        bail!("redis {}: no master found: {}", self.opts.shown(), why.join("; "))
+    }
+
+    /// One sentinel's view of master `name`: (config epoch, host, port).
+    pub(super) fn sentinel_master(&self, host: &str, port: u16, name: &str) -> anyhow::Result<(u64, String, u16)> {
+        let mut con = self.sentinel_con(host, port)?;
+        let m: std::collections::HashMap<String, String> =
+            redis::cmd("SENTINEL").arg("MASTER").arg(name).query(&mut con)?;
+        let field = |k: &str| m.get(k).cloned().with_context(|| format!("SENTINEL MASTER has no {k}"));
+        Ok((field("config-epoch")?.parse()?, field("ip")?, field("port")?.parse()?))
+    }
+
+    /// Asks the seeds in turn which node masters our slot.
+    fn from_seeds(&self, seeds: &[(String, u16)]) -> anyhow::Result<(redis::Connection, String)> {
+        let mut why = Vec::new();
+        // Start where the last discovery succeeded: a dead first seed
         // costs its connect deadline once, not at every reconnect.
-        let start = self.last_good.load(std::sync::atomic::Ordering::Relaxed) % asked.len();
-        for i in (0..asked.len()).map(|k| (start + k) % asked.len()) {
-            let (h, p) = &asked[i];
-            match self.ask(h, *p).and_then(|(mh, mp)| self.verify_master(&mh, mp).map(|c| (c, format!("{mh}:{mp}"))))
-            {
+        let start = self.last_good.load(std::sync::atomic::Ordering::Relaxed) % seeds.len();
+        for i in (0..seeds.len()).map(|k| (start + k) % seeds.len()) {
+            let (h, p) = &seeds[i];
+            match self.ask(h, *p).and_then(|(mh, mp)| self.verify_master(&mh, mp).map(|c| (c, format!("{mh}:{mp}")))) {
                 Ok(found) => {
                     self.last_good.store(i, std::sync::atomic::Ordering::Relaxed);
                     return Ok(found);
@@ -179,24 +229,13 @@ impl RedisFactory {
         bail!("redis {}: no master found: {}", self.opts.shown(), why.join("; "))
     }
 
-    /// Asks one sentinel or seed where the master is.
+    /// Asks one seed which node masters our slot.
     fn ask(&self, host: &str, port: u16) -> anyhow::Result<(String, u16)> {
-        match &self.opts.topology {
-            Topology::Sentinel { master, .. } => {
-                let mut con = self.sentinel_con(host, port)?;
-                let got: Option<(String, u16)> =
-                    redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(master).query(&mut con)?;
-                got.with_context(|| format!("the sentinel knows no master named {master:?}"))
-            }
-            Topology::Cluster { .. } => {
-                let mut con = self.node_con(host, port)?;
-                let key = format!("ringpeer:{{{}}}:events", self.cluster);
-                let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key).query(&mut con)?;
-                let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut con)?;
-                slot_master(slots, slot, host).with_context(|| format!("no node serves slot {slot} (cluster down?)"))
-            }
-            Topology::Single => unreachable!(),
-        }
+        let mut con = self.node_con(host, port)?;
+        let key = format!("ringpeer:{{{}}}:events", self.cluster);
+        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key).query(&mut con)?;
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut con)?;
+        slot_master(slots, slot, host).with_context(|| format!("no node serves slot {slot} (cluster down?)"))
     }
 
     /// A connection to `host:port`, once it answers ROLE as a master.
@@ -251,8 +290,12 @@ mod tests {
         assert_eq!(one, "redis://:pw@s1:26379/3?protocol=resp3");
         let (_, one) = split_url("rediss+sentinel://s1/m", "x").unwrap();
         assert_eq!(one, "rediss://s1:26379/0");
-        for bad in ["redis+sentinel://s1:26379", "redis+sentinel://s1/m/x", "redis+sentinel://s1:p/m", "redis+sentinel://,s1/m"]
-        {
+        for bad in [
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1/m/x",
+            "redis+sentinel://s1:p/m",
+            "redis+sentinel://,s1/m",
+        ] {
             assert!(split_url(bad, "shown-url").unwrap_err().to_string().contains("shown-url"), "{bad}");
         }
     }

@@ -98,6 +98,12 @@ pub trait StoreFactory: Send + Sync {
     fn generation(&self) -> u64 {
         0
     }
+    /// Asks the backend's topology whether the master moved (one sentinel,
+    /// round robin), bumping the generation when it did; the reader calls
+    /// it about once a second. A demoted master may keep accepting writes
+    /// until the sentinels convert it (up to their 10 s INFO period), so
+    /// waiting for the connection to drop is not enough.
+    fn watch(&self) {}
 }
 
 #[derive(Default)]

@@ -201,9 +201,22 @@ impl SentinelSet {
         let pw = s.data_password;
         let base = |port: u16| -> Vec<String> {
             let p = port.to_string();
-            ["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--requirepass", pw, "--masterauth", pw]
-                .map(String::from)
-                .into()
+            [
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                pw,
+                "--masterauth",
+                pw,
+            ]
+            .map(String::from)
+            .into()
         };
         let (m, child) = spawn_on_free_port(|port| base(port), |port| ping(port, Some(pw)));
         s.nodes.push((m, Some(child)));
@@ -217,7 +230,8 @@ impl SentinelSet {
         );
         s.nodes.push((r, Some(child)));
         wait_for("the replica in sync", || {
-            let info: String = redis::cmd("INFO").arg("replication").query(&mut s.data_con(m)).unwrap_or_default();
+            let Ok(mut c) = s.data_con(m) else { return false };
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).unwrap_or_default();
             info.contains("state=online")
         });
         for _ in 0..3 {

@@ -23,6 +23,10 @@ use crate::runtime::backoff::Backoff;
 /// How long one XREAD blocks (bounds how fast the thread notices `stop`).
 pub const BLOCK: Duration = Duration::from_millis(250);
 
+/// How often the reader asks the backend whether its master moved
+/// ([`StoreFactory::watch`]).
+pub const WATCH: Duration = Duration::from_secs(1);
+
 /// Messages to the control thread.
 pub enum FromReader {
     /// A full load.
@@ -75,12 +79,17 @@ pub fn run(store: Arc<dyn StoreFactory>, tx: Sender<FromReader>, resync: Duratio
             }
             backoff.reset();
             let loaded_at = Instant::now();
+            let mut watched = loaded_at;
             loop {
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
                 if loaded_at.elapsed() >= resync {
                     break;
+                }
+                if watched.elapsed() >= WATCH {
+                    store.watch();
+                    watched = Instant::now();
                 }
                 if store.generation() != generation {
                     continue 'connect;

@@ -102,6 +102,11 @@ impl ControlLoop {
                 for a in agents {
                     self.publish_agent(&a);
                 }
+                let keep = 3 * self.opts.resync;
+                self.gone.retain(|_, at| at.elapsed() < keep);
+                let gone: Vec<String> = self.gone.keys().filter(|a| !self.local.contains_key(*a)).cloned().collect();
+                let id = self.opts.me.id.clone();
+                self.write("remove routes again", |w| gone.iter().try_for_each(|a| w.remove_route(a, &id, true)));
                 if self.writer.is_some() {
                     if self.writer_error.take().is_some() {
                         tracing::info!(
