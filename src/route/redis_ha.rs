@@ -163,8 +163,8 @@ impl RedisFactory {
     pub(super) fn discover(&self) -> anyhow::Result<(redis::Connection, String)> {
         match &self.opts.topology {
             Topology::Single => unreachable!("a single server needs no discovery"),
-            Topology::Sentinel { sentinels, master } => self.from_sentinels(sentinels, master),
-            Topology::Cluster { seeds } => self.from_seeds(seeds),
+            Topology::Sentinel { sentinels, master } => self.ask_sentinels(sentinels, master),
+            Topology::Cluster { seeds } => self.ask_seeds(seeds),
         }
     }
 
@@ -174,7 +174,7 @@ impl RedisFactory {
     /// master, and the old one still answers ROLE master until it is
     /// demoted: the first answer alone would split the proxies' writes
     /// between two masters (seen in the failover test).
-    fn from_sentinels(&self, sentinels: &[(String, u16)], name: &str) -> anyhow::Result<(redis::Connection, String)> {
+    fn ask_sentinels(&self, sentinels: &[(String, u16)], name: &str) -> anyhow::Result<(redis::Connection, String)> {
         let mut why = Vec::new();
         let mut answers: Vec<(u64, String, u16)> = Vec::new();
         for (h, p) in sentinels {
@@ -183,7 +183,7 @@ impl RedisFactory {
                 Err(e) => why.push(format!("{h}:{p}: {e:#}")),
             }
         }
-        answers.sort_by(|a, b| b.0.cmp(&a.0));
+        answers.sort_by_key(|a| std::cmp::Reverse(a.0));
         let used = self.epoch.load(std::sync::atomic::Ordering::Acquire);
         for (epoch, mh, mp) in answers {
             if epoch < used {
@@ -211,7 +211,7 @@ impl RedisFactory {
     }
 
     /// Asks the seeds in turn which node masters our slot.
-    fn from_seeds(&self, seeds: &[(String, u16)]) -> anyhow::Result<(redis::Connection, String)> {
+    fn ask_seeds(&self, seeds: &[(String, u16)]) -> anyhow::Result<(redis::Connection, String)> {
         let mut why = Vec::new();
         // Start where the last discovery succeeded: a dead first seed
         // costs its connect deadline once, not at every reconnect.

@@ -218,7 +218,7 @@ impl SentinelSet {
             .map(String::from)
             .into()
         };
-        let (m, child) = spawn_on_free_port(|port| base(port), |port| ping(port, Some(pw)));
+        let (m, child) = spawn_on_free_port(base, |port| ping(port, Some(pw)));
         s.nodes.push((m, Some(child)));
         let (r, child) = spawn_on_free_port(
             |port| {
