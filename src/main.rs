@@ -227,6 +227,10 @@ struct RedisArgs {
     /// PEM private key of --redis-tls-cert.
     #[arg(long, global = true, requires = "redis_tls_cert")]
     redis_tls_key: Option<PathBuf>,
+    /// File holding the sentinels' password, for a redis+sentinel://
+    /// backend (else RINGPEER_REDIS_SENTINEL_PASSWORD).
+    #[arg(long, global = true)]
+    redis_sentinel_password_file: Option<PathBuf>,
 }
 
 impl RedisArgs {
@@ -237,6 +241,7 @@ impl RedisArgs {
             tls_ca: self.redis_tls_ca,
             tls_cert: self.redis_tls_cert,
             tls_key: self.redis_tls_key,
+            sentinel_password_file: self.redis_sentinel_password_file,
         }
     }
 }

@@ -32,8 +32,11 @@ pub struct BackendConfig {
     #[serde(default)]
     pub kind: BackendKind,
     /// Redis URL, `redis://host:port/db` or `rediss://` (TLS), with
-    /// `kind = "redis"`. A password in it works but is visible to anyone who
-    /// reads the config: use `password_file` or `RINGPEER_REDIS_PASSWORD`.
+    /// `kind = "redis"`; for high availability
+    /// `redis+sentinel://s1:26379,s2:26379/<master>[/db]` or
+    /// `redis+cluster://n1:6379,n2:6379` (`rediss+` for TLS). A password in
+    /// it works but is visible to anyone who reads the config: use
+    /// `password_file` or `RINGPEER_REDIS_PASSWORD`.
     #[serde(default)]
     pub url: Option<String>,
     /// File holding the Redis password (read at start, trailing newline
@@ -53,6 +56,11 @@ pub struct BackendConfig {
     /// PEM private key of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<std::path::PathBuf>,
+    /// File holding the sentinels' own password (`requirepass` of
+    /// `redis+sentinel://` sentinels); without it,
+    /// `RINGPEER_REDIS_SENTINEL_PASSWORD`.
+    #[serde(default)]
+    pub sentinel_password_file: Option<std::path::PathBuf>,
     /// Validity of this proxy's record; it heartbeats every third of it.
     #[serde(default = "default_ttl")]
     pub proxy_ttl_ms: u64,
@@ -85,6 +93,7 @@ impl std::fmt::Debug for BackendConfig {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("sentinel_password_file", &self.sentinel_password_file)
             .field("proxy_ttl_ms", &self.proxy_ttl_ms)
             .field("resync_interval_ms", &self.resync_interval_ms)
             .field("events_maxlen", &self.events_maxlen)
@@ -101,6 +110,7 @@ impl BackendConfig {
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            sentinel_password_file: self.sentinel_password_file.clone(),
         }
     }
 
@@ -122,6 +132,7 @@ impl Default for BackendConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            sentinel_password_file: None,
             proxy_ttl_ms: default_ttl(),
             resync_interval_ms: default_resync(),
             events_maxlen: default_maxlen(),

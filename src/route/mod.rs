@@ -16,6 +16,7 @@ pub mod grants;
 pub mod model;
 pub mod redis;
 pub mod redis_conn;
+pub mod redis_ha;
 pub mod store;
 
 use std::collections::HashMap;

@@ -19,7 +19,7 @@
 //!   renamed aside to `events:bad:<ms>` (kept for inspection, one log line)
 //!   and a fresh stream starts; readers then resync from a full load.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Commands, Connection, Value};
 
@@ -34,21 +34,43 @@ pub struct RedisStore {
     con: Connection,
     prefix: String,
     maxlen: usize,
+    /// HA topologies: when the reader next checks that its node is still
+    /// the master (a demoted node keeps serving reads; see `read`).
+    role_due: Option<Instant>,
 }
+
+/// How often an HA reader checks ROLE between blocking reads.
+pub const ROLE_CHECK: Duration = Duration::from_secs(1);
 
 impl RedisStore {
     /// The store of `cluster` over `con` (opened by [`RedisFactory`]:
     /// timed, authenticated); events are trimmed to about `maxlen`.
     pub(super) fn new(con: Connection, cluster: &str, maxlen: usize) -> RedisStore {
-        RedisStore { con, prefix: format!("ringpeer:{{{cluster}}}:"), maxlen }
+        RedisStore { con, prefix: format!("ringpeer:{{{cluster}}}:"), maxlen, role_due: None }
+    }
+
+    /// This store checks, every [`ROLE_CHECK`] while reading, that its node
+    /// is still the master, and fails the read when it is not, so the
+    /// reader rediscovers the master and resyncs.
+    pub(super) fn checking_role(mut self) -> RedisStore {
+        self.role_due = Some(Instant::now() + ROLE_CHECK);
+        self
     }
 }
 
 /// Whether a Redis error is about the data (wrong type, bad reply), as
 /// opposed to the connection: data errors skip a key, connection errors end
 /// the operation (and the control thread reconnects).
+/// The node refusing because it is not (or no longer) the master of our
+/// slot (READONLY, MOVED, ASK, TRYAGAIN, CLUSTERDOWN, MASTERDOWN, LOADING)
+/// counts as a connection error: the fix is another node, not a repair.
 fn data_error(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal())
+    use redis::ErrorKind as K;
+    let wrong_node = matches!(
+        e.kind(),
+        K::ReadOnly | K::Moved | K::Ask | K::TryAgain | K::ClusterDown | K::MasterDown | K::BusyLoadingError
+    );
+    !(wrong_node || e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal())
 }
 
 impl RedisStore {
@@ -382,6 +404,14 @@ impl RouteStore for RedisStore {
     }
 
     fn read(&mut self, after: StreamId, block: Duration) -> anyhow::Result<Read> {
+        if let Some(due) = self.role_due.filter(|d| Instant::now() >= *d) {
+            let role: Vec<Value> = redis::cmd("ROLE").query(&mut self.con)?;
+            let role: String = role.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+            if role != "master" {
+                anyhow::bail!("the node answers ROLE {role:?}: it is no longer the master");
+            }
+            self.role_due = Some(due.max(Instant::now() - ROLE_CHECK) + ROLE_CHECK);
+        }
         if after != StreamId::default() && self.gap_after(after)? {
             return Ok(Read::Trimmed);
         }

@@ -24,12 +24,15 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 
 use super::redis::RedisStore;
+use super::redis_ha::{split_url, Topology, SENTINEL_PASSWORD_ENV};
 use super::store::{RouteStore, StoreFactory};
 
 /// Connect deadline.
@@ -86,6 +89,8 @@ pub struct RedisSources {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// A file holding the sentinels' password (`redis+sentinel://` only).
+    pub sentinel_password_file: Option<PathBuf>,
 }
 
 /// Everything needed to connect, credentials held apart from the URL.
@@ -95,6 +100,10 @@ pub struct RedisOptions {
     shown: String,
     password_from: String,
     tls: Option<redis::TlsCertificates>,
+    /// One server, sentinels, or cluster seeds (`redis_ha`).
+    pub(super) topology: Topology,
+    /// The sentinels' own password.
+    sentinel_password: Option<Secret>,
 }
 
 impl RedisOptions {
@@ -115,8 +124,9 @@ impl RedisOptions {
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<RedisOptions> {
         let shown = redact(url);
+        let (topology, one) = split_url(url, &shown)?;
         // The redis error never quotes the URL; ours quotes it redacted.
-        let mut info = url.into_connection_info().map_err(|e| anyhow::anyhow!("invalid redis url {shown:?}: {e}"))?;
+        let mut info = one.into_connection_info().map_err(|e| anyhow::anyhow!("invalid redis url {shown:?}: {e}"))?;
         let in_url = info.redis.password.take().map(Secret::new);
         let (password, password_from) = if let Some(path) = &src.password_file {
             if in_url.is_some() {
@@ -145,7 +155,13 @@ impl RedisOptions {
             info.redis.username = Some(u);
         }
         let tls = tls_material(&info, src, &shown)?;
-        Ok(RedisOptions { info, shown, password_from, tls })
+        let sentinel_password = match (&src.sentinel_password_file, &topology) {
+            (Some(path), Topology::Sentinel { .. }) => Some(read_password(path)?),
+            (Some(_), _) => bail!("sentinel_password_file needs a redis+sentinel:// url, not {shown:?}"),
+            (None, Topology::Sentinel { .. }) => env(SENTINEL_PASSWORD_ENV).map(Secret::new),
+            (None, _) => None,
+        };
+        Ok(RedisOptions { info, shown, password_from, tls, topology, sentinel_password })
     }
 
     /// The URL as printed: password redacted.
@@ -233,9 +249,21 @@ fn tls_material(
 /// Opens Redis connections for one cluster.
 pub struct RedisFactory {
     client: redis::Client,
-    opts: RedisOptions,
-    cluster: String,
+    pub(super) opts: RedisOptions,
+    pub(super) cluster: String,
     maxlen: usize,
+    /// What redis-rs connects with (no credentials under RESP2: ours).
+    node_info: ConnectionInfo,
+    /// The cluster seed that answered last.
+    pub(super) last_good: AtomicUsize,
+    /// The highest sentinel config epoch followed so far.
+    pub(super) epoch: AtomicU64,
+    /// The highest epoch `watch` reacted to.
+    watched: AtomicU64,
+    /// The master last connected to (HA topologies).
+    master: Mutex<Option<String>>,
+    /// Bumped each time the master found differs from the previous one.
+    generation: AtomicU64,
 }
 
 impl RedisFactory {
@@ -255,18 +283,79 @@ impl RedisFactory {
             info.redis.username = None;
             info.redis.db = 0;
         }
-        let client = match &opts.tls {
+        let client = Self::client_for(&opts, info.clone())?;
+        Ok(RedisFactory {
+            client,
+            opts,
+            cluster: cluster.to_string(),
+            maxlen,
+            node_info: info,
+            last_good: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            watched: AtomicU64::new(0),
+            master: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    fn client_for(opts: &RedisOptions, info: ConnectionInfo) -> anyhow::Result<redis::Client> {
+        match &opts.tls {
             Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
             None => redis::Client::open(info),
         }
-        .map_err(|e| anyhow::anyhow!("redis {}: {e}", opts.shown))?;
-        Ok(RedisFactory { client, opts, cluster: cluster.to_string(), maxlen })
+        .map_err(|e| anyhow::anyhow!("redis {}: {e}", opts.shown))
     }
 
-    /// One connection, timed, authenticated, on its database, answering PING.
+    /// One connection to the master, timed, authenticated, on its
+    /// database, answering PING; for HA topologies, found and verified by
+    /// `redis_ha`, and a change of master bumps the generation.
     fn open(&self) -> anyhow::Result<redis::Connection> {
+        if self.opts.topology == Topology::Single {
+            return self.open_with(&self.client);
+        }
+        let (con, at) = self.discover()?;
+        let mut cur = self.master.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.as_deref() != Some(at.as_str()) {
+            if let Some(old) = cur.as_deref() {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                tracing::warn!(
+                    backend = self.opts.shown,
+                    from = old,
+                    to = at,
+                    "the redis master moved; reconnecting writer and reader, full resync"
+                );
+            }
+            *cur = Some(at);
+        }
+        Ok(con)
+    }
+
+    /// [`open`](Self::open) on the data node at `host:port`.
+    pub(super) fn node_con(&self, host: &str, port: u16) -> anyhow::Result<redis::Connection> {
+        let mut info = self.node_info.clone();
+        info.addr = super::redis_ha::addr_like(&info.addr, host, port);
+        self.open_with(&Self::client_for(&self.opts, info)?)
+    }
+
+    /// A timed connection to the sentinel at `host:port`, authenticated
+    /// with the sentinel password.
+    pub(super) fn sentinel_con(&self, host: &str, port: u16) -> anyhow::Result<redis::Connection> {
+        let addr = super::redis_ha::addr_like(&self.node_info.addr, host, port);
+        let info = ConnectionInfo { addr, redis: redis::RedisConnectionInfo::default() };
+        let mut con = Self::client_for(&self.opts, info)?.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        con.set_read_timeout(Some(IO_TIMEOUT))?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        if let Some(p) = &self.opts.sentinel_password {
+            redis::cmd("AUTH").arg(p.expose()).query::<()>(&mut con).map_err(|e| {
+                anyhow::anyhow!("the sentinel refused the sentinel password (sentinel_password_file or {SENTINEL_PASSWORD_ENV}): {e}")
+            })?;
+        }
+        Ok(con)
+    }
+
+    fn open_with(&self, client: &redis::Client) -> anyhow::Result<redis::Connection> {
         let shown = &self.opts.shown;
-        let mut con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(|e| self.explain(e))?;
+        let mut con = client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(|e| self.explain(e))?;
         con.set_read_timeout(Some(IO_TIMEOUT))?;
         con.set_write_timeout(Some(IO_TIMEOUT))?;
         let r = &self.opts.info.redis;
@@ -315,11 +404,41 @@ impl RedisFactory {
 
 impl StoreFactory for RedisFactory {
     fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>> {
-        Ok(Box::new(RedisStore::new(self.open()?, &self.cluster, self.maxlen)))
+        let s = RedisStore::new(self.open()?, &self.cluster, self.maxlen);
+        Ok(Box::new(if self.opts.topology == Topology::Single { s } else { s.checking_role() }))
     }
 
     fn describe(&self) -> String {
-        format!("redis {}", self.opts.shown)
+        match self.master.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+            Some(m) => format!("redis {} ({} master {m})", self.opts.shown, self.opts.topology.kind()),
+            None => format!("redis {}", self.opts.shown),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn watch(&self) {
+        let Topology::Sentinel { sentinels, master } = &self.opts.topology else { return };
+        let i = self.last_good.fetch_add(1, Ordering::Relaxed) % sentinels.len();
+        let (h, p) = &sentinels[i];
+        let Ok((epoch, mh, mp)) = self.sentinel_master(h, *p, master) else { return };
+        let current = self.master.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let moved = current.as_deref() != Some(format!("{mh}:{mp}").as_str());
+        if moved
+            && epoch > self.epoch.load(Ordering::Acquire)
+            && self.watched.fetch_max(epoch, Ordering::AcqRel) < epoch
+        {
+            tracing::warn!(
+                backend = self.opts.shown,
+                sentinel = format!("{h}:{p}"),
+                epoch,
+                to = format!("{mh}:{mp}"),
+                "a sentinel reports a new redis master; reconnecting"
+            );
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -91,6 +91,19 @@ pub trait StoreFactory: Send + Sync {
     fn connect(&self) -> anyhow::Result<Box<dyn RouteStore>>;
     /// Human-readable backend name for logs.
     fn describe(&self) -> String;
+    /// Bumped whenever the backend's master changed (Redis Sentinel or
+    /// Cluster failover): connections opened under an older generation
+    /// talk to a node that is no longer the master, so their owners
+    /// reconnect (and the reader resyncs, the writer republishes).
+    fn generation(&self) -> u64 {
+        0
+    }
+    /// Asks the backend's topology whether the master moved (one sentinel,
+    /// round robin), bumping the generation when it did; the reader calls
+    /// it about once a second. A demoted master may keep accepting writes
+    /// until the sentinels convert it (up to their 10 s INFO period), so
+    /// waiting for the connection to drop is not enough.
+    fn watch(&self) {}
 }
 
 #[derive(Default)]

@@ -49,6 +49,7 @@ pub fn open(
         tls_ca: f.tls_ca.or(base.tls_ca),
         tls_cert: f.tls_cert.or(base.tls_cert),
         tls_key: f.tls_key.or(base.tls_key),
+        sentinel_password_file: f.sentinel_password_file.or(base.sentinel_password_file),
     };
     RedisFactory::with_options(RedisOptions::load(&url, &src)?, &cluster, 10_000)?.connect()
 }

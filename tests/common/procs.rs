@@ -191,3 +191,21 @@ pub fn proxy_config_file(
     std::fs::write(&path, cfg).unwrap();
     (path, admin)
 }
+
+/// [`proxy`] with `backend` as the `[backend]` table's extra lines (the
+/// `url` and any password files), e.g. a `redis+sentinel://` URL.
+pub fn proxy_on(dir: &Path, backend: &str, id: &str, ttl_ms: u64, count: u32) -> (Proc, SocketAddr, SocketAddr) {
+    let admin = free_addr();
+    let d = dir.display();
+    let cfg = format!(
+        "cluster = \"demo\"\nid = \"{id}\"\nshards = 2\nclient_addr = \"127.0.0.1:0\"\ntunnel_addr = \"127.0.0.1:0\"\n\
+         admin_addr = \"{admin}\"\npeer_addr = \"127.0.0.1:0\"\npin_cpus = false\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\nkey = \"{d}/{id}-key.pem\"\n\
+         [backend]\nkind = \"redis\"\n{backend}\nproxy_ttl_ms = {ttl_ms}\n\
+         [strategy]\ntype = \"proxy_peering\"\nagent_connection_count = {count}\n\
+         [audit]\npath = \"{d}/{id}-audit.log\"\n"
+    );
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let (proc, _, tunnel) = start_proxy(&path, None);
+    (proc, tunnel, admin)
+}

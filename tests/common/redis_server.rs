@@ -163,3 +163,247 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A Sentinel-managed pair: a master, one replica (`--replicaof`) and three
+/// sentinels (quorum 2, down after 1 s), all on free ports, every one with
+/// a password: `data_password` on the data nodes (the replica and the
+/// sentinels use it as `masterauth` / `auth-pass`), `sentinel_password` on
+/// the sentinels (`requirepass`, and `sentinel-pass` between them).
+pub struct SentinelSet {
+    pub name: &'static str,
+    pub data_password: &'static str,
+    pub sentinel_password: &'static str,
+    /// Data node ports and processes (index 0 started as master).
+    nodes: Vec<(u16, Option<Child>)>,
+    sentinels: Vec<(u16, Child)>,
+    dir: PathBuf,
+}
+
+impl SentinelSet {
+    /// Starts it and waits until every sentinel knows the replica and the
+    /// two other sentinels (else a failover cannot be elected), and writes
+    /// the open grant for cluster `demo` (see [`Redis::start`]).
+    pub fn start() -> SentinelSet {
+        let dir = std::env::temp_dir().join(format!(
+            "ringpeer-sentinels-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = SentinelSet {
+            name: "ringpeer-main",
+            data_password: "data-secret-d4t4",
+            sentinel_password: "sentinel-secret-s3nt",
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        let pw = s.data_password;
+        let base = |port: u16| -> Vec<String> {
+            let p = port.to_string();
+            [
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                pw,
+                "--masterauth",
+                pw,
+            ]
+            .map(String::from)
+            .into()
+        };
+        let (m, child) = spawn_on_free_port(base, |port| ping(port, Some(pw)));
+        s.nodes.push((m, Some(child)));
+        let (r, child) = spawn_on_free_port(
+            |port| {
+                let mut a = base(port);
+                a.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+                a
+            },
+            |port| ping(port, Some(pw)),
+        );
+        s.nodes.push((r, Some(child)));
+        wait_for("the replica in sync", || {
+            let Ok(mut c) = s.data_con(m) else { return false };
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).unwrap_or_default();
+            info.contains("state=online")
+        });
+        for _ in 0..3 {
+            let dir = s.dir.clone();
+            let (name, spw) = (s.name, s.sentinel_password);
+            let (port, child) = spawn_on_free_port(
+                |port| {
+                    let conf = dir.join(format!("sentinel-{port}.conf"));
+                    std::fs::write(
+                        &conf,
+                        format!(
+                            "port {port}\nbind 127.0.0.1\nrequirepass {spw}\nsentinel sentinel-pass {spw}\n\
+                             sentinel monitor {name} 127.0.0.1 {m} 2\nsentinel auth-pass {name} {pw}\n\
+                             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 6000\n\
+                             sentinel parallel-syncs {name} 1\n"
+                        ),
+                    )
+                    .unwrap();
+                    vec![conf.to_str().unwrap().to_string(), "--sentinel".into()]
+                },
+                |port| ping(port, Some(spw)),
+            );
+            s.sentinels.push((port, child));
+        }
+        wait_for("every sentinel knows the replica and two peers", || {
+            s.sentinels.iter().all(|(p, _)| {
+                let Ok(mut c) = s.sentinel_con(*p) else { return false };
+                let replicas: Vec<redis::Value> =
+                    redis::cmd("SENTINEL").arg("REPLICAS").arg(s.name).query(&mut c).unwrap_or_default();
+                let peers: Vec<redis::Value> =
+                    redis::cmd("SENTINEL").arg("SENTINELS").arg(s.name).query(&mut c).unwrap_or_default();
+                replicas.len() == 1 && peers.len() == 2
+            })
+        });
+        s.put_open_grant();
+        s
+    }
+
+    /// The backend URL (no password: the proxies read it from files).
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{}", hosts.join(","), self.name)
+    }
+
+    /// The master's port as the first sentinel that answers sees it.
+    pub fn master_port(&self) -> u16 {
+        for (p, _) in &self.sentinels {
+            let Ok(mut c) = self.sentinel_con(*p) else { continue };
+            let got: redis::RedisResult<(String, u16)> =
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(self.name).query(&mut c);
+            if let Ok((_, port)) = got {
+                return port;
+            }
+        }
+        panic!("no sentinel answers")
+    }
+
+    /// `ROLE` of the data node on `port` ("master", "slave"), or "" when down.
+    pub fn role(&self, port: u16) -> String {
+        let Ok(mut c) = self.data_con(port) else { return String::new() };
+        let r: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).unwrap_or_default();
+        r.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
+    }
+
+    /// `SENTINEL FAILOVER`: promotes the replica without agreement.
+    pub fn failover(&self) {
+        let mut c = self.sentinel_con(self.sentinels[0].0).unwrap();
+        redis::cmd("SENTINEL").arg("FAILOVER").arg(self.name).query::<()>(&mut c).unwrap();
+    }
+
+    /// kill -9 of the data node on `port`.
+    pub fn kill_node(&mut self, port: u16) {
+        for (p, c) in &mut self.nodes {
+            if *p == port {
+                if let Some(mut c) = c.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+
+    /// A connection to the data node on `port`, authenticated.
+    pub fn data_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
+        client(port, Some(self.data_password)).get_connection_with_timeout(Duration::from_secs(1))
+    }
+
+    fn sentinel_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
+        client(port, Some(self.sentinel_password)).get_connection_with_timeout(Duration::from_secs(1))
+    }
+
+    /// The route store on the data node on `port` (plain URL, password in
+    /// it: test-only).
+    pub fn store_at(&self, port: u16) -> Box<dyn ringpeer::route::store::RouteStore> {
+        use ringpeer::route::store::StoreFactory;
+        let url = format!("redis://:{}@127.0.0.1:{port}", self.data_password);
+        ringpeer::route::redis::RedisFactory::new(&url, "demo", 10_000).unwrap().connect().unwrap()
+    }
+
+    /// Writes the `fleet` grant for `demo` on the master.
+    fn put_open_grant(&self) {
+        let g = ringpeer::tools::fleet::open_grant().grant().unwrap();
+        self.store_at(self.master_port()).put_grant(&g).unwrap();
+    }
+
+    /// Writes the two password files; returns (data, sentinel) paths.
+    pub fn password_files(&self) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, s) = (self.dir.join("data.pass"), self.dir.join("sentinel.pass"));
+        for (p, v) in [(&d, self.data_password), (&s, self.sentinel_password)] {
+            std::fs::write(p, v).unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        (d, s)
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (_, c) in &mut self.nodes {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client(port: u16, password: Option<&str>) -> redis::Client {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(format!("redis://127.0.0.1:{port}")).unwrap();
+    info.redis.password = password.map(String::from);
+    redis::Client::open(info).unwrap()
+}
+
+fn ping(port: u16, password: Option<&str>) -> bool {
+    client(port, password).get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)).is_ok()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Spawns `redis-server` with `args(port)` on a free port until `up(port)`;
+/// another port when the process exits first (a parallel test took it).
+fn spawn_on_free_port(args: impl Fn(u16) -> Vec<String>, up: impl Fn(u16) -> bool) -> (u16, Child) {
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new("redis-server")
+            .args(args(port))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let t0 = Instant::now();
+        loop {
+            if up(port) {
+                return (port, child);
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not answer within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("redis-server did not start on any of 5 free ports");
+}

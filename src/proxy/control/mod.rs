@@ -132,6 +132,14 @@ struct ControlLoop {
     ever_synced: bool,
     skipped: usize,
     writer: Option<Box<dyn RouteStore>>,
+    /// Agents whose last tunnel here closed, and when: their removal is
+    /// written again on every writer (re)connect, since it may have failed
+    /// while the backend was down or been lost in a failover (the new
+    /// master holds the replica's older copy). Kept for the route expiry
+    /// (3 x resync), after which a stale route expires anyway.
+    gone: HashMap<String, Instant>,
+    /// The backend generation the writer connected under.
+    writer_generation: u64,
     writer_backoff: Backoff,
     next_connect: Instant,
     writer_error: Option<String>,
@@ -175,6 +183,8 @@ impl ControlLoop {
             ever_synced: false,
             skipped: 0,
             writer: None,
+            gone: HashMap::new(),
+            writer_generation: 0,
             writer_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_connect: now,
             writer_error: None,
@@ -208,6 +218,7 @@ impl ControlLoop {
         }
         match ev {
             TunnelEvent::TunnelUp { agent, shard, conn, services } => {
+                self.gone.remove(&agent);
                 self.local.entry(agent.clone()).or_default().insert(0, (conn, LocalRoute { shard, services }));
                 self.publish_agent(&agent);
             }
@@ -216,6 +227,7 @@ impl ControlLoop {
                     v.retain(|(c, _)| *c != conn);
                     if v.is_empty() {
                         self.local.remove(&agent);
+                        self.gone.insert(agent.clone(), Instant::now());
                         // It may be reconnecting (here or elsewhere).
                         self.view.lost(&agent, Instant::now());
                     }

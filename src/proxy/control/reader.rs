@@ -5,7 +5,10 @@
 //! Invariants: nothing is missed across reconnects (every (re)connect starts
 //! with a full load whose cursor predates the scan); outages are reported to
 //! the control thread once per connection attempt series, which logs once
-//! per state change; reconnects back off, capped and jittered.
+//! per state change; reconnects back off, capped and jittered. When the
+//! backend's master changes (its generation moves: Sentinel or Cluster
+//! failover), the reader drops its connection, reconnects and resyncs, since
+//! a failover can lose entries the old master never replicated.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +22,10 @@ use crate::runtime::backoff::Backoff;
 
 /// How long one XREAD blocks (bounds how fast the thread notices `stop`).
 pub const BLOCK: Duration = Duration::from_millis(250);
+
+/// How often the reader asks the backend whether its master moved
+/// ([`StoreFactory::watch`]).
+pub const WATCH: Duration = Duration::from_secs(1);
 
 /// Messages to the control thread.
 pub enum FromReader {
@@ -42,6 +49,9 @@ pub fn run(store: Arc<dyn StoreFactory>, tx: Sender<FromReader>, resync: Duratio
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut down_reported = false;
     'connect: while !stop.load(Ordering::Acquire) {
+        // Read before connecting: a master change seen by anyone after this
+        // point makes this connection suspect.
+        let generation = store.generation();
         let mut s = match store.connect() {
             Ok(s) => s,
             Err(e) => {
@@ -69,12 +79,20 @@ pub fn run(store: Arc<dyn StoreFactory>, tx: Sender<FromReader>, resync: Duratio
             }
             backoff.reset();
             let loaded_at = Instant::now();
+            let mut watched = loaded_at;
             loop {
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
                 if loaded_at.elapsed() >= resync {
                     break;
+                }
+                if watched.elapsed() >= WATCH {
+                    store.watch();
+                    watched = Instant::now();
+                }
+                if store.generation() != generation {
+                    continue 'connect;
                 }
                 match s.read(cursor, BLOCK) {
                     Ok(Read::Events(evs)) => {

@@ -5,6 +5,9 @@
 //! Invariants: a failed write drops the connection and schedules a
 //! reconnect with backoff, after which the whole local state is written
 //! again; once retired (a successor owns the proxy id) nothing is written.
+//! A master change (the backend's generation moved) drops the writer too:
+//! writes the old master acknowledged may not have reached the new one, so
+//! the whole local state is written again to the new master.
 
 use std::time::Instant;
 
@@ -83,9 +86,11 @@ impl ControlLoop {
         if self.retired || self.writer.is_some() || Instant::now() < self.next_connect {
             return;
         }
+        let generation = self.store.generation();
         match self.store.connect() {
             Ok(w) => {
                 self.writer = Some(w);
+                self.writer_generation = generation;
                 let (me, ttl, seed) = (self.opts.me.clone(), self.opts.ttl, self.opts.strategy);
                 self.write("register proxy", |w| w.put_proxy(&me, ttl));
                 let mut in_force = None;
@@ -97,6 +102,11 @@ impl ControlLoop {
                 for a in agents {
                     self.publish_agent(&a);
                 }
+                let keep = 3 * self.opts.resync;
+                self.gone.retain(|_, at| at.elapsed() < keep);
+                let gone: Vec<String> = self.gone.keys().filter(|a| !self.local.contains_key(*a)).cloned().collect();
+                let id = self.opts.me.id.clone();
+                self.write("remove routes again", |w| gone.iter().try_for_each(|a| w.remove_route(a, &id, true)));
                 if self.writer.is_some() {
                     if self.writer_error.take().is_some() {
                         tracing::info!(
@@ -114,6 +124,15 @@ impl ControlLoop {
     }
 
     pub(super) fn tick(&mut self) {
+        if self.writer.is_some() && self.store.generation() != self.writer_generation {
+            tracing::info!(
+                proxy = self.opts.me.id,
+                backend = self.store.describe(),
+                "route backend master changed; republishing local state there"
+            );
+            self.writer = None;
+            self.next_connect = Instant::now();
+        }
         self.maybe_connect();
         let now = Instant::now();
         if now >= self.next_heartbeat && self.writer.is_some() {
