@@ -199,9 +199,14 @@ impl SentinelSet {
             dir,
         };
         let pw = s.data_password;
+        // Replication writes an RDB file for a full sync: into the set's
+        // own directory, not the test's working directory.
+        let dir = s.dir.to_str().unwrap().to_string();
         let base = |port: u16| -> Vec<String> {
             let p = port.to_string();
             [
+                "--dir",
+                &dir,
                 "--port",
                 &p,
                 "--bind",
