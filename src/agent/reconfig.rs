@@ -22,20 +22,10 @@ pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown) -> std::io::Result<
     std::thread::Builder::new().name("config-reload".into()).spawn(move || {
         let who = format!("agent {}", cfg.id);
         let mut cur = cfg;
-        loop {
-            let asked = rc.trigger.wait(POLL);
-            if stop.is_triggered() || asked.is_none() {
-                return;
-            }
-            if asked != Some(true) {
-                continue;
-            }
+        rc.serve(&stop, POLL, || {
             let new = match AgentConfig::load(&rc.path) {
                 Ok(n) => n,
-                Err(e) => {
-                    tracing::error!("{who}: config reload refused, the running config stays: {e:#}");
-                    continue;
-                }
+                Err(e) => return live::refused(&who, &e),
             };
             let mut d = live::agent(&cur, &new);
             if cur.log_level != new.log_level {
@@ -49,6 +39,6 @@ pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown) -> std::io::Result<
             // What was not applied stays as it runs, so the next reload
             // reports it again.
             cur.log_level = new.log_level;
-        }
+        })
     })
 }

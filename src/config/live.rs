@@ -10,8 +10,10 @@
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{AgentConfig, ProxyConfig};
+use crate::runtime::Shutdown;
 use crate::transport::reload::Trigger;
 
 /// Sets the process's log filter (`None`: back to the start-up filter).
@@ -27,6 +29,28 @@ pub struct Reconfig {
     pub trigger: Trigger,
     /// The log filter; without it a changed `log_level` is not applied.
     pub logs: Option<LogControl>,
+}
+
+impl Reconfig {
+    /// The reload thread's loop, shared by the roles: `reload` runs once per
+    /// request; `stop` is looked at every `poll`, so the loop ends within
+    /// `poll` of it (or when the trigger is gone).
+    pub fn serve(&self, stop: &Shutdown, poll: Duration, mut reload: impl FnMut()) {
+        loop {
+            let asked = self.trigger.wait(poll);
+            if stop.is_triggered() || asked.is_none() {
+                return;
+            }
+            if asked == Some(true) {
+                reload();
+            }
+        }
+    }
+}
+
+/// Logs a refused reload: the running config stays.
+pub fn refused(who: &str, e: &anyhow::Error) {
+    tracing::error!("{who}: config reload refused, the running config stays: {e:#}");
 }
 
 /// The differences between two configs.

@@ -39,22 +39,15 @@ pub fn spawn(cfg: ProxyConfig, rc: Reconfig, t: Targets, stop: Shutdown) -> std:
     std::thread::Builder::new().name("config-reload".into()).spawn(move || {
         let who = format!("proxy {}", cfg.id);
         let mut cur = cfg;
-        loop {
-            let asked = rc.trigger.wait(POLL);
-            if stop.is_triggered() || asked.is_none() {
-                return;
-            }
-            if asked != Some(true) {
-                continue;
-            }
+        rc.serve(&stop, POLL, || {
             match ProxyConfig::load(&rc.path).and_then(|new| apply(&cur, &new, &rc, &t).map(|d| (new, d))) {
                 Ok((new, d)) => {
                     live::log(&who, &d);
                     cur = new;
                 }
-                Err(e) => tracing::error!("{who}: config reload refused, the running config stays: {e:#}"),
+                Err(e) => live::refused(&who, &e),
             }
-        }
+        })
     })
 }
 
