@@ -166,6 +166,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Windows for h2::client::Connection<T, By
 pub(super) fn apply(w: &mut ConnWindow, open: usize, conn: &mut impl Windows) {
     let was = w.level();
     let plan = w.tick(open);
+    if plan != Plan::default() {
+        tracing::debug!(open, stream = ?plan.stream, target = ?plan.target, "receive windows changed");
+    }
     if let Some(size) = plan.stream {
         if let Err(e) = conn.stream(size) {
             tracing::debug!(error = %e, "stream window not changed yet");

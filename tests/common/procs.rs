@@ -80,9 +80,13 @@ pub fn try_start_proxy_line(
         let _ = child.wait();
         return Err(line);
     }
+    // With RINGPEER_TEST_LOG set, every proxy's lines are echoed, named
+    // after its config file.
+    let name = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let echo: Option<String> = echo.map(str::to_string).or_else(|| std::env::var_os("RINGPEER_TEST_LOG").map(|_| name));
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
-            if let Some(who) = echo {
+            if let Some(who) = &echo {
                 eprintln!("{who}: {l}");
             }
         }
