@@ -260,6 +260,12 @@ impl Shard {
         t
     }
 
+    /// Applies a reloaded tunables generation (the shard buffer budget)
+    /// now, before a check that reads it.
+    pub fn refresh_tunables(&self) {
+        let _ = self.tunables();
+    }
+
     /// The dial deadline in force (`dial_timeout_ms`).
     pub fn dial_timeout(&self) -> Duration {
         self.tunables().dial_timeout

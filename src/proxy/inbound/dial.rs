@@ -132,7 +132,7 @@ pub async fn handle(
         return refuse(&shard, respond, &e, &mut trail);
     };
     // Applies a reloaded shard_buffer_bytes before the check.
-    drop(shard.tunables());
+    shard.refresh_tunables();
     if shard.buf.over_budget() {
         let e = exceeded("shard_buffer_bytes", shard.buf.budget(), Label::BudgetShardBuffer, Side::Proxy);
         return refuse(&shard, respond, &e, &mut trail);
