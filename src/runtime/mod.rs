@@ -4,8 +4,7 @@
 //! Invariants: one pinned `LocalExecutor` per shard, each with a small
 //! `io_memory` so several fit under an 8 MiB `RLIMIT_MEMLOCK`; shards share
 //! nothing mutable, and all cross-thread traffic goes through
-//! [`mailbox`] or [`pipe`]; every executor wakes at least every
-//! [`WAKE_TICK`], so a missed wake-up costs at most that long.
+//! [`mailbox`] or [`pipe`].
 
 pub mod backoff;
 pub mod budget;
@@ -26,25 +25,6 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 /// Locked memory per executor for io_uring buffers.
 pub const IO_MEMORY: usize = 512 << 10;
-
-/// Every executor wakes at least this often, even with nothing to do.
-///
-/// Why: a client executor with no timer due soon was seen to miss the
-/// wake-up for a completed socket operation and sleep until its next
-/// timer. In `tests/peering.rs` (frozen proxy, ~4,400 sequential dials a
-/// run) one dial stalled 1.47 s, 1.49 s or until its 2 s timeout in 4 of
-/// 17 runs on 2026-11-26, without reaching the entry proxy; with this tick
-/// in the test client, 0 of 12 runs had a dial over 110 ms. The missed
-/// wake-up itself is not found: it was seen with upstream glommio's park
-/// path too (`third_party/glommio/RINGPEER.md`). Proxy shards already woke
-/// every 50 ms per connection (`transport::window`).
-///
-/// Cost: 50 idle wake-ups a second per executor (a timer completion each);
-/// a busy executor meets its timer check in its loop anyway. Rejected: no
-/// tick (a stall lasts until the next timer, 2 s for a keepalive, or for
-/// good on an executor with none); a shorter one (more idle wake-ups, and
-/// nothing above 110 ms was seen with 20 ms).
-pub const WAKE_TICK: Duration = Duration::from_millis(20);
 
 /// A deadline passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -103,15 +83,7 @@ where
         .io_memory(IO_MEMORY)
         .ring_depth(256)
         .preempt_timer(Duration::from_millis(10))
-        .spawn(move || async move {
-            glommio::spawn_local(async {
-                loop {
-                    glommio::timer::sleep(WAKE_TICK).await;
-                }
-            })
-            .detach();
-            f().await
-        })
+        .spawn(f)
         .map_err(|e| std::io::Error::other(format!("cannot start executor {name}: {e}")))
 }
 
