@@ -423,7 +423,7 @@ fn lose_one_of_two_holders(fault: Fault) {
             // Every dial after the freeze reaches the other holder within
             // 1 s, with one exception allowed: a dial that stalled 1.47 s,
             // 1.49 s or until its 2 s timeout, once without reaching the
-            // entry proxy at all, in 5 of 34 runs of ~4,400 dials on
+            // entry proxy at all, in 4 of 43 runs of ~4,400 dials on
             // 2026-11-26. Its cause is not found (README, Failure modes),
             // so one late dial is allowed; a second fails the test.
             let late: Vec<(Duration, Duration)> = results
