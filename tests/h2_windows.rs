@@ -76,7 +76,7 @@ fn a_stream_keeps_flowing_after_its_window_is_lowered_below_what_it_already_rece
             glommio::timer::sleep(Duration::from_secs(4)).await;
             drop(body);
         });
-        let (s, _) = (listener.accept().await.unwrap(), ());
+        let s = listener.accept().await.unwrap();
         let mut conn = h2::server::Builder::new()
             .initial_window_size(4 << 20)
             .initial_connection_window_size(32 << 20)

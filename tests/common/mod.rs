@@ -219,5 +219,10 @@ pub fn audit_line(path: &Path, want: impl Fn(&serde_json::Value) -> bool) -> ser
 /// The log filter of the processes tests start: `warn`, or what
 /// `RINGPEER_TEST_LOG` says (e.g. `warn,ringpeer=debug` to see a hang).
 pub fn child_log() -> String {
-    std::env::var("RINGPEER_TEST_LOG").unwrap_or_else(|_| "warn".into())
+    test_log().unwrap_or_else(|| "warn".into())
+}
+
+/// `RINGPEER_TEST_LOG`, when set.
+pub fn test_log() -> Option<String> {
+    std::env::var("RINGPEER_TEST_LOG").ok()
 }

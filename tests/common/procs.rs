@@ -83,7 +83,7 @@ pub fn try_start_proxy_line(
     // With RINGPEER_TEST_LOG set, every proxy's lines are echoed, named
     // after its config file.
     let name = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let echo: Option<String> = echo.map(str::to_string).or_else(|| std::env::var_os("RINGPEER_TEST_LOG").map(|_| name));
+    let echo: Option<String> = echo.map(str::to_string).or_else(|| super::test_log().map(|_| name));
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
             if let Some(who) = &echo {
