@@ -3,7 +3,9 @@
 //! TYPE, counters that move by exactly the dials made, histograms whose
 //! counts equal the dials established, per-shard gauges), `/readyz` through
 //! start, drain and stop, the Grafana dashboard's queries against what the
-//! proxy exports, and admin connections that never send a request.
+//! proxy exports, and admin connections that never send a request. The
+//! agent's own admin endpoint: readiness that follows its tunnels, and
+//! counters that move by exactly the dials it served.
 
 mod common;
 
@@ -13,11 +15,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::procs::{agent, proxy_config_file, routes_of, sigterm, start_proxy, wait_exit, Proc};
+use common::procs::{agent, free_addr, proxy_config_file, routes_of, sigterm, start_proxy, wait_exit, Proc};
 use common::redis_server::Redis;
 use common::{eventually, with_client};
 use prometheus_parse::{Scrape, Value};
-use ringpeer::proxy::admin::{HEADER_TIMEOUT, MAX_CONNS};
+use ringpeer::runtime::admin_http::{HEADER_TIMEOUT, MAX_CONNS};
 use ringpeer::tools::fleet::CertDir;
 use ringpeer::tools::load::echo_roundtrip;
 use ringpeer::tools::target::{self as targets, Kind};
@@ -324,4 +326,94 @@ fn admin_connections_that_never_send_delay_neither_scrapes_nor_shutdown_beyond_b
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     // Less than the header timeout the stalled connections would hold.
     assert!(stop < HEADER_TIMEOUT, "stalled admin connections delayed the exit to {stop:?}");
+}
+
+#[test]
+fn an_agent_reports_its_tunnels_and_dials_and_is_ready_only_with_a_tunnel() {
+    ringpeer::runtime::raise_memlock();
+    let redis = Redis::start();
+    let certs = CertDir::temp().unwrap();
+    let dir = &certs.path;
+    let echo = targets::spawn(Kind::Echo).unwrap();
+    // "closed" is a port nothing listens on: its dials fail at the target.
+    let closed = free_addr();
+    // The agent starts before its proxy exists.
+    let tunnel = free_addr();
+    let admin = free_addr();
+    let d = dir.display();
+    let cfg = format!(
+        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\nadmin_addr = \"{admin}\"\n\
+         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n\
+         [services]\necho = \"{}\"\nclosed = \"{closed}\"\n",
+        echo.addr
+    );
+    let path = dir.join("agent-1-admin.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut agent = Proc(
+        std::process::Command::new(common::stage::BIN)
+            .args(["agent", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", common::child_log())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the agent's admin answers, not ready: no tunnel", || {
+        let (status, body) = get(admin, "/readyz");
+        status == 503 && body.contains("no tunnel up")
+    });
+    assert_eq!(get(admin, "/healthz").0, 200);
+    eventually("a failed tunnel attempt is counted", || {
+        value(&scrape(admin), "ringpeer_agent_tunnel_failures_total", &[]) >= 1.0
+    });
+    let s = scrape(admin);
+    assert_eq!(value(&s, "ringpeer_agent_ready", &[("agent", "agent-1")]), 0.0);
+    assert_eq!(value(&s, "ringpeer_agent_tunnels", &[]), 0.0);
+    assert!(value(&s, "ringpeer_agent_cert_expiry_seconds", &[("cert", "own")]) > 86_400.0);
+
+    // The proxy comes up at the agent's address: ready, naming it.
+    let extra = format!("tunnel_addr = \"{tunnel}\"");
+    let (path, p_admin) = proxy_config_file(dir, &redis, "proxy-a", 10_000, PEERING, "");
+    let cfg = std::fs::read_to_string(&path).unwrap().replace("tunnel_addr = \"127.0.0.1:0\"", &extra);
+    std::fs::write(&path, cfg).unwrap();
+    let (_p, client, _) = start_proxy(&path, None);
+    eventually("the agent is ready once its tunnel is up", || get(admin, "/readyz").0 == 200);
+    let body = get(admin, "/readyz").1;
+    assert!(body.contains("proxy-a") && body.contains(&tunnel.to_string()), "{body}");
+    eventually("proxy-a routes agent-1", || routes_of(p_admin, "agent-1") == ["local"]);
+    let tunnels: serde_json::Value = serde_json::from_str(&get(admin, "/tunnels").1).unwrap();
+    assert_eq!(tunnels["tunnels"][0]["proxy"], "proxy-a", "{tunnels}");
+
+    let s0 = scrape(admin);
+    const OK: usize = 3;
+    assert_eq!(dials(dir, client, "agent-1/echo", OK), OK);
+    assert_eq!(dials(dir, client, "agent-1/closed", 2), 0);
+    let s1 = scrape(admin);
+    let moved = |name: &str, want: &[(&str, &str)]| value(&s1, name, want) - value(&s0, name, want);
+    assert_eq!(moved("ringpeer_agent_dials_total", &[]), (OK + 2) as f64);
+    assert_eq!(moved("ringpeer_agent_dials_established_total", &[]), OK as f64);
+    let target = [("error", Label::TargetConnect.name())];
+    assert_eq!(moved("ringpeer_agent_dial_errors_total", &target), 2.0);
+    assert_eq!(moved("ringpeer_agent_dial_errors_total", &[]), 2.0);
+    // The histogram counts every established dial's target connect.
+    assert_eq!(moved("ringpeer_agent_target_connect_seconds", &[]), OK as f64);
+    assert_eq!(value(&s1, "ringpeer_agent_tunnels", &[]), 1.0);
+    assert_eq!(value(&s1, "ringpeer_agent_tunnel_up", &[("proxy", "proxy-a")]), 1.0);
+    assert_eq!(value(&s1, "ringpeer_agent_open_streams", &[]), 0.0);
+    assert_eq!(value(&s1, "ringpeer_agent_ready", &[]), 1.0);
+    for f in &s1.docs {
+        assert!(f.0.starts_with("ringpeer_agent_"), "{} is not an agent family", f.0);
+    }
+
+    // SIGTERM: not ready at once, then gone.
+    sigterm(&agent);
+    let t0 = Instant::now();
+    let (mut status, mut body) = get(admin, "/readyz");
+    while status == 200 && t0.elapsed() < Duration::from_secs(2) {
+        (status, body) = get(admin, "/readyz");
+    }
+    eprintln!("agent readyz {status} {:?} after SIGTERM: {}", t0.elapsed(), body.trim());
+    assert!(status == 503 || status == 0, "{status} {body}");
+    assert!(status == 0 || body.starts_with("draining"), "{body}");
+    let exited = wait_exit(&mut agent, Duration::from_secs(10));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    assert!(TcpStream::connect(admin).is_err(), "agent admin still answers after exit");
 }

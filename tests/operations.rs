@@ -183,7 +183,7 @@ fn stalled_admin_clients_delay_neither_other_clients_nor_shutdown() {
     let (status, body, took) = get(admin, "/readyz");
     eprintln!("/readyz beside 22 stalled clients: {status} in {took:?}");
     assert_eq!(status, 503);
-    let limit = format!("{} admin connections already open", ringpeer::proxy::admin::MAX_CONNS);
+    let limit = format!("{} admin connections already open", ringpeer::runtime::admin_http::MAX_CONNS);
     assert!(body.contains(&limit), "{body}");
     assert!(took < Duration::from_millis(500), "{took:?}");
     // Shutdown does not wait for any of them.

@@ -1,11 +1,13 @@
-//! Redis high availability stories with real processes: a master, its
-//! replica and three sentinels (all password-protected), three proxy
-//! processes on a `redis+sentinel://` URL and agents on them. The replica is
-//! promoted (SENTINEL FAILOVER, or kill -9 of the master) while a client
-//! dials through one proxy and an agent moves to another proxy; the proxies
-//! keep routing, lose no route, write to the new master within seconds and
-//! agree on the moved agent. Plus: Sentinel URLs parse, and no password is
-//! ever printed.
+//! Redis high availability stories with real processes. Two setups, both
+//! password-protected: a master, its replica and three sentinels on a
+//! `redis+sentinel://` URL; and a Redis Cluster of three masters and a
+//! replica on a `redis+cluster://` URL. Three proxy processes run on it with
+//! agents. The replica is promoted (SENTINEL FAILOVER or CLUSTER FAILOVER,
+//! or kill -9 of the master) while a client dials through one proxy and an
+//! agent moves to another proxy; the proxies keep routing, lose no route,
+//! write to the new master within seconds and agree on the moved agent.
+//! Plus: the URLs parse, discovery goes through any live seed, and no
+//! password is ever printed.
 
 mod common;
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::procs::{agent, proxy_on, routes_json, routes_of};
-use common::redis_server::SentinelSet;
+use common::redis_server::{ClusterSet, HaSet, SentinelSet};
 use ringpeer::route::model::Event;
 use ringpeer::route::redis::RedisFactory;
 use ringpeer::route::redis_conn::{RedisOptions, RedisSources};
@@ -38,34 +40,40 @@ fn within(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Durati
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Fault {
-    /// `SENTINEL FAILOVER`: the master is demoted to a replica.
+    /// `SENTINEL FAILOVER` or `CLUSTER FAILOVER`: the replica is promoted,
+    /// the master demoted to a replica.
     Failover,
-    /// kill -9 of the master: the sentinels agree it is down, then promote.
+    /// kill -9 of the master: the sentinels (or the other cluster masters)
+    /// agree it is down, then promote.
     KillMaster,
 }
 
 #[test]
 fn a_sentinel_failover_while_dials_and_an_agent_move_run_loses_no_route() {
-    failover_story(Fault::Failover);
+    failover_story(SentinelSet::start(), Fault::Failover);
 }
 
 #[test]
 fn the_master_killed_with_sigkill_is_replaced_and_every_proxy_follows() {
-    failover_story(Fault::KillMaster);
+    failover_story(SentinelSet::start(), Fault::KillMaster);
 }
 
-fn failover_story(fault: Fault) {
-    let mut set = SentinelSet::start();
+#[test]
+fn a_redis_cluster_failover_while_dials_and_an_agent_move_run_loses_no_route() {
+    failover_story(ClusterSet::start(), Fault::Failover);
+}
+
+#[test]
+fn a_redis_cluster_master_killed_with_sigkill_is_replaced_and_every_proxy_follows() {
+    failover_story(ClusterSet::start(), Fault::KillMaster);
+}
+
+fn failover_story(mut set: impl HaSet, fault: Fault) {
+    let kind = std::any::type_name_of_val(&set).rsplit("::").next().unwrap_or_default().to_string();
     let certs = CertDir::temp().unwrap();
     let dir = &certs.path;
     let echo = targets::spawn(Kind::Echo).unwrap();
-    let (data_pw, sentinel_pw) = set.password_files();
-    let backend = format!(
-        "url = \"{}\"\npassword_file = \"{}\"\nsentinel_password_file = \"{}\"",
-        set.url(),
-        data_pw.display(),
-        sentinel_pw.display()
-    );
+    let backend = set.backend();
     let mut tunnel = std::collections::HashMap::new();
     let mut admin = std::collections::HashMap::new();
     let mut procs = Vec::new();
@@ -121,7 +129,7 @@ fn failover_story(fault: Fault) {
     let _agent2 = agent(dir, "agent-2", tunnel["proxy-a"], echo.addr);
 
     let mut new = old;
-    within(Duration::from_secs(20), "the sentinels name a new master that answers ROLE master", || {
+    within(Duration::from_secs(20), "a new master is named that answers ROLE master", || {
         new = set.master_port();
         new != old && set.role(new) == "master"
     });
@@ -197,7 +205,7 @@ fn failover_story(fault: Fault) {
     assert!(failing_since.is_none(), "dials still failing at the end");
     let failed = results.iter().filter(|(_, ok)| !ok).count();
     eprintln!(
-        "{fault:?}: promoted after {promoted:?}; all 3 proxies wrote to the new master after {writes:?}; \
+        "{kind} {fault:?}: promoted after {promoted:?}; all 3 proxies wrote to the new master after {writes:?}; \
          every route there after {routes_at:?}; all views agree after {views:?}; \
          dials {} (failed {failed}, longest outage {longest:?})",
         results.len()
@@ -256,4 +264,42 @@ fn sentinel_urls_parse_and_no_password_is_ever_printed() {
     for bad in ["redis+sentinel://127.0.0.1:1", "redis+sentinel://127.0.0.1:x/m", "redis+cluster://h/3"] {
         assert!(RedisOptions::from_url(bad).is_err(), "{bad} parsed");
     }
+}
+
+#[test]
+fn cluster_urls_find_the_slot_master_through_any_live_seed() {
+    let set = ClusterSet::start();
+    let (owner, replica) = set.owner_and_replica();
+    let src = RedisSources { password_file: Some(set.password_file()), ..Default::default() };
+    // A dead seed, then the replica: the replica's slot map names the
+    // master, which is verified (ROLE master) and used.
+    let url = format!("redis+cluster://127.0.0.1:1,127.0.0.1:{replica}");
+    let f = RedisFactory::with_options(RedisOptions::load(&url, &src).unwrap(), "demo", 100).unwrap();
+    let mut s = f.connect().unwrap();
+    assert!(s.load().unwrap().grants.iter().any(|g| g.name == "fleet"));
+    let d = f.describe();
+    assert!(d.contains(&format!("cluster master 127.0.0.1:{owner}")), "{d}");
+    assert!(!d.contains(set.data_password), "{d}");
+    // Every seed dead: the error names each one tried, no password.
+    let url = format!("redis+cluster://:{}@127.0.0.1:1,127.0.0.1:2", set.data_password);
+    let f =
+        RedisFactory::with_options(RedisOptions::resolve(&url, &RedisSources::default(), |_| None).unwrap(), "demo", 1)
+            .unwrap();
+    let e = format!("{:#}", f.connect().err().unwrap());
+    assert!(e.contains("127.0.0.1:1:") && e.contains("127.0.0.1:2:") && !e.contains(set.data_password), "{e}");
+    // A wrong password: refused, and said so.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-it").unwrap();
+    let url = format!("redis+cluster://127.0.0.1:{owner}");
+    let bad = RedisSources { password_file: Some(wrong), ..Default::default() };
+    let e = format!(
+        "{:#}",
+        RedisFactory::with_options(RedisOptions::load(&url, &bad).unwrap(), "demo", 1)
+            .unwrap()
+            .connect()
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("no master found") && !e.contains("not-it"), "{e}");
 }

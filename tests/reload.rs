@@ -2,8 +2,9 @@
 //! reloads the config file (log level, limits, grants of the embedded
 //! store) and refuses a bad one while the old config keeps serving; a storm
 //! of refused handshakes logs a handful of lines and a count, not one line
-//! each. Every stderr line of every proxy here must parse as JSON
-//! (`--log-format json`).
+//! each; an agent reloads its services and the proxy routes the new ones
+//! while open streams go on. Every stderr line of every proxy here must
+//! parse as JSON (`--log-format json`).
 
 mod common;
 
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 use common::procs::{self, Proc};
 use common::with_client;
 use ringpeer::tools::fleet::CertDir;
-use ringpeer::tools::load::open;
+use ringpeer::tools::load::{echo_roundtrip, open};
+use ringpeer::tools::target::{self as targets, Kind};
 use ringpeer::transport::identity::Role;
 use ringpeer::wire::status::Code;
 use ringpeer::wire::DialTarget;
@@ -240,18 +242,18 @@ fn a_storm_of_refused_handshakes_logs_a_handful_of_lines_and_the_count() {
 }
 
 #[test]
-fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
+fn an_agent_applies_a_new_log_level_and_services_and_names_the_changes_it_did_not_apply() {
     let certs = CertDir::temp().unwrap();
     let d = certs.path.display();
-    let agent = |level: &str, echo: &str| {
+    let agent = |level: &str, echo: &str, timeout: u64| {
         format!(
-            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\nlog_level = \"{level}\"\n[tls]\nca = \"{d}/ca.pem\"\n\
-             cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\n",
+            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\nlog_level = \"{level}\"\nconnect_timeout_ms = {timeout}\n\
+             [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\n",
             common::dead_addr()
         )
     };
     let path = certs.path.join("agent-1.toml");
-    std::fs::write(&path, agent("warn", "127.0.0.1:7")).unwrap();
+    std::fs::write(&path, agent("warn", "127.0.0.1:7", 5_000)).unwrap();
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "agent", "--config", path.to_str().unwrap()])
         .env_remove("RUST_LOG")
@@ -271,7 +273,7 @@ fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
     });
     // Its first warning (no proxy answers) says it runs, signals handled.
     let first = rx.recv_timeout(Duration::from_secs(15)).expect("the agent logs at warn");
-    std::fs::write(&path, agent("info", "127.0.0.1:8")).unwrap();
+    std::fs::write(&path, agent("info", "127.0.0.1:8", 4_000)).unwrap();
     let (mut applied, mut refused) = (None, None);
     let t0 = Instant::now();
     while applied.is_none() || refused.is_none() {
@@ -288,5 +290,87 @@ fn an_agent_applies_a_new_log_level_and_names_the_changes_it_did_not_apply() {
     }
     let (applied, refused) = (applied.unwrap(), refused.unwrap());
     assert!(applied.contains("log_level \"warn\" -> \"info\""), "{first}: {applied}");
-    assert!(refused.contains("services {\"echo\""), "{refused}");
+    assert!(applied.contains("services (changed echo)"), "{applied}");
+    assert!(refused.contains("connect_timeout_ms 5000 -> 4000") && !refused.contains("services"), "{refused}");
+}
+
+#[test]
+fn an_agent_reloads_its_services_and_the_proxy_routes_the_new_ones_without_dropping_a_stream() {
+    let certs = CertDir::temp().unwrap();
+    let dir = certs.path.clone();
+    let cfg = dir.join("proxy-a.toml");
+    std::fs::write(&cfg, proxy_config(&dir, "", "")).unwrap();
+    let p = Logged::start(&cfg);
+    let (echo, web) = (targets::spawn(Kind::Echo).unwrap(), targets::spawn(Kind::Echo).unwrap());
+    let d = dir.display();
+    let agent_cfg = |services: &str| {
+        format!(
+            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\n\
+             [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\n{services}",
+            p.tunnel
+        )
+    };
+    let path = dir.join("agent-1.toml");
+    std::fs::write(&path, agent_cfg(&format!("echo = \"{}\"\n", echo.addr))).unwrap();
+    let agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", common::child_log())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = agent.0.id() as i32;
+    p.wait_for("agent tunnel up");
+    let sighup = move || {
+        // SAFETY: a plain signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    };
+    let (add, remove) = (
+        agent_cfg(&format!("echo = \"{}\"\nweb = \"{}\"\n", echo.addr, web.addr)),
+        agent_cfg(&format!("web = \"{}\"\n", web.addr)),
+    );
+    let path2 = path.clone();
+    let (took, held, gone) = with_client(p.client, &dir, "client", move |c| async move {
+        let t = |s: &str| DialTarget::parse(s).unwrap();
+        // No service "web" yet: the agent says so.
+        let e = echo_roundtrip(&c, &t("agent-1/web"), b"x").await.unwrap_err();
+        assert!(e.code == Code::NotFound && e.message.contains("has no service \"web\""), "{e:?}");
+        // A stream to "echo" stays open across both reloads.
+        let mut io = open(&c, &t("agent-1/echo")).await.unwrap();
+        io.write(b"one").await.unwrap();
+        let mut got = Vec::new();
+        io.read_exact(&mut got, 3).await.unwrap();
+        // Reload 1 adds "web": dials to it work soon after.
+        std::fs::write(&path2, add).unwrap();
+        let t0 = Instant::now();
+        sighup();
+        while echo_roundtrip(&c, &t("agent-1/web"), b"web").await.as_deref() != Ok(&b"web"[..]) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "web not served 10 s after the reload");
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        let took = t0.elapsed();
+        // Reload 2 removes "echo": new dials to it are refused, naming it.
+        std::fs::write(&path2, remove).unwrap();
+        sighup();
+        let t1 = Instant::now();
+        let gone = loop {
+            match echo_roundtrip(&c, &t("agent-1/echo"), b"e").await {
+                Err(e) if e.code == Code::NotFound => break e.message.to_string(),
+                _ => assert!(t1.elapsed() < Duration::from_secs(10), "echo still served 10 s after its removal"),
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        };
+        // The stream opened before both reloads still carries bytes.
+        io.write(b"two").await.unwrap();
+        io.read_exact(&mut got, 6).await.unwrap();
+        (took, got, gone)
+    });
+    eprintln!("web served {took:?} after the reload that added it; echo then refused: {gone}");
+    assert_eq!(held, b"onetwo");
+    assert!(gone.contains("has no service \"echo\""), "{gone}");
+    // The proxy learnt each new list from the tunnel's control stream.
+    p.wait_for("agent announced new services");
+    assert!(p.count("agent announced new services") >= 2, "{:#?}", p.lines);
+    assert_eq!(p.count("agent tunnel down"), 0, "the tunnel was replaced: {:#?}", p.lines);
+    drop(agent);
 }

@@ -20,6 +20,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,9 +31,11 @@ use h2::RecvStream;
 use http::Request;
 
 use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
+pub mod admin;
 mod proxy_tls;
 mod reconfig;
 pub mod services;
+pub mod stats;
 pub mod strategy;
 mod tunnels;
 
@@ -50,8 +53,8 @@ use crate::transport::identity::Role;
 use crate::transport::reload::{Live, Source, Trigger};
 use crate::transport::tls::TlsMaterial;
 
-/// Fires a [`Shutdown`] when dropped (stops the reload thread however
-/// the agent returns).
+/// Fires a [`Shutdown`] when dropped (stops the side threads however the
+/// agent returns).
 struct EndOnDrop(Shutdown);
 impl Drop for EndOnDrop {
     fn drop(&mut self) {
@@ -65,13 +68,15 @@ use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
 use crate::wire::status::{Code, Status};
 use proxy_tls::ProxyTls;
-use services::{Services, CLIENT_ID_HEADER};
+use services::{LiveServices, CLIENT_ID_HEADER};
+use stats::{AgentStats, OpenStream};
 use strategy::{Membership, Slot, LEAVING_FOR};
 
 struct AgentCtx {
     id: String,
     cluster: String,
-    services: Services,
+    /// The services in force (SIGHUP replaces them).
+    services: LiveServices,
     /// Client configs towards proxies: any proxy at a seed, the named one
     /// at an address from the pushed proxy set; they follow reloads.
     tls: ProxyTls,
@@ -87,6 +92,16 @@ struct AgentCtx {
     limits: AgentLimits,
     /// Bytes the relay holds (the agent runs one shard).
     buf: BufMeter,
+    /// What the admin endpoint reports.
+    stats: Arc<AgentStats>,
+}
+
+impl AgentCtx {
+    /// Answers a dial with `e`, counted by its label.
+    fn fail(&self, respond: SendResponse<Bytes>, e: &Error) {
+        self.stats.error(e);
+        answer_error(respond, e)
+    }
 }
 
 /// Runs an agent until `shutdown` fires.
@@ -104,13 +119,22 @@ pub fn run_with(
     reconfig: Option<crate::config::live::Reconfig>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    // Bound first: a taken admin port fails the start, before any tunnel.
+    let admin = match &cfg.admin_addr {
+        Some(a) => {
+            Some(std::net::TcpListener::bind(a).map_err(|e| anyhow::anyhow!("admin_addr {a}: cannot listen: {e}"))?)
+        }
+        None => None,
+    };
     let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;
-    let services = services::from_config(&cfg.services)?;
+    let services = LiveServices::new(services::from_config(&cfg.services)?);
     let build = |m: &TlsMaterial| proxy_tls::build(m, None);
     let live = Live::new(tls.clone(), build(&tls)?);
     let who = format!("agent {}", cfg.id);
     crate::transport::reload::log_loaded(&who, &tls, "loaded");
     let ended = Shutdown::new();
+    // Stops the reload and admin threads however the agent returns.
+    let stop_side = EndOnDrop(ended.clone());
     let c = cfg.clone();
     let src = Source {
         who,
@@ -121,13 +145,25 @@ pub fn run_with(
     crate::transport::reload::spawn(src, live.clone(), reload.unwrap_or_default(), ended.clone())?;
     if let Some(rc) = reconfig {
         // Not joined: it ends within a poll of `ended`.
-        reconfig::spawn(cfg.clone(), rc, ended.clone())?;
+        reconfig::spawn(cfg.clone(), rc, ended.clone(), services.clone())?;
     }
-    let _stop_reload = EndOnDrop(ended);
+    let stats = Arc::new(AgentStats::default());
+    let admin = match admin {
+        Some(l) => {
+            let o = admin::Observed {
+                agent: cfg.id.clone(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                tls: live.clone(),
+            };
+            Some(admin::spawn(l, o, ended.clone())?)
+        }
+        None => None,
+    };
     let client = ProxyTls::new(live);
     let proxies = cfg.proxies.clone();
     let name = format!("agent-{}", cfg.id);
-    crate::runtime::block_on(&name, move || async move {
+    let ran = crate::runtime::block_on(&name, move || async move {
         let ctx = Rc::new(AgentCtx {
             id: cfg.id,
             cluster: cfg.cluster,
@@ -139,11 +175,18 @@ pub fn run_with(
             shutdown,
             membership: RefCell::default(),
             count_override: cfg.agent_connection_count,
-            buf: BufMeter::new(cfg.limits.shard_buffer_bytes),
+            buf: BufMeter::with_gauge(cfg.limits.shard_buffer_bytes, stats.buffered.clone()),
             limits: cfg.limits,
+            stats,
         });
         tunnels::manage(ctx, proxies).await;
-    })?;
+    });
+    drop(stop_side);
+    if let Some(h) = admin {
+        // Ends within admin_http::SHUTDOWN_GRACE of `ended`.
+        let _ = h.join();
+    }
+    ran?;
     Ok(())
 }
 
@@ -208,24 +251,44 @@ async fn handle_control(
     slot: &Slot,
 ) {
     let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
-    let hello = AgentMessage {
-        message: Some(agent_message::Message::Hello(AgentHello {
-            services: ctx.services.keys().cloned().collect(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        })),
+    let hello = |v: &services::Version| {
+        encode_msg(&AgentMessage {
+            message: Some(agent_message::Message::Hello(AgentHello {
+                services: v.services.keys().cloned().collect(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        })
     };
-    if tx.send_now(encode_msg(&hello)).is_err() {
+    let mut announced = ctx.services.current();
+    if tx.send_now(hello(&announced)).is_err() {
         return;
     }
     let mut rx = GrpcRecv::new(req.into_body(), Msgs::<ControlMessage>::new(MAX_CONTROL_STREAM_MSG), Side::Proxy);
     loop {
         // On shutdown the control stream ends first, so the proxy stops
-        // routing here and the tunnel drains.
-        let next = or(rx.next(), async {
-            drain.wait().await;
-            Ok(None)
-        });
-        match next.await {
+        // routing here and the tunnel drains. A reload that changed the
+        // services is announced again (the proxy updates its route).
+        let next = or(
+            async { Some(rx.next().await) },
+            or(
+                async {
+                    drain.wait().await;
+                    Some(Ok(None))
+                },
+                async {
+                    announced.superseded.wait().await;
+                    None
+                },
+            ),
+        );
+        let Some(next) = next.await else {
+            announced = ctx.services.current();
+            if tx.send(hello(&announced)).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        match next {
             Ok(Some(m)) => on_control(&ctx, m, slot),
             Ok(None) => break,
             Err(e) => {
@@ -317,27 +380,29 @@ async fn handle_dial(
     // predates identity propagation).
     let client = req.headers().get(CLIENT_ID_HEADER).cloned();
     let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
+    ctx.stats.dials.inc();
     let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
         Ok(v) => v,
-        Err(e) => return answer_error(respond, &e),
+        Err(e) => return ctx.fail(respond, &e),
     };
     let (_stream, setup) = match admit(&ctx, active) {
         Ok(g) => g,
         Err(e) => {
             tracing::debug!(agent = ctx.id, error = %e, "dial refused");
-            return answer_error(respond, &e);
+            return ctx.fail(respond, &e);
         }
     };
-    let (service, spec) = match services::pick(&ctx.id, &ctx.services, &target.service) {
+    let current = ctx.services.current();
+    let (service, spec) = match services::pick(&ctx.id, &current.services, &target.service) {
         Ok(v) => v,
-        Err(e) => return answer_error(respond, &e),
+        Err(e) => return ctx.fail(respond, &e),
     };
     let who = client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("");
     tracing::debug!(agent = ctx.id, client = who, source = target.source, service, "dial");
     // Before connecting: a refused client never reaches the target.
     if let Err(e) = services::authorize(&ctx.id, &ctx.cluster, service, spec, client.as_ref()) {
         tracing::debug!(agent = ctx.id, client = who, source = target.source, service, error = %e, "dial refused");
-        return answer_error(respond, &e);
+        return ctx.fail(respond, &e);
     }
     let addr = spec.addr.as_str();
     let connect = async {
@@ -353,10 +418,11 @@ async fn handle_dial(
         let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
         None
     };
+    let t0 = Instant::now();
     let tcp = match or(async { Some(timeout(ctx.connect_timeout, connect).await) }, reset).await {
         Some(Ok(Ok(t))) => t,
-        Some(Ok(Err(e))) => return answer_error(respond, &unavailable(&e)),
-        Some(Err(_)) => return answer_error(respond, &unavailable(&"connect timed out")),
+        Some(Ok(Err(e))) => return ctx.fail(respond, &unavailable(&e)),
+        Some(Err(_)) => return ctx.fail(respond, &unavailable(&"connect timed out")),
         None => {
             tracing::debug!(agent = ctx.id, service, "dial reset before the target connected");
             return;
@@ -364,12 +430,15 @@ async fn handle_dial(
     };
     let (inp, out) = match split_tcp_metered(tcp, &ctx.buf) {
         Ok(v) => v,
-        Err(e) => return answer_error(respond, &Error::internal(e.to_string())),
+        Err(e) => return ctx.fail(respond, &Error::internal(e.to_string())),
     };
+    ctx.stats.connect.record(t0.elapsed());
     let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
     if tx.send_now(established()).is_err() {
         return;
     }
+    ctx.stats.established.inc();
+    let _open = OpenStream::new(&ctx.stats.open_streams);
     rx.set_established();
     rx.meter(&ctx.buf);
     drop(setup);

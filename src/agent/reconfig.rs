@@ -1,8 +1,8 @@
 //! The agent's config reload thread: on each request (SIGHUP) it reads
-//! the config file again, applies a changed `log_level`, and logs every
-//! other change as not applied (a restart is needed: the services and
-//! their allow lists are announced to the proxies when a tunnel opens, so
-//! changing them under a live tunnel would leave the proxies' view stale).
+//! the config file again, applies a changed `log_level` and changed
+//! `[services]` (addresses, allow lists, services added or removed: every
+//! tunnel announces the new list to its proxy, see `services`), and logs
+//! every other change as not applied (a restart is needed).
 //!
 //! Invariant: a file that does not parse or validate is refused with one
 //! error line, and the running config stays. Ends within [`POLL`] of `stop`.
@@ -10,6 +10,7 @@
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::services::{self, LiveServices};
 use crate::config::live::{self, Reconfig};
 use crate::config::AgentConfig;
 use crate::runtime::Shutdown;
@@ -18,7 +19,7 @@ use crate::runtime::Shutdown;
 const POLL: Duration = Duration::from_millis(500);
 
 /// Starts the reload thread.
-pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown, live: LiveServices) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("config-reload".into()).spawn(move || {
         let who = format!("agent {}", cfg.id);
         let mut cur = cfg;
@@ -35,10 +36,23 @@ pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown) -> std::io::Result<
                     d.restart.push("log_level".into());
                 }
             }
+            if cur.services != new.services {
+                // Validated by load, so every pattern compiles.
+                match services::from_config(&new.services) {
+                    Ok(s) => live.replace(s),
+                    Err(e) => {
+                        d.applied.retain(|c| !c.starts_with("services "));
+                        d.restart.push(format!("services ({e:#})"));
+                    }
+                }
+            }
             live::log(&who, &d);
             // What was not applied stays as it runs, so the next reload
             // reports it again.
             cur.log_level = new.log_level;
+            if d.applied.iter().any(|c| c.starts_with("services ")) {
+                cur.services = new.services;
+            }
         })
     })
 }

@@ -15,8 +15,16 @@
 //! backend, and would need a copy of the fleet's grants); trusting the
 //! client's name from the `DialRequest` (clients write it, proxies do not
 //! vouch for it).
+//!
+//! Reload: [`LiveServices`] holds the services in force; a SIGHUP that
+//! changes them swaps in a new version whole (a dial sees the old set or
+//! the new one, never a mix) and fires the old version's `superseded`
+//! signal, on which every tunnel's control stream announces the new list.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use http::HeaderValue;
 
@@ -39,6 +47,39 @@ pub struct Service {
 
 /// The agent's services by name.
 pub type Services = BTreeMap<String, Service>;
+
+/// One version of the services in force.
+pub struct Version {
+    pub services: Services,
+    /// Fires when a newer version replaces this one.
+    pub superseded: crate::runtime::Shutdown,
+}
+
+/// The services in force, shared by the executor (dials, control streams)
+/// and the reload thread. Reading is a lock-free `ArcSwap` load.
+///
+/// Alternative rejected: reopening every tunnel on a change (the proxies
+/// would learn the new list from the new tunnels' hellos): every open
+/// stream would have to drain, for what one control message says.
+#[derive(Clone)]
+pub struct LiveServices(Arc<ArcSwap<Version>>);
+
+impl LiveServices {
+    pub fn new(services: Services) -> LiveServices {
+        LiveServices(Arc::new(ArcSwap::from_pointee(Version { services, superseded: Default::default() })))
+    }
+
+    /// The version in force.
+    pub fn current(&self) -> Arc<Version> {
+        self.0.load_full()
+    }
+
+    /// Puts `services` in force and tells whoever watches the old version.
+    pub fn replace(&self, services: Services) {
+        let old = self.0.swap(Arc::new(Version { services, superseded: Default::default() }));
+        old.superseded.trigger();
+    }
+}
 
 /// Builds the services from the config (validated at load, so every
 /// pattern parses; one that does not is an error naming its service).

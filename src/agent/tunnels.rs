@@ -121,7 +121,9 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
                 slot.up.set(true);
                 slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, "tunnel up");
+                ctx.stats.tunnel_up(&addr, &proxy.name);
                 let why = serve_tunnel(ctx.clone(), tls, &slot).await;
+                ctx.stats.tunnel_down(&addr);
                 slot.up.set(false);
                 slot.health.replace(Default::default());
                 slot.since.set(Instant::now());
@@ -130,8 +132,12 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
                     backoff.reset();
                 }
             }
-            Err(Refused::Logged) => last_error = None,
+            Err(Refused::Logged) => {
+                ctx.stats.tunnel_failures.inc();
+                last_error = None
+            }
             Err(Refused::Other(msg)) => {
+                ctx.stats.tunnel_failures.inc();
                 if last_error.as_deref() != Some(&msg) {
                     tracing::warn!(agent = ctx.id, addr, error = %msg, "cannot open tunnel; retrying with backoff");
                     last_error = Some(msg);

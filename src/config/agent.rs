@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// override it at start, SIGHUP applies a change.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Admin endpoint (`/metrics`, `/tunnels`, `/healthz`, `/readyz`),
+    /// `host:port`; none when absent.
+    #[serde(default)]
+    pub admin_addr: Option<String>,
 }
 
 /// One `[services]` entry: `name = "host:port"`, or a table
@@ -141,6 +145,11 @@ impl AgentConfig {
         }
         if self.services.is_empty() {
             p.push("[services] must define at least one service".into());
+        }
+        if let Some(a) = &self.admin_addr {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                p.push(format!("admin_addr = {a:?} is not ip:port"));
+            }
         }
         if self.connect_timeout_ms == 0 {
             p.push("connect_timeout_ms must be > 0".into());

@@ -174,18 +174,41 @@ pub fn proxy(old: &ProxyConfig, new: &ProxyConfig) -> Diff {
 pub fn agent(old: &AgentConfig, new: &AgentConfig) -> Diff {
     let mut d = Diff::default();
     cmp(&mut d.applied, "log_level", &old.log_level, &new.log_level);
+    if old.services != new.services {
+        d.applied.push(format!("services {}", services_change(&old.services, &new.services)));
+    }
     let r = &mut d.restart;
     cmp(r, "cluster", &old.cluster, &new.cluster);
     cmp(r, "id", &old.id, &new.id);
     cmp(r, "proxies", &old.proxies, &new.proxies);
-    cmp(r, "services", &old.services, &new.services);
     cmp(r, "connect_timeout_ms", &old.connect_timeout_ms, &new.connect_timeout_ms);
     cmp(r, "agent_connection_count", &old.agent_connection_count, &new.agent_connection_count);
     cmp(r, "limits", &old.limits, &new.limits);
     cmp(r, "drain_timeout_ms", &old.drain_timeout_ms, &new.drain_timeout_ms);
     cmp(r, "h2", &format!("{:?}", old.h2), &format!("{:?}", new.h2));
     cmp(r, "tls", &format!("{:?}", old.tls), &format!("{:?}", new.tls));
+    cmp(r, "admin_addr", &old.admin_addr, &new.admin_addr);
     d
+}
+
+/// What changed in `[services]`: added, removed and changed names.
+fn services_change(
+    old: &std::collections::BTreeMap<String, crate::config::ServiceSpec>,
+    new: &std::collections::BTreeMap<String, crate::config::ServiceSpec>,
+) -> String {
+    let names = |f: &dyn Fn(&String) -> bool, m: &std::collections::BTreeMap<String, _>| -> Vec<String> {
+        m.keys().filter(|k| f(k)).cloned().collect()
+    };
+    let added = names(&|k| !old.contains_key(k), new);
+    let removed = names(&|k| !new.contains_key(k), old);
+    let changed = names(&|k| old.get(k).is_some_and(|o| new.get(k).is_some_and(|n| n != o)), new);
+    let mut parts = Vec::new();
+    for (what, v) in [("added", added), ("removed", removed), ("changed", changed)] {
+        if !v.is_empty() {
+            parts.push(format!("{what} {}", v.join(" ")));
+        }
+    }
+    format!("({})", parts.join("; "))
 }
 
 /// Logs a reload's outcome: one line with what was applied, one with what

@@ -23,16 +23,14 @@
 use std::fmt;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
 use super::readiness::Observed;
 use super::stats::{DialPath, HistogramSum, Metrics, ShardStats, SIDES};
 use crate::wire::error::Label;
 
-type Labels = Vec<(&'static str, String)>;
+use crate::runtime::admin_http::{counter, gauge, histogram, Labels};
 
 /// One proxy's metric families.
 #[derive(Clone)]
@@ -268,40 +266,4 @@ impl Collector for Families {
         }
         Ok(())
     }
-}
-
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels, u64)>) -> fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (l, v) in samples {
-        ConstCounter::new(v).encode(m.encode_family(&l)?)?;
-    }
-    Ok(())
-}
-
-fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    samples: Vec<(Labels, V)>,
-) -> fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (l, v) in samples {
-        m.encode_family(&l)?.encode_gauge(&v)?;
-    }
-    Ok(())
-}
-
-fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels, HistogramSum)>) -> fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    for (l, h) in samples {
-        let buckets: Vec<(f64, u64)> = h.bounds().collect();
-        let sum = h.sum_ns as f64 / 1e9;
-        m.encode_family(&l)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            sum,
-            h.count(),
-            &buckets,
-            None,
-        )?;
-    }
-    Ok(())
 }

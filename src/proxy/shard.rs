@@ -294,6 +294,18 @@ impl Shard {
         self.tunnel_arrived();
     }
 
+    /// The agent on tunnel `conn` announced a new service list (it
+    /// reloaded): the tunnel and, through the control thread, its route
+    /// carry the new list.
+    pub fn set_tunnel_services(&self, agent: &str, conn: u64, services: Arc<[String]>) {
+        if let Some(t) = self.tunnels.borrow_mut().get_mut(agent).and_then(|v| v.iter_mut().find(|t| t.conn == conn)) {
+            t.services = services.clone();
+        } else {
+            return;
+        }
+        self.report(TunnelEvent::TunnelUp { agent: agent.to_string(), shard: self.index, conn, services });
+    }
+
     fn tunnel_arrived(&self) {
         self.tunnel_gen.set(self.tunnel_gen.get() + 1);
         for w in self.route_waiters.borrow_mut().drain(..) {

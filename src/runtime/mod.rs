@@ -6,6 +6,7 @@
 //! nothing mutable, and all cross-thread traffic goes through
 //! [`mailbox`] or [`pipe`].
 
+pub mod admin_http;
 pub mod backoff;
 pub mod budget;
 pub mod listeners;

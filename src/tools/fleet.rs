@@ -80,6 +80,7 @@ pub fn agent_config(dir: &Path, id: &str, proxies: &[SocketAddr], services: &[(&
         limits: Default::default(),
         drain_timeout_ms: 300_000,
         log_level: None,
+        admin_addr: None,
     }
 }
 

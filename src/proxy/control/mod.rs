@@ -219,7 +219,13 @@ impl ControlLoop {
         match ev {
             TunnelEvent::TunnelUp { agent, shard, conn, services } => {
                 self.gone.remove(&agent);
-                self.local.entry(agent.clone()).or_default().insert(0, (conn, LocalRoute { shard, services }));
+                // A tunnel already known here announced again (the agent
+                // reloaded its services): its entry is replaced, in place.
+                let v = self.local.entry(agent.clone()).or_default();
+                match v.iter_mut().find(|(c, _)| *c == conn) {
+                    Some((_, r)) => r.services = services,
+                    None => v.insert(0, (conn, LocalRoute { shard, services })),
+                }
                 self.publish_agent(&agent);
             }
             TunnelEvent::TunnelDown { agent, conn } => {
@@ -242,6 +248,7 @@ impl ControlLoop {
         let now = Instant::now();
         match msg {
             FromReader::Loaded(l) => {
+                let after_outage = self.ever_synced && !self.reader_up;
                 self.last_sync = Some(now);
                 self.bad_data.loaded(&l.skipped, now);
                 self.skipped = l.skipped.len();
@@ -256,6 +263,16 @@ impl ControlLoop {
                     );
                 }
                 let mut fresh = ClusterView::from_loaded(&l, now);
+                if after_outage {
+                    let kept = fresh.carry_over(&self.view, now + self.opts.ttl);
+                    if kept > 0 {
+                        tracing::info!(
+                            proxy = self.opts.me.id,
+                            kept,
+                            "proxies whose records lapsed during the backend outage are kept for one more TTL"
+                        );
+                    }
+                }
                 fresh.moving = std::mem::take(&mut self.view.moving);
                 fresh.arrivals_until = self.view.arrivals_until;
                 fresh.grants = grants::GrantView::from_loaded(&l.grants, &self.view.grants);

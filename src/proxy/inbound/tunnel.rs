@@ -4,7 +4,8 @@
 //!
 //! Invariants: the agent's id comes from its certificate, never from a
 //! message; a tunnel is routable only after the agent announced its
-//! services; it is unregistered exactly once, whatever ended it.
+//! services (and a later announcement replaces them: the agent reloaded);
+//! it is unregistered exactly once, whatever ended it.
 
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -30,7 +31,9 @@ use crate::transport::keepalive::LinkHealth;
 use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
 use crate::wire::error::{Error, Label, Side};
 use crate::wire::paths;
-use crate::wire::pb::v1::{agent_message, control_message, AgentMessage, ControlMessage, Drain, ProxyEntry, ProxySet};
+use crate::wire::pb::v1::{
+    agent_message, control_message, AgentHello, AgentMessage, ControlMessage, Drain, ProxyEntry, ProxySet,
+};
 
 /// Most services an agent may announce.
 pub const MAX_SERVICES: usize = 1024;
@@ -112,7 +115,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
         std::future::pending::<()>().await
     };
     let control_ended = async {
-        or(watch_control(ctrl_rx), pushes).await;
+        or(watch_control(&shard, &agent, conn_id, ctrl_rx), pushes).await;
         "control_stream_closed"
     };
     let why = or(or(&mut driver, control_ended), closing()).await;
@@ -208,17 +211,34 @@ async fn open_control(
             return Err(Error::bad_request("agent closed the control stream").on(Side::Agent));
         };
         let Some(agent_message::Message::Hello(h)) = m.message else { continue };
-        if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
-            return Err(Error::bad_request("agent announced invalid service names").on(Side::Agent));
-        }
-        return Ok((h.services.into(), rx, tx));
+        return Ok((announced(h)?, rx, tx));
     }
 }
 
-/// Resolves when the agent's control stream ends.
-async fn watch_control(mut rx: ControlRecv) {
+/// The services of a hello, checked: at most [`MAX_SERVICES`], valid names.
+fn announced(h: AgentHello) -> Result<Arc<[String]>, Error> {
+    if h.services.len() > MAX_SERVICES || h.services.iter().any(|s| !valid_name(s)) {
+        return Err(Error::bad_request("agent announced invalid service names").on(Side::Agent));
+    }
+    Ok(h.services.into())
+}
+
+/// Follows the agent's control stream until it ends: a later hello (the
+/// agent reloaded its services) updates the tunnel's route; an invalid one
+/// ends the stream like any bad control message.
+async fn watch_control(shard: &Shard, agent: &str, conn: u64, mut rx: ControlRecv) {
     loop {
         match rx.next().await {
+            Ok(Some(AgentMessage { message: Some(agent_message::Message::Hello(h)) })) => match announced(h) {
+                Ok(services) => {
+                    tracing::info!(agent, shard = shard.index, services = ?services, "agent announced new services");
+                    shard.set_tunnel_services(agent, conn, services);
+                }
+                Err(e) => {
+                    crate::warn_throttled!("bad control message from agent", error = %e, "bad control message from agent");
+                    return;
+                }
+            },
             Ok(Some(_)) => {}
             Ok(None) => return,
             Err(e) => {
