@@ -104,16 +104,21 @@ fn failover_story(mut set: impl HaSet, fault: Fault) {
             common::with_client(client, &dir, "client", move |cl| async move {
                 let target = DialTarget::parse("agent-1/echo").unwrap();
                 let mut results: Vec<(Instant, bool)> = Vec::new();
+                let mut first_error: Option<String> = None;
                 while !stop.load(Ordering::Acquire) {
                     let dial =
                         ringpeer::runtime::timeout(Duration::from_secs(2), echo_roundtrip(&cl, &target, b"ping")).await;
-                    results.push((Instant::now(), matches!(dial, Ok(Ok(ref b)) if b == b"ping")));
+                    let ok = matches!(dial, Ok(Ok(ref b)) if b == b"ping");
+                    if !ok && first_error.is_none() {
+                        first_error = Some(format!("{dial:?}"));
+                    }
+                    results.push((Instant::now(), ok));
                     if results.iter().filter(|(_, ok)| *ok).count() == 10 {
                         let _ = ready_tx.send(());
                     }
                     glommio::timer::sleep(Duration::from_millis(20)).await;
                 }
-                results
+                (results, first_error)
             })
         })
     };
@@ -187,7 +192,7 @@ fn failover_story(mut set: impl HaSet, fault: Fault) {
     // Dial on for another 2 s against the new master, then stop.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Release);
-    let results = dialer.join().unwrap();
+    let (results, first_error) = dialer.join().unwrap();
 
     // The longest outage: from a failed dial to the next success.
     let mut longest = Duration::ZERO;
@@ -207,8 +212,9 @@ fn failover_story(mut set: impl HaSet, fault: Fault) {
     eprintln!(
         "{kind} {fault:?}: promoted after {promoted:?}; all 3 proxies wrote to the new master after {writes:?}; \
          every route there after {routes_at:?}; all views agree after {views:?}; \
-         dials {} (failed {failed}, longest outage {longest:?})",
-        results.len()
+         dials {} (failed {failed}, longest outage {longest:?}; first error {})",
+        results.len(),
+        first_error.as_deref().unwrap_or("none")
     );
     let promote_bound = if fault == Fault::Failover { 10 } else { 15 };
     assert!(promoted < Duration::from_secs(promote_bound), "promoted after {promoted:?}");

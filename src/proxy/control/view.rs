@@ -110,7 +110,9 @@ impl ClusterView {
     }
 
     /// After a backend outage: every proxy `old` knew that this fresh load
-    /// lacks stays until `until`, with the routes it held. Its record
+    /// lacks stays until `until`, with the routes it held, and every one it
+    /// has stays at least until then (its record may be about to lapse:
+    /// it could not be refreshed during the outage). A missing record
     /// lapsed in the backend while nobody could write; if the proxy is
     /// alive it writes it again (and every route) within a heartbeat of
     /// reaching the backend, and if it died meanwhile it expires at
@@ -118,12 +120,15 @@ impl ClusterView {
     ///
     /// Rejected: dropping them at once (what a plain load does): a Redis
     /// failover longer than the proxy TTL then failed every dial through a
-    /// live proxy until that proxy's writer reconnected (28 of 288 dials in
-    /// one Redis Cluster kill -9 run, outages up to 0.6 s).
+    /// live proxy until that proxy's writer reconnected (Redis Cluster
+    /// kill -9 story: 28 of 288 dials failed in one run, outage 0.6 s).
     pub fn carry_over(&mut self, old: &ClusterView, until: Instant) -> usize {
         let mut kept = 0;
         for (id, (info, _)) in &old.proxies {
-            if self.proxies.contains_key(id) {
+            if let Some((_, deadline)) = self.proxies.get_mut(id) {
+                // Loaded with what was left of a record that could not be
+                // refreshed during the outage: as good as lapsed.
+                *deadline = (*deadline).max(until);
                 continue;
             }
             kept += 1;
@@ -431,9 +436,9 @@ mod tests {
         ] {
             old.apply(e, now);
         }
-        // The new master's load: c rewrote its record and route, b's lapsed.
+        // The new master's load: b's record lapsed; c's has 100 ms left.
         let mut fresh = ClusterView::default();
-        fresh.apply(Event::ProxyUp { info: info("c"), ttl_ms: 3_000 }, now);
+        fresh.apply(Event::ProxyUp { info: info("c"), ttl_ms: 100 }, now);
         fresh.apply(Event::AgentUp { agent: "a2".into(), route: route("c") }, now);
         let until = now + Duration::from_secs(3);
         assert_eq!(fresh.carry_over(&old, until), 1);
@@ -443,6 +448,7 @@ mod tests {
         assert!(t.get("a2").is_some_and(|r| r.remote.iter().any(|m| &*m.proxy == "c")));
         // b never writes again (it died meanwhile): gone at `until`.
         assert!(fresh.expire(until - Duration::from_millis(1)).is_empty());
+        assert!(fresh.proxies.contains_key("c"), "c's short remainder was extended");
         let gone = fresh.expire(until);
         assert!(gone.agents.contains("a1") && !fresh.proxies.contains_key("b"));
     }
