@@ -40,8 +40,14 @@ pub struct AgentStats {
     /// Tunnel attempts that failed before the tunnel was up (connect, TLS,
     /// a refused certificate, a proxy that is not the one expected).
     pub tunnel_failures: Counter,
-    /// Tunnels up now: tunnel address → proxy id.
-    tunnels: Mutex<BTreeMap<String, String>>,
+    /// Tunnels up now: tunnel id → (address, proxy id). Keyed by id, not
+    /// address: during an upgrade in place the replacement tunnel comes up
+    /// at the same address before the old one goes down, and the old one's
+    /// "down" must not erase it (seen under systemd: /readyz said "no
+    /// tunnel up" after every `ringpeer-proxy@next` handover).
+    tunnels: Mutex<BTreeMap<u64, (String, String)>>,
+    /// The next tunnel id.
+    next_tunnel: Counter,
 }
 
 impl Default for AgentStats {
@@ -56,6 +62,7 @@ impl Default for AgentStats {
             tunnels_opened: Counter::default(),
             tunnel_failures: Counter::default(),
             tunnels: Mutex::default(),
+            next_tunnel: Counter::default(),
         }
     }
 }
@@ -71,20 +78,27 @@ impl AgentStats {
         self.errors[l.index()].get()
     }
 
-    /// The tunnel at `addr` is up, to `proxy`.
-    pub fn tunnel_up(&self, addr: &str, proxy: &str) {
+    /// The tunnel at `addr` is up, to `proxy`; its id, for
+    /// [`tunnel_down`](Self::tunnel_down).
+    pub fn tunnel_up(&self, addr: &str, proxy: &str) -> u64 {
         self.tunnels_opened.inc();
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.to_string(), proxy.to_string());
+        let id = self.next_tunnel.get();
+        self.next_tunnel.inc();
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (addr.to_string(), proxy.to_string()));
+        id
     }
 
-    /// The tunnel at `addr` is down.
-    pub fn tunnel_down(&self, addr: &str) {
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
+    /// The tunnel `id` is down.
+    pub fn tunnel_down(&self, id: u64) {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
-    /// The tunnels up now: (address, proxy id).
+    /// The tunnels up now: (address, proxy id), by address.
     pub fn tunnels(&self) -> Vec<(String, String)> {
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(a, p)| (a.clone(), p.clone())).collect()
+        let mut v: Vec<(String, String)> =
+            self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        v.sort();
+        v
     }
 }
 
@@ -101,5 +115,24 @@ impl<'a> OpenStream<'a> {
 impl Drop for OpenStream<'_> {
     fn drop(&mut self) {
         self.0.add(-1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replacement_tunnel_at_the_same_address_outlives_its_predecessor() {
+        let s = AgentStats::default();
+        let old = s.tunnel_up("10.0.0.11:7444", "proxy-a");
+        // Upgrade in place: the successor answers at the same address.
+        let new = s.tunnel_up("10.0.0.11:7444", "proxy-a");
+        assert_eq!(s.tunnels().len(), 2);
+        s.tunnel_down(old);
+        assert_eq!(s.tunnels(), vec![("10.0.0.11:7444".to_string(), "proxy-a".to_string())]);
+        s.tunnel_down(new);
+        assert!(s.tunnels().is_empty());
+        assert_eq!(s.tunnels_opened.get(), 2);
     }
 }

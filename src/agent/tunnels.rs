@@ -121,9 +121,9 @@ async fn tunnel_loop(ctx: Rc<AgentCtx>, addr: String, slot: Slot) {
                 slot.up.set(true);
                 slot.since.set(Instant::now());
                 tracing::info!(agent = ctx.id, proxy = proxy.name, addr, "tunnel up");
-                ctx.stats.tunnel_up(&addr, &proxy.name);
+                let id = ctx.stats.tunnel_up(&addr, &proxy.name);
                 let why = serve_tunnel(ctx.clone(), tls, &slot).await;
-                ctx.stats.tunnel_down(&addr);
+                ctx.stats.tunnel_down(id);
                 slot.up.set(false);
                 slot.health.replace(Default::default());
                 slot.since.set(Instant::now());

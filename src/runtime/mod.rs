@@ -1,10 +1,17 @@
 //! Runtime: thread-per-core glommio shards, listeners, cross-shard channels,
 //! shutdown and timers.
 //!
-//! Invariants: one pinned `LocalExecutor` per shard, each with a small
-//! `io_memory` so several fit under an 8 MiB `RLIMIT_MEMLOCK`; shards share
-//! nothing mutable, and all cross-thread traffic goes through
+//! Invariants: one pinned `LocalExecutor` per shard; shards share nothing
+//! mutable, and all cross-thread traffic goes through
 //! [`mailbox`] or [`pipe`].
+//!
+//! Locked memory: each executor's `io_memory` slab ([`IO_MEMORY`]) is
+//! registered with its three rings, 1.5 MiB accounted against the user's
+//! `RLIMIT_MEMLOCK` (the kernel counts io_uring registrations per user), so
+//! 8 MiB holds about five executors of one user. Past it glommio warns
+//! "registering buffers … Skipping" and uses the slab unregistered; as read
+//! in glommio's code, only fixed-buffer file I/O needs the registration, so
+//! our sockets lose nothing. The service units set `LimitMEMLOCK=infinity`.
 
 pub mod admin_http;
 pub mod backoff;
