@@ -114,6 +114,23 @@ pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc 
     )
 }
 
+/// `GET /readyz`: the status line and body, or the error.
+pub fn readyz(admin: SocketAddr) -> String {
+    let mut s = match TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect: {e}"),
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    match s.read_to_string(&mut out) {
+        Ok(_) => {
+            out.lines().next().unwrap_or_default().to_string() + " " + out.split("\r\n\r\n").nth(1).unwrap_or("").trim()
+        }
+        Err(e) => format!("read: {e}"),
+    }
+}
+
 pub fn routes_json(admin: SocketAddr) -> serde_json::Value {
     let Ok(mut s) = TcpStream::connect(admin) else { return serde_json::Value::Null };
     let _ = s.write_all(b"GET /routes HTTP/1.0\r\n\r\n");
@@ -212,4 +229,20 @@ pub fn proxy_on(dir: &Path, backend: &str, id: &str, ttl_ms: u64, count: u32) ->
     std::fs::write(&path, cfg).unwrap();
     let (proc, _, tunnel) = start_proxy(&path, None);
     (proc, tunnel, admin)
+}
+
+/// Every thread's stack of `p` (gdb, when the machine has it), for a
+/// failure message: what a process that stopped answering was doing.
+pub fn stacks(name: &str, p: &Proc) -> String {
+    let out = Command::new("timeout")
+        .args(["30", "gdb", "-p", &p.0.id().to_string(), "-batch", "-ex", "thread apply all bt 12"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let frames: Vec<&str> = text.lines().filter(|l| l.starts_with("Thread ") || l.starts_with('#')).collect();
+            format!("--- {name} (pid {}) ---\n{}", p.0.id(), frames.join("\n"))
+        }
+        _ => format!("--- {name}: no stacks (gdb missing or refused)"),
+    }
 }

@@ -263,15 +263,20 @@ impl ControlLoop {
                     );
                 }
                 let mut fresh = ClusterView::from_loaded(&l, now);
-                if after_outage {
-                    let kept = fresh.carry_over(&self.view, now + self.opts.ttl);
-                    if kept > 0 {
-                        tracing::info!(
-                            proxy = self.opts.me.id,
-                            kept,
-                            "proxies whose records lapsed during the backend outage are kept for one more TTL"
-                        );
-                    }
+                let extend_to = after_outage.then(|| now + self.opts.ttl);
+                let kept = fresh.carry_over(&self.view, now, extend_to);
+                if kept > 0 && after_outage {
+                    tracing::info!(
+                        proxy = self.opts.me.id,
+                        kept,
+                        "proxies whose records lapsed during the backend outage are kept one more TTL"
+                    );
+                } else if kept > 0 {
+                    tracing::debug!(
+                        proxy = self.opts.me.id,
+                        kept,
+                        "proxies the load lacks are kept until their deadline"
+                    );
                 }
                 fresh.moving = std::mem::take(&mut self.view.moving);
                 fresh.arrivals_until = self.view.arrivals_until;
