@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::procs::{agent, proxy_on, routes_json, routes_of};
-use common::redis_server::{ClusterSet, HaSet, SentinelSet};
+use common::redis_ha::{ClusterSet, HaSet, SentinelSet};
 use ringpeer::route::model::Event;
 use ringpeer::route::redis::RedisFactory;
 use ringpeer::route::redis_conn::{RedisOptions, RedisSources};

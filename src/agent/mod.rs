@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future::or;
-use glommio::net::TcpStream;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::Request;
 
-use crate::runtime::budget::{exceeded, AgentLimits, BufMeter};
+use crate::runtime::budget::{AgentLimits, BufMeter};
 pub mod admin;
+mod dial;
 mod proxy_tls;
 mod reconfig;
 pub mod services;
@@ -40,14 +40,13 @@ pub mod strategy;
 mod tunnels;
 
 use crate::config::AgentConfig;
-use crate::relay::call::{answer_error, answer_ok, established, read_dial_request};
+use crate::relay::call::{answer_error, answer_ok};
 use crate::relay::grpc::{GrpcRecv, Msgs};
-use crate::relay::splice::{splice, split_tcp_metered, End};
 use crate::route::model::Strategy;
 use crate::runtime::signal::Signal;
 use crate::runtime::{timeout, Shutdown};
 use crate::transport::flood::FloodMeter;
-use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning, SetupGuard, StreamGuard};
+use crate::transport::h2conf::{serve, ActiveStreams, H2Tuning};
 use crate::transport::identity::valid_name;
 use crate::transport::identity::Role;
 use crate::transport::reload::{Live, Source, Trigger};
@@ -61,15 +60,15 @@ impl Drop for EndOnDrop {
         self.0.trigger();
     }
 }
-use crate::transport::{resolve, ClientTls};
-use crate::wire::codec::{encode_msg, FrameDecoder, MAX_CONTROL_STREAM_MSG};
+use crate::transport::ClientTls;
+use crate::wire::codec::{encode_msg, MAX_CONTROL_STREAM_MSG};
 use crate::wire::error::{Error, Label, Retry, Side};
 use crate::wire::paths;
 use crate::wire::pb::v1::{agent_message, control_message, AgentHello, AgentMessage, ControlMessage};
 use crate::wire::status::{Code, Status};
 use proxy_tls::ProxyTls;
-use services::{LiveServices, CLIENT_ID_HEADER};
-use stats::{AgentStats, OpenStream};
+use services::LiveServices;
+use stats::AgentStats;
 use strategy::{Membership, Slot, LEAVING_FOR};
 
 struct AgentCtx {
@@ -224,7 +223,7 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
         let (ctx, drain, active, slot) = (ctx.clone(), drain.clone(), active.clone(), slot.clone());
         glommio::spawn_local(async move {
             match req.uri().path() {
-                paths::AGENT_DIAL => handle_dial(ctx, &active, req, respond).await,
+                paths::AGENT_DIAL => dial::handle(ctx, &active, req, respond).await,
                 // Not counted in the stream budget: it is the tunnel's own.
                 paths::AGENT_CONTROL => handle_control(ctx, req, respond, drain, &slot).await,
                 other => {
@@ -347,104 +346,5 @@ fn on_control(ctx: &AgentCtx, m: ControlMessage, slot: &Slot) {
             Err(e) => tracing::warn!(agent = ctx.id, error = %e, "ignoring a bad strategy"),
         },
         None => {}
-    }
-}
-
-/// The budgets a dial must fit in: streams and set-ups on its tunnel, the
-/// shard's buffered bytes. Checked once the `DialRequest` is in: refusing
-/// at the headers would leave the proxy's request DATA arriving on a reset
-/// stream, and h2 counts each such arrival against the connection
-/// (`max_local_error_reset_streams`), so a burst of refusals would end the
-/// whole tunnel.
-fn admit(ctx: &AgentCtx, active: &ActiveStreams) -> Result<(StreamGuard, SetupGuard), Error> {
-    let l = &ctx.limits;
-    let stream = active
-        .try_enter()
-        .ok_or_else(|| exceeded("streams_per_conn", l.streams_per_conn, Label::BudgetStreamsPerConn, Side::Agent))?;
-    let setup = active
-        .enter_setup()
-        .ok_or_else(|| exceeded("setup_per_conn", l.setup_per_conn, Label::BudgetSetupPerConn, Side::Agent))?;
-    if ctx.buf.over_budget() {
-        return Err(exceeded("shard_buffer_bytes", ctx.buf.budget(), Label::BudgetShardBuffer, Side::Agent));
-    }
-    Ok((stream, setup))
-}
-
-async fn handle_dial(
-    ctx: Rc<AgentCtx>,
-    active: &ActiveStreams,
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) {
-    // The client the proxies vouch for (`None` only from a proxy that
-    // predates identity propagation).
-    let client = req.headers().get(CLIENT_ID_HEADER).cloned();
-    let mut rx = GrpcRecv::new(req.into_body(), FrameDecoder::new(), Side::Proxy);
-    ctx.stats.dials.inc();
-    let target = match read_dial_request(&mut rx, ctx.connect_timeout * 2).await {
-        Ok(v) => v,
-        Err(e) => return ctx.fail(respond, &e),
-    };
-    let (_stream, setup) = match admit(&ctx, active) {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::debug!(agent = ctx.id, error = %e, "dial refused");
-            return ctx.fail(respond, &e);
-        }
-    };
-    let current = ctx.services.current();
-    let (service, spec) = match services::pick(&ctx.id, &current.services, &target.service) {
-        Ok(v) => v,
-        Err(e) => return ctx.fail(respond, &e),
-    };
-    let who = client.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("");
-    tracing::debug!(agent = ctx.id, client = who, source = target.source, service, "dial");
-    // Before connecting: a refused client never reaches the target.
-    if let Err(e) = services::authorize(&ctx.id, &ctx.cluster, service, spec, client.as_ref()) {
-        tracing::debug!(agent = ctx.id, client = who, source = target.source, service, error = %e, "dial refused");
-        return ctx.fail(respond, &e);
-    }
-    let addr = spec.addr.as_str();
-    let connect = async {
-        let sa = resolve(addr).await?;
-        TcpStream::connect(sa).await.map_err(std::io::Error::from)
-    };
-    let unavailable = |e: &dyn std::fmt::Display| {
-        let m = format!("service {service} at {addr} on agent {:?}: {e}", ctx.id);
-        Error::unavailable(Side::Target, Retry::Safe, Label::TargetConnect, m)
-    };
-    // A dial the proxy resets (its client left) stops connecting at once.
-    let reset = async {
-        let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-        None
-    };
-    let t0 = Instant::now();
-    let tcp = match or(async { Some(timeout(ctx.connect_timeout, connect).await) }, reset).await {
-        Some(Ok(Ok(t))) => t,
-        Some(Ok(Err(e))) => return ctx.fail(respond, &unavailable(&e)),
-        Some(Err(_)) => return ctx.fail(respond, &unavailable(&"connect timed out")),
-        None => {
-            tracing::debug!(agent = ctx.id, service, "dial reset before the target connected");
-            return;
-        }
-    };
-    let (inp, out) = match split_tcp_metered(tcp, &ctx.buf) {
-        Ok(v) => v,
-        Err(e) => return ctx.fail(respond, &Error::internal(e.to_string())),
-    };
-    ctx.stats.connect.record(t0.elapsed());
-    let Ok(mut tx) = answer_ok(&mut respond, Side::Proxy) else { return };
-    if tx.send_now(established()).is_err() {
-        return;
-    }
-    ctx.stats.established.inc();
-    let _open = OpenStream::new(&ctx.stats.open_streams);
-    rx.set_established();
-    rx.meter(&ctx.buf);
-    drop(setup);
-    tracing::debug!(agent = ctx.id, service, addr, "dial established");
-    match splice(inp, out, tx, rx, End::Agent).await {
-        Ok(s) => tracing::debug!(agent = ctx.id, service, status = ?s.code, "dial ended"),
-        Err(e) => tracing::debug!(agent = ctx.id, service, error = %e, "dial ended with an error"),
     }
 }

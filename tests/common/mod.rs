@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod stage;
 
