@@ -98,9 +98,21 @@ pub fn try_start_proxy_line(
 }
 
 pub fn agent(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> Proc {
+    agent_with(dir, id, proxy, echo, "")
+}
+
+/// [`agent`] with its admin endpoint on a free port; returns the process
+/// and the admin address.
+pub fn agent_with_admin(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr) -> (Proc, SocketAddr) {
+    let admin = free_addr();
+    (agent_with(dir, id, proxy, echo, &format!("admin_addr = \"{admin}\"\n")), admin)
+}
+
+/// [`agent`] with `top` as extra top-level config lines.
+fn agent_with(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr, top: &str) -> Proc {
     let d = dir.display();
     let cfg = format!(
-        "cluster = \"demo\"\nid = \"{id}\"\nproxies = [\"{proxy}\"]\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
+        "cluster = \"demo\"\nid = \"{id}\"\nproxies = [\"{proxy}\"]\n{top}[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
          key = \"{d}/{id}-key.pem\"\n[services]\necho = \"{echo}\"\n"
     );
     let path = dir.join(format!("{id}.toml"));

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::procs::{agent, metric, sigterm, start_proxy, wait_exit};
+use common::procs::{metric, sigterm, start_proxy, wait_exit};
 use common::redis_server::Redis;
 use ringpeer::tools::fleet::CertDir;
 use ringpeer::tools::target::{self as targets, Kind, Target};
@@ -97,8 +97,11 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     let strategy = PEERING_ONE;
     let (config, admin, client, tunnel, mut old) =
         fresh_proxy(dir, &redis, "proxy-a", "old proxy-a", 3_000, strategy, "");
-    let _agent = agent(dir, "agent-1", tunnel, echo.addr);
+    let (_agent, agent_admin) = common::procs::agent_with_admin(dir, "agent-1", tunnel, echo.addr);
     common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels") == Some(1));
+    common::eventually("the agent is ready", || {
+        common::procs::readyz(agent_admin).split_whitespace().nth(1) == Some("200")
+    });
 
     let (stop_stream, progress) = (Arc::new(AtomicBool::new(false)), Arc::new(Progress::default()));
     let stream = spawn_streams(
@@ -153,6 +156,12 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     // The admin address is the successor's alone now.
     assert_eq!(metric(admin, "ringpeer_tunnels"), Some(1));
     assert_eq!(metric(admin, "ringpeer_draining"), Some(0));
+    // The agent still counts its tunnel (to the successor, at the same
+    // address) after the predecessor's went down: once, under systemd, its
+    // /readyz said "no tunnel up" here.
+    let ready = common::procs::readyz(agent_admin);
+    assert!(ready.split_whitespace().nth(1) == Some("200") && ready.contains("1 tunnel(s) up: proxy-a"), "{ready}");
+    assert_eq!(metric(agent_admin, "ringpeer_agent_tunnels"), Some(1));
     drop(new);
 }
 
