@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use rustls::ClientConfig;
 
 use super::stats::AgentStats;
-use crate::runtime::admin_http::{self, counter, gauge, histogram, Endpoints, Labels, Reply};
+use crate::runtime::admin_http::{self, counter, gauge, histogram, Endpoints, Labels, Reply, CERT_EXPIRY_HELP};
 use crate::runtime::stats::HistogramSum;
 use crate::runtime::Shutdown;
 use crate::transport::reload::Live;
@@ -148,24 +148,7 @@ impl Collector for Observed {
             "1 while /readyz answers 200",
             vec![(l(), i64::from(self.readiness().is_ok()))],
         )?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let certs: Vec<(Labels, i64)> = self
-            .tls
-            .current()
-            .material
-            .certs
-            .iter()
-            .map(|c| {
-                let mut x = l();
-                x.extend([("cert", c.kind.to_string()), ("subject", c.subject.clone()), ("serial", c.serial.clone())]);
-                (x, c.remaining(now))
-            })
-            .collect();
-        gauge(
-            &mut e,
-            "ringpeer_agent_cert_expiry_seconds",
-            "Seconds until a loaded certificate expires (own, and each CA); negative once expired",
-            certs,
-        )
+        let certs = self.tls.current().material.expiry_samples(&l());
+        gauge(&mut e, "ringpeer_agent_cert_expiry_seconds", CERT_EXPIRY_HELP, certs)
     }
 }

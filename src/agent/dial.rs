@@ -19,12 +19,12 @@ use h2::RecvStream;
 use http::Request;
 
 use super::services::{self, CLIENT_ID_HEADER};
-use super::stats::OpenStream;
 use super::AgentCtx;
 use crate::relay::call::{answer_ok, established, read_dial_request};
 use crate::relay::grpc::GrpcRecv;
 use crate::relay::splice::{splice, split_tcp_metered, End};
 use crate::runtime::budget::exceeded;
+use crate::runtime::stats::Held;
 use crate::runtime::timeout;
 use crate::transport::h2conf::{ActiveStreams, SetupGuard, StreamGuard};
 use crate::transport::resolve;
@@ -119,7 +119,7 @@ pub(super) async fn handle(
         return;
     }
     ctx.stats.established.inc();
-    let _open = OpenStream::new(&ctx.stats.open_streams);
+    let _open = Held::new(&ctx.stats.open_streams);
     rx.set_established();
     rx.meter(&ctx.buf);
     drop(setup);

@@ -30,6 +30,7 @@ use h2::RecvStream;
 use http::Request;
 
 use crate::runtime::budget::{AgentLimits, BufMeter};
+use crate::runtime::listeners::{bind_group, parse_addr};
 pub mod admin;
 mod dial;
 mod proxy_tls;
@@ -120,9 +121,7 @@ pub fn run_with(
     cfg.validate()?;
     // Bound first: a taken admin port fails the start, before any tunnel.
     let admin = match &cfg.admin_addr {
-        Some(a) => {
-            Some(std::net::TcpListener::bind(a).map_err(|e| anyhow::anyhow!("admin_addr {a}: cannot listen: {e}"))?)
-        }
+        Some(a) => bind_group(parse_addr(a, "admin_addr")?, 1, "admin_addr")?.pop(),
         None => None,
     };
     let tls = TlsMaterial::load_as(&cfg.tls, &cfg.cluster, Role::Agent, &cfg.id)?;

@@ -102,22 +102,6 @@ impl AgentStats {
     }
 }
 
-/// Counts one relayed stream open while it lives.
-pub struct OpenStream<'a>(&'a Gauge);
-
-impl<'a> OpenStream<'a> {
-    pub fn new(g: &'a Gauge) -> Self {
-        g.add(1);
-        OpenStream(g)
-    }
-}
-
-impl Drop for OpenStream<'_> {
-    fn drop(&mut self) {
-        self.0.add(-1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

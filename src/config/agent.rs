@@ -52,7 +52,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub log_level: Option<String>,
     /// Admin endpoint (`/metrics`, `/tunnels`, `/healthz`, `/readyz`),
-    /// `host:port`; none when absent.
+    /// `host:port` (bound as the proxy binds its own); none when absent.
     #[serde(default)]
     pub admin_addr: Option<String>,
 }
@@ -147,8 +147,8 @@ impl AgentConfig {
             p.push("[services] must define at least one service".into());
         }
         if let Some(a) = &self.admin_addr {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                p.push(format!("admin_addr = {a:?} is not ip:port"));
+            if crate::runtime::listeners::parse_addr(a, "admin_addr").is_err() {
+                p.push(format!("admin_addr {a:?} is not a host:port address"));
             }
         }
         if self.connect_timeout_ms == 0 {

@@ -30,7 +30,7 @@ use super::readiness::Observed;
 use super::stats::{DialPath, HistogramSum, Metrics, ShardStats, SIDES};
 use crate::wire::error::Label;
 
-use crate::runtime::admin_http::{counter, gauge, histogram, Labels};
+use crate::runtime::admin_http::{counter, gauge, histogram, Labels, CERT_EXPIRY_HELP};
 
 /// One proxy's metric families.
 #[derive(Clone)]
@@ -239,21 +239,7 @@ impl Families {
             one(i64::from(o.draining())),
         )?;
         gauge(e, "ringpeer_ready", "1 while /readyz answers 200", one(i64::from(o.readiness().is_ok())))?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let certs: Vec<(Labels, i64)> = o
-            .tls
-            .current()
-            .material
-            .certs
-            .iter()
-            .map(|c| (self.with(&[("cert", c.kind), ("subject", &c.subject), ("serial", &c.serial)]), c.remaining(now)))
-            .collect();
-        gauge(
-            e,
-            "ringpeer_cert_expiry_seconds",
-            "Seconds until a loaded certificate expires (own, and each CA); negative once expired",
-            certs,
-        )
+        gauge(e, "ringpeer_cert_expiry_seconds", CERT_EXPIRY_HELP, o.tls.current().material.expiry_samples(&self.l()))
     }
 }
 

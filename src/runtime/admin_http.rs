@@ -219,6 +219,10 @@ fn answer(req: &Request<Incoming>, endpoints: &dyn Endpoints) -> Response<Full<B
 /// Label pairs of one sample.
 pub type Labels = Vec<(&'static str, String)>;
 
+/// The help text of both roles' certificate expiry gauges.
+pub const CERT_EXPIRY_HELP: &str =
+    "Seconds until a loaded certificate expires (own, and each CA); negative once expired";
+
 /// Encodes a counter family (`_total` is added by the encoder).
 pub fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels, u64)>) -> std::fmt::Result {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;

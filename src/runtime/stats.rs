@@ -48,6 +48,23 @@ impl Gauge {
     }
 }
 
+/// Counts one in a [`Gauge`] while it lives (an open stream, say).
+pub struct Held<'a>(&'a Gauge);
+
+impl<'a> Held<'a> {
+    /// Adds one to `g` until dropped (only the owning shard calls this).
+    pub fn new(g: &'a Gauge) -> Self {
+        g.add(1);
+        Held(g)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
 /// Upper bounds, in seconds, of the buckets of every latency histogram
 /// (dial set-up, time to first byte): 0.5 ms to 10 s, roughly ×2.5 apart;
 /// past the last, `+Inf`. Fixed, so a histogram is a flat array.

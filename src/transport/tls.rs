@@ -26,6 +26,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::identity::{Role, SpiffeId};
 use super::verify::{verify_chain, Crls, SpiffeClientVerifier, SpiffeServerVerifier};
+use crate::runtime::admin_http::Labels;
 
 /// The `[tls]` section of a config file.
 #[derive(Clone, Debug, Deserialize)]
@@ -160,6 +161,19 @@ pub struct TlsMaterial {
 }
 
 impl TlsMaterial {
+    /// One `*_cert_expiry_seconds` sample per loaded certificate (own, and
+    /// each CA): `base` plus `cert`, `subject` and `serial`, and the seconds
+    /// it has left (negative once expired).
+    pub fn expiry_samples(&self, base: &Labels) -> Vec<(Labels, i64)> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let labels = |c: &CertInfo| {
+            let mut l = base.clone();
+            l.extend([("cert", c.kind.to_string()), ("subject", c.subject.clone()), ("serial", c.serial.clone())]);
+            l
+        };
+        self.certs.iter().map(|c| (labels(c), c.remaining(now))).collect()
+    }
+
     /// Loads and checks the files: the CA parses, the certificate's SPIFFE id
     /// names `cluster` and `role`.
     pub fn load(files: &TlsFiles, cluster: &str, role: Role) -> Result<TlsMaterial, TlsError> {

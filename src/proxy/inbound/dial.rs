@@ -53,6 +53,7 @@ use crate::relay::{relay, FirstByte, GrpcRecv, GrpcSend, Leg, Sink, Tally};
 use crate::route::grants::Authorization;
 use crate::runtime::budget::exceeded;
 use crate::runtime::signal::Signal;
+use crate::runtime::stats::Held;
 use crate::transport::h2conf::ActiveStreams;
 use crate::wire::codec::{encode_msg, FrameDecoder};
 use crate::wire::error::{Error, Label, Retry, Side};
@@ -311,7 +312,7 @@ async fn relay_to_caller(
         r.meter(&shard.buf);
     }
     let _open = shard.streams.enter();
-    let _gauge = StreamGauge::new(shard);
+    let _gauge = Held::new(&shard.stats.active_streams);
     let stats = &shard.stats;
     let (up, back) = (Tally::default(), Tally::default());
     // Time to first byte: at the first DATA sent down, held or relayed.
@@ -373,22 +374,6 @@ async fn relay_to_caller(
     // a finished stream early): it is not counted against the connection.
     if let Err(e) = r {
         stats.error(e.label);
-    }
-}
-
-/// Tracks an open relayed stream in the shard's gauge.
-struct StreamGauge<'a>(&'a Shard);
-
-impl<'a> StreamGauge<'a> {
-    fn new(shard: &'a Shard) -> Self {
-        shard.stats.active_streams.add(1);
-        StreamGauge(shard)
-    }
-}
-
-impl Drop for StreamGauge<'_> {
-    fn drop(&mut self) {
-        self.0.stats.active_streams.add(-1);
     }
 }
 
