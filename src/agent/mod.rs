@@ -239,6 +239,16 @@ async fn serve_tunnel(ctx: Rc<AgentCtx>, tls: ClientTls, slot: &Slot) -> &'stati
     .await
 }
 
+/// What wakes the control loop of a tunnel.
+enum Wake {
+    /// A message from the proxy, the stream's end, or an error.
+    Message(Result<Option<ControlMessage>, Error>),
+    /// The tunnel drains (agent shutdown, or no longer wanted).
+    Drain,
+    /// A reload replaced the services: announce them again.
+    Services,
+}
+
 /// Serves Agent/Control until the proxy closes it or the tunnel drains
 /// (ending it first tells the proxy to stop routing new dials here).
 async fn handle_control(
@@ -266,33 +276,32 @@ async fn handle_control(
         // On shutdown the control stream ends first, so the proxy stops
         // routing here and the tunnel drains. A reload that changed the
         // services is announced again (the proxy updates its route).
-        let next = or(
-            async { Some(rx.next().await) },
+        let wake = or(
+            async { Wake::Message(rx.next().await) },
             or(
                 async {
                     drain.wait().await;
-                    Some(Ok(None))
+                    Wake::Drain
                 },
                 async {
                     announced.superseded.wait().await;
-                    None
+                    Wake::Services
                 },
             ),
         );
-        let Some(next) = next.await else {
-            announced = ctx.services.current();
-            if tx.send(hello(&announced)).await.is_err() {
-                return;
-            }
-            continue;
-        };
-        match next {
-            Ok(Some(m)) => on_control(&ctx, m, slot),
-            Ok(None) => break,
-            Err(e) => {
+        match wake.await {
+            Wake::Message(Ok(Some(m))) => on_control(&ctx, m, slot),
+            Wake::Message(Ok(None)) | Wake::Drain => break,
+            Wake::Message(Err(e)) => {
                 tracing::warn!(agent = ctx.id, error = %e, "bad control message");
                 let _ = tx.trailers(e.to_trailers());
                 return;
+            }
+            Wake::Services => {
+                announced = ctx.services.current();
+                if tx.send(hello(&announced)).await.is_err() {
+                    return;
+                }
             }
         }
     }

@@ -36,10 +36,14 @@ pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown, live: LiveServices)
                     d.restart.push("log_level".into());
                 }
             }
+            let mut services_applied = false;
             if cur.services != new.services {
                 // Validated by load, so every pattern compiles.
                 match services::from_config(&new.services) {
-                    Ok(s) => live.replace(s),
+                    Ok(s) => {
+                        live.replace(s);
+                        services_applied = true;
+                    }
                     Err(e) => {
                         d.applied.retain(|c| !c.starts_with("services "));
                         d.restart.push(format!("services ({e:#})"));
@@ -50,7 +54,7 @@ pub fn spawn(cfg: AgentConfig, rc: Reconfig, stop: Shutdown, live: LiveServices)
             // What was not applied stays as it runs, so the next reload
             // reports it again.
             cur.log_level = new.log_level;
-            if d.applied.iter().any(|c| c.starts_with("services ")) {
+            if services_applied {
                 cur.services = new.services;
             }
         })

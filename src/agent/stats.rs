@@ -45,9 +45,8 @@ pub struct AgentStats {
     /// at the same address before the old one goes down, and the old one's
     /// "down" must not erase it (seen under systemd: /readyz said "no
     /// tunnel up" after every `ringpeer-proxy@next` handover).
+    /// The id of a tunnel is the count of tunnels opened before it.
     tunnels: Mutex<BTreeMap<u64, (String, String)>>,
-    /// The next tunnel id.
-    next_tunnel: Counter,
 }
 
 impl Default for AgentStats {
@@ -62,7 +61,6 @@ impl Default for AgentStats {
             tunnels_opened: Counter::default(),
             tunnel_failures: Counter::default(),
             tunnels: Mutex::default(),
-            next_tunnel: Counter::default(),
         }
     }
 }
@@ -81,9 +79,8 @@ impl AgentStats {
     /// The tunnel at `addr` is up, to `proxy`; its id, for
     /// [`tunnel_down`](Self::tunnel_down).
     pub fn tunnel_up(&self, addr: &str, proxy: &str) -> u64 {
+        let id = self.tunnels_opened.get();
         self.tunnels_opened.inc();
-        let id = self.next_tunnel.get();
-        self.next_tunnel.inc();
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (addr.to_string(), proxy.to_string()));
         id
     }

@@ -196,18 +196,15 @@ fn services_change(
     old: &std::collections::BTreeMap<String, crate::config::ServiceSpec>,
     new: &std::collections::BTreeMap<String, crate::config::ServiceSpec>,
 ) -> String {
-    let names = |f: &dyn Fn(&String) -> bool, m: &std::collections::BTreeMap<String, _>| -> Vec<String> {
-        m.keys().filter(|k| f(k)).cloned().collect()
-    };
-    let added = names(&|k| !old.contains_key(k), new);
-    let removed = names(&|k| !new.contains_key(k), old);
-    let changed = names(&|k| old.get(k).is_some_and(|o| new.get(k).is_some_and(|n| n != o)), new);
-    let mut parts = Vec::new();
-    for (what, v) in [("added", added), ("removed", removed), ("changed", changed)] {
-        if !v.is_empty() {
-            parts.push(format!("{what} {}", v.join(" ")));
-        }
-    }
+    let added: Vec<&str> = new.keys().filter(|k| !old.contains_key(*k)).map(String::as_str).collect();
+    let removed: Vec<&str> = old.keys().filter(|k| !new.contains_key(*k)).map(String::as_str).collect();
+    let changed: Vec<&str> =
+        new.iter().filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v)).map(|(k, _)| k.as_str()).collect();
+    let parts: Vec<String> = [("added", added), ("removed", removed), ("changed", changed)]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(what, v)| format!("{what} {}", v.join(" ")))
+        .collect();
     format!("({})", parts.join("; "))
 }
 

@@ -95,8 +95,6 @@ pub struct TunnelRef {
     pub conn: u64,
     /// Handle to open streams on the tunnel (we are its HTTP/2 client).
     pub send: SendRequest<Bytes>,
-    /// Services the agent announced.
-    pub services: Arc<[String]>,
     /// The tunnel's keepalive verdict: a suspect tunnel is tried last.
     pub health: LinkHealth,
     /// Dial streams open on the tunnel (its connection window grows with
@@ -280,14 +278,9 @@ impl Shard {
 
     /// Registers a tunnel: tells the sibling shards first (see the module
     /// invariants), then makes it usable here, then tells the control thread.
-    pub fn add_tunnel(&self, agent: &str, t: TunnelRef) {
+    pub fn add_tunnel(&self, agent: &str, t: TunnelRef, services: Arc<[String]>) {
         self.tell_siblings(agent, t.conn, true);
-        let ev = TunnelEvent::TunnelUp {
-            agent: agent.to_string(),
-            shard: self.index,
-            conn: t.conn,
-            services: t.services.clone(),
-        };
+        let ev = TunnelEvent::TunnelUp { agent: agent.to_string(), shard: self.index, conn: t.conn, services };
         self.tunnels.borrow_mut().entry(agent.to_string()).or_default().insert(0, t);
         self.stats.tunnels.add(1);
         self.report(ev);
@@ -295,15 +288,13 @@ impl Shard {
     }
 
     /// The agent on tunnel `conn` announced a new service list (it
-    /// reloaded): the tunnel and, through the control thread, its route
-    /// carry the new list.
+    /// reloaded): the control thread's `TunnelUp` for a known tunnel
+    /// replaces its services, and so its route's. Not for a tunnel already
+    /// removed here, which the event would bring back.
     pub fn set_tunnel_services(&self, agent: &str, conn: u64, services: Arc<[String]>) {
-        if let Some(t) = self.tunnels.borrow_mut().get_mut(agent).and_then(|v| v.iter_mut().find(|t| t.conn == conn)) {
-            t.services = services.clone();
-        } else {
-            return;
+        if self.tunnels.borrow().get(agent).is_some_and(|v| v.iter().any(|t| t.conn == conn)) {
+            self.report(TunnelEvent::TunnelUp { agent: agent.to_string(), shard: self.index, conn, services });
         }
-        self.report(TunnelEvent::TunnelUp { agent: agent.to_string(), shard: self.index, conn, services });
     }
 
     fn tunnel_arrived(&self) {

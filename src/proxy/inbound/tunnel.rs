@@ -94,7 +94,7 @@ async fn serve_tunnel(shard: Rc<Shard>, tcp: TcpStream) {
             }
         };
     let conn_id = shard.next_conn_id();
-    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, services: services.clone(), health, streams });
+    shard.add_tunnel(&agent, TunnelRef { conn: conn_id, send, health, streams }, services.clone());
     tracing::info!(agent, shard = shard.index, services = ?services, "agent tunnel up");
     let mut driver = driver;
     let closing = || async {

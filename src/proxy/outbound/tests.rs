@@ -59,7 +59,7 @@ fn failover_follows_the_retry_class_never_the_text() {
 fn tunnel(conn: u64) -> TunnelRef {
     let (io, _far) = tokio::io::duplex(1 << 16);
     let (send, _conn) = futures_lite::future::block_on(h2::client::handshake(io)).expect("handshake");
-    TunnelRef { conn, send, services: Arc::from(vec![]), health: Default::default(), streams: Default::default() }
+    TunnelRef { conn, send, health: Default::default(), streams: Default::default() }
 }
 
 #[test]
