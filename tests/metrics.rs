@@ -15,7 +15,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::procs::{agent, free_addr, proxy_config_file, routes_of, sigterm, start_proxy, wait_exit, Proc};
+use common::procs::admin_get as get;
+use common::procs::{
+    agent, free_addr, proxy_config_file, routes_of, sigterm, spawn_agent, start_proxy, wait_exit, write_agent_config,
+    Proc,
+};
 use common::redis_server::Redis;
 use common::{eventually, with_client};
 use prometheus_parse::{Scrape, Value};
@@ -25,18 +29,6 @@ use ringpeer::tools::load::echo_roundtrip;
 use ringpeer::tools::target::{self as targets, Kind};
 use ringpeer::wire::error::Label;
 use ringpeer::wire::DialTarget;
-
-/// One admin request over a fresh connection: (status, body).
-fn get(admin: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(admin) else { return (0, String::new()) };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
-}
 
 /// `/metrics`, parsed by a Prometheus text parser.
 fn scrape(admin: SocketAddr) -> Scrape {
@@ -340,22 +332,9 @@ fn an_agent_reports_its_tunnels_and_dials_and_is_ready_only_with_a_tunnel() {
     // The agent starts before its proxy exists.
     let tunnel = free_addr();
     let admin = free_addr();
-    let d = dir.display();
-    let cfg = format!(
-        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\nadmin_addr = \"{admin}\"\n\
-         [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n\
-         [services]\necho = \"{}\"\nclosed = \"{closed}\"\n",
-        echo.addr
-    );
-    let path = dir.join("agent-1-admin.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let mut agent = Proc(
-        std::process::Command::new(common::stage::BIN)
-            .args(["agent", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", common::child_log())
-            .spawn()
-            .unwrap(),
-    );
+    let top = format!("admin_addr = \"{admin}\"\n");
+    let services = format!("echo = \"{}\"\nclosed = \"{closed}\"\n", echo.addr);
+    let mut agent = spawn_agent(&write_agent_config(dir, "agent-1", tunnel, &top, &services));
     eventually("the agent's admin answers, not ready: no tunnel", || {
         let (status, body) = get(admin, "/readyz");
         status == 503 && body.contains("no tunnel up")

@@ -97,8 +97,10 @@ fn failover_story(mut set: impl HaSet, fault: Fault) {
             // Once seen (1 run of ~40): proxy-c never synced nor accepted a
             // tunnel. Say what every proxy was doing.
             let dumps: Vec<String> = PROXIES.iter().zip(&procs).map(|(id, p)| common::procs::stacks(id, p)).collect();
-            let ready: Vec<String> =
-                PROXIES.iter().map(|id| format!("{id}: {:?}", common::procs::readyz(admin[id]))).collect();
+            let ready: Vec<String> = PROXIES
+                .iter()
+                .map(|id| format!("{id}: {:?}", common::procs::admin_get(admin[id], "/readyz")))
+                .collect();
             panic!("not within 20 s: every proxy sees agent-1 on B and agent-2 on C\n{ready:#?}\n{}", dumps.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -244,16 +244,12 @@ fn a_storm_of_refused_handshakes_logs_a_handful_of_lines_and_the_count() {
 #[test]
 fn an_agent_applies_a_new_log_level_and_services_and_names_the_changes_it_did_not_apply() {
     let certs = CertDir::temp().unwrap();
-    let d = certs.path.display();
+    let proxy = common::dead_addr();
     let agent = |level: &str, echo: &str, timeout: u64| {
-        format!(
-            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\nlog_level = \"{level}\"\nconnect_timeout_ms = {timeout}\n\
-             [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\necho = \"{echo}\"\n",
-            common::dead_addr()
-        )
+        let top = format!("log_level = \"{level}\"\nconnect_timeout_ms = {timeout}\n");
+        procs::write_agent_config(&certs.path, "agent-1", proxy, &top, &format!("echo = \"{echo}\"\n"))
     };
-    let path = certs.path.join("agent-1.toml");
-    std::fs::write(&path, agent("warn", "127.0.0.1:7", 5_000)).unwrap();
+    let path = agent("warn", "127.0.0.1:7", 5_000);
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "agent", "--config", path.to_str().unwrap()])
         .env_remove("RUST_LOG")
@@ -273,7 +269,7 @@ fn an_agent_applies_a_new_log_level_and_services_and_names_the_changes_it_did_no
     });
     // Its first warning (no proxy answers) says it runs, signals handled.
     let first = rx.recv_timeout(Duration::from_secs(15)).expect("the agent logs at warn");
-    std::fs::write(&path, agent("info", "127.0.0.1:8", 4_000)).unwrap();
+    agent("info", "127.0.0.1:8", 4_000);
     let (mut applied, mut refused) = (None, None);
     let t0 = Instant::now();
     while applied.is_none() || refused.is_none() {
@@ -302,34 +298,18 @@ fn an_agent_reloads_its_services_and_the_proxy_routes_the_new_ones_without_dropp
     std::fs::write(&cfg, proxy_config(&dir, "", "")).unwrap();
     let p = Logged::start(&cfg);
     let (echo, web) = (targets::spawn(Kind::Echo).unwrap(), targets::spawn(Kind::Echo).unwrap());
-    let d = dir.display();
-    let agent_cfg = |services: &str| {
-        format!(
-            "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{}\"]\n\
-             [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\n{services}",
-            p.tunnel
-        )
-    };
-    let path = dir.join("agent-1.toml");
-    std::fs::write(&path, agent_cfg(&format!("echo = \"{}\"\n", echo.addr))).unwrap();
-    let agent = Proc(
-        Command::new(BIN)
-            .args(["agent", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", common::child_log())
-            .spawn()
-            .unwrap(),
-    );
+    let tunnel = p.tunnel;
+    let write_agent = move |dir: &Path, services: &str| procs::write_agent_config(dir, "agent-1", tunnel, "", services);
+    let agent = procs::spawn_agent(&write_agent(&dir, &format!("echo = \"{}\"\n", echo.addr)));
     let pid = agent.0.id() as i32;
     p.wait_for("agent tunnel up");
     let sighup = move || {
         // SAFETY: a plain signal to our own child process.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     };
-    let (add, remove) = (
-        agent_cfg(&format!("echo = \"{}\"\nweb = \"{}\"\n", echo.addr, web.addr)),
-        agent_cfg(&format!("web = \"{}\"\n", web.addr)),
-    );
-    let path2 = path.clone();
+    let (add, remove) =
+        (format!("echo = \"{}\"\nweb = \"{}\"\n", echo.addr, web.addr), format!("web = \"{}\"\n", web.addr));
+    let dir2 = dir.clone();
     let (took, held, gone) = with_client(p.client, &dir, "client", move |c| async move {
         let t = |s: &str| DialTarget::parse(s).unwrap();
         // No service "web" yet: the agent says so.
@@ -341,7 +321,7 @@ fn an_agent_reloads_its_services_and_the_proxy_routes_the_new_ones_without_dropp
         let mut got = Vec::new();
         io.read_exact(&mut got, 3).await.unwrap();
         // Reload 1 adds "web": dials to it work soon after.
-        std::fs::write(&path2, add).unwrap();
+        write_agent(&dir2, &add);
         let t0 = Instant::now();
         sighup();
         while echo_roundtrip(&c, &t("agent-1/web"), b"web").await.as_deref() != Ok(&b"web"[..]) {
@@ -350,7 +330,7 @@ fn an_agent_reloads_its_services_and_the_proxy_routes_the_new_ones_without_dropp
         }
         let took = t0.elapsed();
         // Reload 2 removes "echo": new dials to it are refused, naming it.
-        std::fs::write(&path2, remove).unwrap();
+        write_agent(&dir2, &remove);
         sighup();
         let t1 = Instant::now();
         let gone = loop {

@@ -110,13 +110,31 @@ pub fn agent_with_admin(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAdd
 
 /// [`agent`] with `top` as extra top-level config lines.
 fn agent_with(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr, top: &str) -> Proc {
+    spawn_agent(&write_agent_config(dir, id, proxy, top, &format!("echo = \"{echo}\"\n")))
+}
+
+/// Writes agent `id`'s config (cluster `demo`, certificates in `dir`)
+/// dialling `proxy`, with `top` as extra top-level lines and `services` as
+/// the `[services]` body; returns its path (`<dir>/<id>.toml`).
+pub fn write_agent_config(
+    dir: &Path,
+    id: &str,
+    proxy: impl std::fmt::Display,
+    top: &str,
+    services: &str,
+) -> std::path::PathBuf {
     let d = dir.display();
     let cfg = format!(
         "cluster = \"demo\"\nid = \"{id}\"\nproxies = [\"{proxy}\"]\n{top}[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{id}.pem\"\n\
-         key = \"{d}/{id}-key.pem\"\n[services]\necho = \"{echo}\"\n"
+         key = \"{d}/{id}-key.pem\"\n[services]\n{services}"
     );
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// Starts `ringpeer agent --config <path>`, logging at [`super::child_log`].
+pub fn spawn_agent(path: &Path) -> Proc {
     Proc(
         Command::new(BIN)
             .args(["agent", "--config", path.to_str().unwrap()])
@@ -126,21 +144,19 @@ fn agent_with(dir: &Path, id: &str, proxy: SocketAddr, echo: SocketAddr, top: &s
     )
 }
 
-/// `GET /readyz`: the status line and body, or the error.
-pub fn readyz(admin: SocketAddr) -> String {
-    let mut s = match TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2)) {
-        Ok(s) => s,
-        Err(e) => return format!("connect: {e}"),
+/// One admin request over a fresh connection: (status, body); status 0
+/// when nothing answered.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2)) else {
+        return (0, String::new());
     };
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     let mut out = String::new();
-    match s.read_to_string(&mut out) {
-        Ok(_) => {
-            out.lines().next().unwrap_or_default().to_string() + " " + out.split("\r\n\r\n").nth(1).unwrap_or("").trim()
-        }
-        Err(e) => format!("read: {e}"),
-    }
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 pub fn routes_json(admin: SocketAddr) -> serde_json::Value {

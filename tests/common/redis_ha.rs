@@ -5,11 +5,9 @@
 
 use std::path::PathBuf;
 use std::process::Child;
-use std::time::Duration;
 
 use super::redis_server::{
-    client, free_port, kill_all, kill_node, node_role, ping, spawn_on_free_port, store_at, temp_dir, wait_for,
-    write_secret,
+    con, free_port, kill_all, kill_node, ping, spawn_on_free_port, store_at, temp_dir, wait_for, write_secret,
 };
 
 /// A high-availability Redis setup whose master (of cluster `demo`'s keys)
@@ -19,15 +17,32 @@ pub trait HaSet {
     fn backend(&self) -> String;
     /// The port of the node that is master of cluster `demo`'s keys.
     fn master_port(&self) -> u16;
-    /// `ROLE` of the data node on `port` ("master", "slave"), or "" when down.
-    fn role(&self, port: u16) -> String;
     /// A coordinated failover: the replica is promoted, the master demoted.
     fn failover(&self);
+    /// The data nodes' password.
+    fn data_password(&self) -> &'static str;
+    /// The data nodes: port, and process until killed.
+    fn nodes(&mut self) -> &mut [(u16, Option<Child>)];
+
+    /// A connection to the data node on `port`, authenticated.
+    fn data_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
+        con(port, self.data_password())
+    }
+    /// `ROLE` of the data node on `port` ("master", "slave"), or "" when down.
+    fn role(&self, port: u16) -> String {
+        let Ok(mut c) = self.data_con(port) else { return String::new() };
+        let r: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).unwrap_or_default();
+        r.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
+    }
     /// kill -9 of the data node on `port`.
-    fn kill_node(&mut self, port: u16);
+    fn kill_node(&mut self, port: u16) {
+        kill_node(self.nodes(), port)
+    }
     /// The route store on the data node on `port` (plain URL, password in
     /// it: test-only).
-    fn store_at(&self, port: u16) -> Box<dyn ringpeer::route::store::RouteStore>;
+    fn store_at(&self, port: u16) -> Box<dyn ringpeer::route::store::RouteStore> {
+        store_at(port, self.data_password())
+    }
 }
 
 /// A Sentinel-managed pair: a master, one replica (`--replicaof`) and three
@@ -161,13 +176,8 @@ impl SentinelSet {
         redis::cmd("SENTINEL").arg("FAILOVER").arg(self.name).query::<()>(&mut c).unwrap();
     }
 
-    /// A connection to the data node on `port`, authenticated.
-    pub fn data_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
-        client(port, Some(self.data_password)).get_connection_with_timeout(Duration::from_secs(1))
-    }
-
     fn sentinel_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
-        client(port, Some(self.sentinel_password)).get_connection_with_timeout(Duration::from_secs(1))
+        con(port, self.sentinel_password)
     }
 
     /// Writes the `fleet` grant for `demo` on the master.
@@ -198,17 +208,14 @@ impl HaSet for SentinelSet {
     fn master_port(&self) -> u16 {
         SentinelSet::master_port(self)
     }
-    fn role(&self, port: u16) -> String {
-        node_role(port, self.data_password)
-    }
     fn failover(&self) {
         SentinelSet::failover(self)
     }
-    fn kill_node(&mut self, port: u16) {
-        kill_node(&mut self.nodes, port)
+    fn data_password(&self) -> &'static str {
+        self.data_password
     }
-    fn store_at(&self, port: u16) -> Box<dyn ringpeer::route::store::RouteStore> {
-        store_at(port, self.data_password)
+    fn nodes(&mut self) -> &mut [(u16, Option<Child>)] {
+        &mut self.nodes
     }
 }
 
@@ -272,7 +279,7 @@ impl ClusterSet {
         }
         let ports: Vec<u16> = s.nodes.iter().map(|(p, _)| *p).collect();
         let cmd = |port: u16, args: &[&str]| -> redis::Value {
-            let mut c = client(port, Some(pw)).get_connection_with_timeout(Duration::from_secs(1)).unwrap();
+            let mut c = con(port, pw).unwrap();
             let mut cmd = redis::cmd(args[0]);
             for a in &args[1..] {
                 cmd.arg(*a);
@@ -336,10 +343,6 @@ impl ClusterSet {
     pub fn password_file(&self) -> PathBuf {
         write_secret(&self.dir.join("data.pass"), self.data_password)
     }
-
-    fn data_con(&self, port: u16) -> redis::RedisResult<redis::Connection> {
-        client(port, Some(self.data_password)).get_connection_with_timeout(Duration::from_secs(1))
-    }
 }
 
 impl HaSet for ClusterSet {
@@ -376,22 +379,18 @@ impl HaSet for ClusterSet {
         panic!("no cluster node answers")
     }
 
-    fn role(&self, port: u16) -> String {
-        node_role(port, self.data_password)
-    }
-
     /// `CLUSTER FAILOVER` on the replica.
     fn failover(&self) {
         let mut c = self.data_con(self.nodes[3].0).unwrap();
         redis::cmd("CLUSTER").arg("FAILOVER").query::<()>(&mut c).unwrap();
     }
 
-    fn kill_node(&mut self, port: u16) {
-        kill_node(&mut self.nodes, port)
+    fn data_password(&self) -> &'static str {
+        self.data_password
     }
 
-    fn store_at(&self, port: u16) -> Box<dyn ringpeer::route::store::RouteStore> {
-        store_at(port, self.data_password)
+    fn nodes(&mut self) -> &mut [(u16, Option<Child>)] {
+        &mut self.nodes
     }
 }
 

@@ -188,12 +188,9 @@ pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-pub(super) fn node_role(port: u16, password: &str) -> String {
-    let Ok(mut c) = client(port, Some(password)).get_connection_with_timeout(Duration::from_secs(1)) else {
-        return String::new();
-    };
-    let r: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).unwrap_or_default();
-    r.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default()
+/// A connection to the node on `port` with `password`, 1 s to connect.
+pub(super) fn con(port: u16, password: &str) -> redis::RedisResult<redis::Connection> {
+    client(port, Some(password)).get_connection_with_timeout(Duration::from_secs(1))
 }
 
 pub(super) fn store_at(port: u16, password: &str) -> Box<dyn ringpeer::route::store::RouteStore> {

@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use ringpeer::tools::target::{self as targets, Kind, Target};
 use ringpeer::transport::h2conf::H2Tuning;
 use ringpeer::wire::paths;
 
-use super::procs::{free_addr, metric, start_proxy, Proc};
+use super::procs::{free_addr, metric, spawn_agent, start_proxy, write_agent_config, Proc};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringpeer");
 
@@ -61,21 +60,9 @@ pub fn stage_with(kind: Kind, echo_addr: Option<SocketAddr>) -> Stage {
     let path = certs.path.join("proxy-a.toml");
     std::fs::write(&path, cfg).unwrap();
     let (proxy, client_addr, tunnel) = start_proxy(&path, Some("proxy"));
-    let cfg = format!(
-        "cluster = \"demo\"\nid = \"agent-1\"\nproxies = [\"{tunnel}\"]\n[tls]\nca = \"{d}/ca.pem\"\n\
-         cert = \"{d}/agent-1.pem\"\nkey = \"{d}/agent-1-key.pem\"\n[services]\nsvc = \"{}\"\n{}",
-        target.addr,
-        echo_addr.map(|a| format!("echo = \"{a}\"\n")).unwrap_or_default()
-    );
-    let path = certs.path.join("agent-1.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let agent = Proc(
-        Command::new(BIN)
-            .args(["agent", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", super::child_log())
-            .spawn()
-            .unwrap(),
-    );
+    let services =
+        format!("svc = \"{}\"\n{}", target.addr, echo_addr.map(|a| format!("echo = \"{a}\"\n")).unwrap_or_default());
+    let agent = spawn_agent(&write_agent_config(&certs.path, "agent-1", tunnel, "", &services));
     super::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels").unwrap_or(0) >= 1);
     Stage { certs, target, proxy, agent, client_addr, admin }
 }

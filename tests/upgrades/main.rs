@@ -99,9 +99,7 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
         fresh_proxy(dir, &redis, "proxy-a", "old proxy-a", 3_000, strategy, "");
     let (_agent, agent_admin) = common::procs::agent_with_admin(dir, "agent-1", tunnel, echo.addr);
     common::eventually("the agent's tunnel is up", || metric(admin, "ringpeer_tunnels") == Some(1));
-    common::eventually("the agent is ready", || {
-        common::procs::readyz(agent_admin).split_whitespace().nth(1) == Some("200")
-    });
+    common::eventually("the agent is ready", || common::procs::admin_get(agent_admin, "/readyz").0 == 200);
 
     let (stop_stream, progress) = (Arc::new(AtomicBool::new(false)), Arc::new(Progress::default()));
     let stream = spawn_streams(
@@ -159,8 +157,8 @@ fn restart_one_proxy(successor: &Path, after: Duration) {
     // The agent still counts its tunnel (to the successor, at the same
     // address) after the predecessor's went down: once, under systemd, its
     // /readyz said "no tunnel up" here.
-    let ready = common::procs::readyz(agent_admin);
-    assert!(ready.split_whitespace().nth(1) == Some("200") && ready.contains("1 tunnel(s) up: proxy-a"), "{ready}");
+    let (status, ready) = common::procs::admin_get(agent_admin, "/readyz");
+    assert!(status == 200 && ready.contains("1 tunnel(s) up: proxy-a"), "{status} {ready}");
     assert_eq!(metric(agent_admin, "ringpeer_agent_tunnels"), Some(1));
     drop(new);
 }
