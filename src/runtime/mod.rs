@@ -5,13 +5,13 @@
 //! mutable, and all cross-thread traffic goes through
 //! [`mailbox`] or [`pipe`].
 //!
-//! Locked memory: each executor's `io_memory` slab ([`IO_MEMORY`]) is
-//! registered with its three rings, 1.5 MiB accounted against the user's
-//! `RLIMIT_MEMLOCK` (the kernel counts io_uring registrations per user), so
-//! 8 MiB holds about five executors of one user. Past it glommio warns
-//! "registering buffers … Skipping" and uses the slab unregistered; as read
-//! in glommio's code, only fixed-buffer file I/O needs the registration, so
-//! our sockets lose nothing. The service units set `LimitMEMLOCK=infinity`.
+//! Locked memory: glommio registers each executor's `io_memory` slab
+//! ([`IO_MEMORY`]) with its three rings, against `RLIMIT_MEMLOCK`. When
+//! that fails it warns "registering buffers … Skipping" and uses the slab
+//! unregistered; as read in glommio's code, only fixed-buffer file I/O
+//! needs the registration, so our sockets lose nothing. Seen as a non-root
+//! user under an 8 MiB limit (a 2-shard proxy warned once); root never
+//! warns. The service units set `LimitMEMLOCK=infinity`.
 
 pub mod admin_http;
 pub mod backoff;
